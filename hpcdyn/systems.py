@@ -174,7 +174,7 @@ SYSTEMS: dict[str, type] = {"active": ActiveSystem, "fa": FASystem}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "active": {"paper": {"L": 30, "density": 0.124, "D": 0.1, "v_plus": 25.0, "v_other": 1.0}},
-    "fa": {"paper": {"L": 64, "dim": 1, "c": 0.3}},
+    "fa": {"chain": {"L": 64, "dim": 1, "c": 0.3}, "square": {"L": 32, "dim": 2, "c": 0.3}},
 }
 
 
