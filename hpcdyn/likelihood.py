@@ -84,12 +84,16 @@ class LikelihoodResult:
 
 
 def iter_segments(
-    source: EventSource, segment_events: int, device: torch.device | str = "cpu"
+    source: EventSource, segment_events: int, device: torch.device | str = "cpu", block_events: int = 1 << 20
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(start_positions, start_states, tokens, moves, dwell) for consecutive segments, on device."""
+    """(start_positions, start_states, tokens, moves, dwell) for consecutive segments, on device.
+
+    Events are read from the source in blocks of about ``block_events`` (a whole number of
+    segments), so a store's compressed chunks are each decoded once.
+    """
     positions = torch.as_tensor(source.initial_positions, dtype=torch.long, device=device)
     states = torch.as_tensor(source.initial_states, dtype=torch.long, device=device)
-    block_size = max(segment_events, 1 << 20) // segment_events * segment_events
+    block_size = max(segment_events, block_events) // segment_events * segment_events
     for block in source.iter_event_blocks(block_size):
         block_tokens, block_moves, block_dwell = (torch.as_tensor(np.asarray(part), device=device) for part in block)
         for start in range(0, block_tokens.shape[0], segment_events):
@@ -105,6 +109,7 @@ def path_log_likelihood(
     model,
     segment_events: int = 2048,
     device: torch.device | str = "cpu",
+    block_events: int = 1 << 20,
 ) -> LikelihoodResult:
     """U of a whole trajectory under ``model``, with the censored tail."""
     if segment_events < 1:
@@ -113,7 +118,7 @@ def path_log_likelihood(
     elapsed = torch.zeros((), dtype=torch.float64, device=device)
     final_escape = None
     count = 0
-    for start_positions, start_states, tokens, moves, dwell in iter_segments(source, segment_events, device):
+    for start_positions, start_states, tokens, moves, dwell in iter_segments(source, segment_events, device, block_events):
         terms = segment_terms(model, source.system, start_positions, start_states, tokens, moves, dwell)
         total += terms.log_likelihood()
         elapsed += terms.dwell.sum()
