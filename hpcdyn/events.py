@@ -54,3 +54,53 @@ class EventLog:
         for start in range(0, self.n_events, size):
             stop = start + size
             yield self.tokens[start:stop], self.moves[start:stop], self.dwell[start:stop]
+
+
+class EventWindow:
+    """Events [start, stop) of a source as a trajectory of their own.
+
+    Its initial configuration is the source's configuration before event ``start``; its window
+    ends at the source's ``t_final`` when ``stop`` is the last event (keeping the censored tail),
+    else at the instant of event ``stop``. Used to hold out the tail of a trajectory for validation.
+    """
+
+    def __init__(self, source: EventSource, start: int, stop: int, block_events: int = 1 << 20):
+        from hpcdyn.replay import advance  # torch-based; imported here to keep this module numpy-only
+
+        import torch
+
+        if not 0 <= start <= stop <= source.n_events:
+            raise ValueError(f"window: need 0 <= start <= stop <= {source.n_events}, got [{start}, {stop})")
+        self.source, self.start, self.stop, self.system = source, start, stop, source.system
+        positions = torch.as_tensor(source.initial_positions, dtype=torch.long)
+        states = torch.as_tensor(source.initial_states, dtype=torch.long)
+        elapsed_before, elapsed_inside, seen = 0.0, 0.0, 0
+        for tokens, moves, dwell in source.iter_event_blocks(block_events):
+            lo, hi = seen, seen + len(tokens)
+            before = max(0, min(start, hi) - lo)
+            if before:
+                positions, states = advance(
+                    self.system, positions, states, torch.as_tensor(tokens[:before]), torch.as_tensor(moves[:before])
+                )
+                elapsed_before += float(dwell[:before].sum())
+            inside = slice(max(start - lo, 0), max(0, min(stop, hi) - lo))
+            elapsed_inside += float(dwell[inside].sum())
+            seen = hi
+        self.initial_positions = positions.numpy()
+        self.initial_states = states.numpy().astype(np.int8)
+        end = source.t_final if stop == source.n_events else elapsed_before + elapsed_inside
+        self.t_final = end - elapsed_before
+
+    @property
+    def n_events(self) -> int:
+        return self.stop - self.start
+
+    def iter_event_blocks(self, block_events: int | None = None) -> Iterator[EventBlock]:
+        seen = 0
+        for tokens, moves, dwell in self.source.iter_event_blocks(block_events):
+            lo, hi = seen, seen + len(tokens)
+            seen = hi
+            if hi <= self.start or lo >= self.stop:
+                continue
+            part = slice(max(self.start - lo, 0), min(self.stop, hi) - lo)
+            yield tokens[part], moves[part], dwell[part]

@@ -1,0 +1,246 @@
+"""The transformer rate model (DESIGN 1.4): one token per particle or site, a rate for every move.
+
+    model = TransformerRates(TransformerConfig(system="active", lattice_size=30, mode=2, n_classes=4))
+    log_rates = model(positions, states)     # [batch, n_tokens, n_moves], the rate-model protocol
+
+Token embedding = E_x[x] + E_y[y] + E_s[state] (trainable tables, summed); pre-norm multi-head
+self-attention blocks (``scaled_dot_product_attention``); no locality assumed, any number of tokens.
+
+- Mode 1: a shared head maps each token to one log-rate per candidate move.
+- Mode 2: a classifier puts each candidate move in one of N_theta classes (hard in the forward pass,
+  straight-through gradient, or a Gumbel-softmax relaxation while training); each class has one
+  learned rate, so the learned dynamics is read off as N_theta numbers.
+
+The position tables start as periodic Fourier features of the lattice coordinate: the attention can
+then express relative offsets on the torus (a rotation of the query) from the first step, which
+speeds learning of who-neighbours-whom; the tables stay fully trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as functional
+
+from hpcdyn.systems import SYSTEMS, ConfigurationError
+
+
+ESTIMATORS = ("straight_through", "gumbel")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of the rate model; frozen and validated, stored in every checkpoint."""
+
+    system: str = "active"
+    lattice_size: int = 30  # side L of the lattice the position tables cover
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 128
+    mode: int = 1
+    n_classes: int = 4  # N_theta, Mode 2 only
+    estimator: str = "straight_through"  # Mode 2 gradient: straight_through or gumbel
+    exclusion_mask: bool = False  # opt-in: forbid hops onto occupied sites (active only)
+    rotary: bool = True  # periodic 2-D rotary encoding of q and k (relative offsets on the torus)
+    initial_log_rate: float = 0.0  # where all log-rates start
+
+    def __post_init__(self) -> None:
+        def require(condition: bool, field: str, message: str) -> None:
+            if not condition:
+                raise ConfigurationError(f"{field}: {message}")
+
+        require(self.system in SYSTEMS, "system", f"must be one of {sorted(SYSTEMS)}, got {self.system!r}")
+        for field, minimum in (("lattice_size", 2), ("d_model", 1), ("n_heads", 1), ("n_layers", 0), ("d_ff", 1)):
+            value = getattr(self, field)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+                    field, f"must be an integer >= {minimum}, got {value!r}")  # fmt: skip
+        require(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
+        require(self.mode in (1, 2), "mode", f"must be 1 (free rates) or 2 (classes), got {self.mode!r}")
+        require(
+            isinstance(self.n_classes, int) and 1 <= self.n_classes <= 64,
+            "n_classes",
+            f"must be an integer in [1, 64], got {self.n_classes!r}",
+        )
+        require(self.estimator in ESTIMATORS, "estimator", f"must be one of {ESTIMATORS}, got {self.estimator!r}")
+        require(
+            not self.exclusion_mask or self.system == "active",
+            "exclusion_mask",
+            "only the active system has volume exclusion to mask",
+        )
+        require(math.isfinite(self.initial_log_rate), "initial_log_rate", "must be finite")
+
+    @property
+    def n_moves(self) -> int:
+        return SYSTEMS[self.system].n_moves
+
+    @property
+    def n_states(self) -> int:
+        return SYSTEMS[self.system].n_states
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigurationError(f"{unknown[0]}: unknown model parameter; known: {sorted(known)}")
+        return cls(**values)
+
+
+def rotary_angles(positions: torch.Tensor, lattice_size: int, head_width: int) -> torch.Tensor:
+    """Rotation angles [batch, 1, tokens, head_width // 2]: x in the first half, y in the second.
+
+    Frequencies are whole multiples of 2 pi / L, so a score q_i . k_j depends on x_i - x_j only
+    modulo L: relative offsets on the torus, with no preferred range (no locality assumed).
+    """
+    pairs = head_width // 4
+    frequencies = torch.arange(1, pairs + 1, device=positions.device, dtype=torch.float32) * (2 * math.pi / lattice_size)
+    x = positions[..., 0, None].float() * frequencies
+    y = positions[..., 1, None].float() * frequencies
+    angles = torch.cat([x, y], dim=-1)  # [batch, tokens, 2 * pairs]
+    padding = head_width // 2 - angles.shape[-1]
+    return functional.pad(angles, (0, padding)).unsqueeze(1)
+
+
+def rotate(features: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of q or k [batch, heads, tokens, width] by ``angles``."""
+    even, odd = features[..., 0::2], features[..., 1::2]
+    cos, sin = angles.cos().to(features.dtype), angles.sin().to(features.dtype)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = torch.nn.Linear(d_model, 3 * d_model)
+        self.out = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, h: torch.Tensor, angles: torch.Tensor | None = None) -> torch.Tensor:
+        batch, tokens, width = h.shape
+        q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
+        if angles is not None:
+            q, k = rotate(q, angles), rotate(k, angles)
+        attended = functional.scaled_dot_product_attention(q, k, v)  # [batch, heads, tokens, head_width]
+        return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class Block(torch.nn.Module):
+    """Pre-norm transformer block: h + attention(norm(h)), then h + feed-forward(norm(h))."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int):
+        super().__init__()
+        self.attention_norm = torch.nn.LayerNorm(d_model)
+        self.attention = SelfAttention(d_model, n_heads)
+        self.feed_forward_norm = torch.nn.LayerNorm(d_model)
+        self.feed_forward = torch.nn.Sequential(
+            torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model)
+        )
+
+    def forward(self, h: torch.Tensor, angles: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), angles)
+        return h + self.feed_forward(self.feed_forward_norm(h))
+
+
+def fourier_table(size: int, width: int) -> torch.Tensor:
+    """[size, width] table: cos/sin of 2 pi k x / size for k = 1, 2, ... in the first columns."""
+    table = torch.zeros(size, width)
+    coordinate = torch.arange(size, dtype=torch.float64)
+    for column in range(0, width - 1, 2):
+        frequency = column // 2 + 1
+        if frequency > size // 2:
+            break
+        angle = 2 * math.pi * frequency * coordinate / size
+        table[:, column], table[:, column + 1] = torch.cos(angle).float(), torch.sin(angle).float()
+    return table
+
+
+class TransformerRates(torch.nn.Module):
+    """A rate model (``hpcdyn.rates.RateModel``) learned from trajectories."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.n_moves = config.n_moves
+        width = config.d_model
+        self.embed_x = torch.nn.Embedding(config.lattice_size, width)
+        self.embed_y = torch.nn.Embedding(config.lattice_size, width)
+        self.embed_state = torch.nn.Embedding(config.n_states, width)
+        with torch.no_grad():
+            self.embed_x.weight.zero_()
+            self.embed_y.weight.zero_()
+            if not config.rotary:  # absolute Fourier features: x in the first half, y in the second
+                half = width // 2
+                self.embed_x.weight[:, :half] = fourier_table(config.lattice_size, half)
+                self.embed_y.weight[:, half : 2 * half] = fourier_table(config.lattice_size, half)
+        self.blocks = torch.nn.ModuleList(
+            Block(width, config.n_heads, config.d_ff) for _ in range(config.n_layers)
+        )
+        self.final_norm = torch.nn.LayerNorm(width)
+        if config.mode == 1:
+            self.head = torch.nn.Linear(width, config.n_moves)
+            torch.nn.init.zeros_(self.head.weight)
+            torch.nn.init.constant_(self.head.bias, config.initial_log_rate)
+        else:
+            self.classifier = torch.nn.Linear(width, config.n_moves * config.n_classes)
+            # spread the initial class rates over a few decades so classes start distinguishable
+            spread = torch.linspace(-2.0, 2.0, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
+            self.class_log_rates = torch.nn.Parameter(config.initial_log_rate + spread)
+        self.temperature = 1.0  # Gumbel-softmax temperature, annealed by the trainer
+
+    def encode(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        h = self.embed_x(positions[..., 0]) + self.embed_y(positions[..., 1]) + self.embed_state(states)
+        angles = None
+        if self.config.rotary:
+            angles = rotary_angles(positions, self.config.lattice_size, self.config.d_model // self.config.n_heads)
+        for block in self.blocks:
+            h = block(h, angles)
+        return self.final_norm(h)
+
+    def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Mode 2: softmax over classes of every move, [batch, n_tokens, n_moves, n_classes]."""
+        logits = self.classifier(self.encode(positions, states))
+        return logits.unflatten(-1, (self.n_moves, self.config.n_classes)).float().softmax(-1)
+
+    def classes(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Mode 2: the class of every move (the hard choice), long [batch, n_tokens, n_moves]."""
+        return self.class_probabilities(positions, states).argmax(-1)
+
+    def forward(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        positions, states = positions.long(), states.long()
+        h = self.encode(positions, states)
+        if self.config.mode == 1:
+            log_rates = self.head(h)
+        else:
+            log_rates = self._class_log_rates(h)
+        if self.config.exclusion_mask:
+            log_rates = log_rates.masked_fill(self._blocked(positions, states), -math.inf)
+        return log_rates
+
+    def _class_log_rates(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(h).unflatten(-1, (self.n_moves, self.config.n_classes))
+        rates = self.class_log_rates.to(logits.dtype)
+        if self.training and self.config.estimator == "gumbel":
+            weights = functional.gumbel_softmax(logits, tau=self.temperature, hard=False)
+        else:
+            soft = logits.softmax(-1)
+            hard = functional.one_hot(soft.argmax(-1), self.config.n_classes).to(soft.dtype)
+            weights = hard + soft - soft.detach()  # hard forward, softmax gradient (straight-through)
+        return (weights * rates).sum(-1)
+
+    def _blocked(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        from hpcdyn.rates import ActiveRates
+
+        system = SYSTEMS["active"](L=self.config.lattice_size, N=states.shape[-1])
+        types = ActiveRates(system).move_types(positions, states)
+        return types == ActiveRates.BLOCKED_HOP
+
+    def class_rates(self) -> list[float]:
+        """Mode 2: the learned rate of each class."""
+        return self.class_log_rates.detach().double().exp().tolist()
