@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import write_section
 
 from hpcdyn.reference import simulate_reference
 from hpcdyn.simulate import start
@@ -115,16 +116,14 @@ def main() -> None:
     if memory:
         print(f"streamed run: {memory}")
     if args.write:
-        write_markdown(Path(args.write), rows, memory, args)
+        write_section("simulator", markdown(rows, memory, args), Path(args.write))
 
 
-def write_markdown(path: Path, rows, memory, args) -> None:
+def markdown(rows, memory, args) -> str:
     command = "python benchmarks/bench_simulator.py " + " ".join(
         f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items() if key != "write"
     )
     lines = [
-        "# Benchmark results",
-        "",
         "## Compiled simulator (n-fold way, numba) against the plain numpy simulator",
         "",
         f"Command: `{command} --write benchmarks/RESULTS.md` (or `make bench`)",
@@ -151,7 +150,7 @@ def write_markdown(path: Path, rows, memory, args) -> None:
             "sits in memory (events stream in chunks of 2^20).",
             "",
         ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     hpcdyn simulate --system active --preset paper --t-final 100 --seed 1 --out run.zarr
     hpcdyn likelihood run.zarr
     hpcdyn info run.zarr
+    hpcdyn train run.zarr --mode 2 --n-classes 4 --out runs/mode2
+    hpcdyn evaluate runs/mode2 [other.zarr]
 """
 
 from __future__ import annotations
@@ -178,6 +180,119 @@ def _info(args: argparse.Namespace) -> dict[str, Any] | str:
     return "\n".join(f"{key:<{width}}  {value}" for key, value in summary.items())
 
 
+def _add_train(commands) -> None:
+    from hpcdyn.optim import OPTIMIZERS
+    from hpcdyn.transformer import ESTIMATORS
+
+    parser = commands.add_parser(
+        "train",
+        help="train a transformer on one trajectory by maximising its path log-likelihood",
+        description="Train a transformer rate model on a trajectory store. Mode 1: free rates per move; "
+        "Mode 2: N_theta classes of move with one learned rate each. The last --validation-fraction of "
+        "the events is held out; best.pt, last.pt, metrics.jsonl and config.json go to --out.",
+    )
+    parser.add_argument("store", help="trajectory store to learn from")
+    parser.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    model = parser.add_argument_group("model")
+    model.add_argument("--mode", type=int, choices=(1, 2), default=1, help="1: free rates, 2: classes (default 1)")
+    model.add_argument("--n-classes", type=int, default=4, help="N_theta, the number of move classes (Mode 2)")
+    model.add_argument("--estimator", choices=ESTIMATORS, default="straight_through", help="Mode 2 gradient estimator")
+    model.add_argument("--exclusion-mask", action="store_true", help="tell the model hops onto occupied sites are forbidden")
+    model.add_argument("--d-model", type=int, default=64)
+    model.add_argument("--n-heads", type=int, default=4)
+    model.add_argument("--n-layers", type=int, default=2)
+    model.add_argument("--d-ff", type=int, default=128)
+    model.add_argument("--no-rotary", dest="rotary", action="store_false", help="absolute position tables only")
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=int, default=20)
+    optimisation.add_argument("--lr", type=float, default=3e-3)
+    optimisation.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
+    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    optimisation.add_argument("--segment-events", type=int, default=256, help="consecutive events per gradient step")
+    optimisation.add_argument("--validation-fraction", type=float, default=0.1)
+    optimisation.add_argument("--max-train-events", type=int, help="use only the first events for training")
+    optimisation.add_argument("--gradient-clip", type=float, default=1.0)
+    optimisation.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping")
+    optimisation.add_argument("--seed", type=int, default=0)
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")
+    hardware.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    _add_progress(parser)
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from hpcdyn.store import open_trajectory
+    from hpcdyn.training import TrainingConfig, train
+    from hpcdyn.transformer import TransformerConfig
+
+    trajectory = open_trajectory(args.store)
+    model = TransformerConfig(
+        system=trajectory.system.name,
+        lattice_size=max(trajectory.system.shape),
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_layers=args.n_layers,
+        d_ff=args.d_ff,
+        mode=args.mode,
+        n_classes=args.n_classes,
+        estimator=args.estimator,
+        exclusion_mask=args.exclusion_mask,
+        rotary=args.rotary,
+    )
+    config = TrainingConfig(
+        model=model,
+        epochs=args.epochs,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        optimizer=args.optimizer,
+        segment_events=args.segment_events,
+        validation_fraction=args.validation_fraction,
+        max_train_events=args.max_train_events,
+        gradient_clip=args.gradient_clip,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+        bf16=args.bf16,
+        compile=args.compile,
+    )
+    result = train(config, trajectory, args.out, resume=args.resume, progress=_show_progress(args))
+    return {"run_dir": str(result.run_dir), "epochs": len(result.metrics), "stopped_early": result.stopped_early,
+            "best": result.best}  # fmt: skip
+
+
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="U/T of a trained model on a trajectory, and its gap to the true dynamics",
+        description="Score a trained model (run directory or checkpoint file) on a trajectory store: U, U/T, "
+        "the gap to the generating rates in nats per event, and for Mode 2 the learned class rates and "
+        "which true move types land in which class. Without STORE, the training store is used.",
+    )
+    parser.add_argument("run", help="run directory (uses best.pt) or checkpoint file")
+    parser.add_argument("store", nargs="?", help="trajectory store (default: the one the model was trained on)")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from hpcdyn.checkpoint import load_checkpoint
+    from hpcdyn.evaluation import evaluate
+    from hpcdyn.store import open_trajectory
+
+    store = args.store
+    if store is None:
+        checkpoint = Path(args.run) / "best.pt" if Path(args.run).is_dir() else Path(args.run)
+        store = load_checkpoint(checkpoint)["store"]["path"]
+        if store == "<memory>":
+            raise CommandError("store: this model was trained on an in-memory trajectory; name a STORE to evaluate on")
+    return evaluate(args.run, open_trajectory(store), device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpcdyn",
@@ -188,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"hpcdyn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_likelihood, _add_info):
+    for add in (_add_simulate, _add_likelihood, _add_info, _add_train, _add_evaluate):
         add(commands)
     return parser
 

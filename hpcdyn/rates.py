@@ -52,6 +52,7 @@ class ActiveRates(torch.nn.Module):
     # Move types, used to check learned classes and move statistics against the physics.
     ROTATION, FORWARD_HOP, OTHER_HOP, BLOCKED_HOP = 0, 1, 2, 3
     TYPE_NAMES = ("rotation", "forward_hop", "other_hop", "blocked_hop")
+    type_names = TYPE_NAMES
 
     def __init__(self, system: ActiveSystem, dtype: torch.dtype = torch.float64):
         super().__init__()
@@ -104,6 +105,17 @@ class FARates(torch.nn.Module):
         directions = neighbours.shape[-1]
         up = spins.gather(1, neighbours.reshape(batch, -1)).reshape(batch, n_tokens, directions)
         return up.sum(-1)
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        """Move types: (spin before the flip, number of up neighbours m)."""
+        degree = 2 * self.system.dim
+        return tuple(f"{'up' if spin else 'down'} m={m}" for spin in (0, 1) for m in range(degree + 1))
+
+    def move_types(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Type index spin * (2 dim + 1) + m of every flip, long [batch, n_tokens, 1]."""
+        m = self.up_neighbours(positions, states)
+        return (states.long() * (2 * self.system.dim + 1) + m).unsqueeze(-1)
 
     def forward(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         m = self.up_neighbours(positions, states).to(self.dtype)

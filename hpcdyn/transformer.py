@@ -100,9 +100,10 @@ def rotary_angles(positions: torch.Tensor, lattice_size: int, head_width: int) -
     modulo L: relative offsets on the torus, with no preferred range (no locality assumed).
     """
     pairs = head_width // 4
-    frequencies = torch.arange(1, pairs + 1, device=positions.device, dtype=torch.float32) * (2 * math.pi / lattice_size)
-    x = positions[..., 0, None].float() * frequencies
-    y = positions[..., 1, None].float() * frequencies
+    # float64 angles: exact periodicity, whatever precision the network then runs in
+    frequencies = torch.arange(1, pairs + 1, device=positions.device, dtype=torch.float64) * (2 * math.pi / lattice_size)
+    x = positions[..., 0, None].double() * frequencies
+    y = positions[..., 1, None].double() * frequencies
     angles = torch.cat([x, y], dim=-1)  # [batch, tokens, 2 * pairs]
     padding = head_width // 2 - angles.shape[-1]
     return functional.pad(angles, (0, padding)).unsqueeze(1)
@@ -231,7 +232,7 @@ class TransformerRates(torch.nn.Module):
         else:
             soft = logits.softmax(-1)
             hard = functional.one_hot(soft.argmax(-1), self.config.n_classes).to(soft.dtype)
-            weights = hard + soft - soft.detach()  # hard forward, softmax gradient (straight-through)
+            weights = hard + (soft - soft.detach())  # exactly hard forward, softmax gradient (straight-through)
         return (weights * rates).sum(-1)
 
     def _blocked(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Validation runs of the learning method: does training on ONE trajectory recover the dynamics?
+
+    python benchmarks/validate_training.py --part mode1      # active model, Mode 1
+    python benchmarks/validate_training.py --part mode2      # active model, Mode 2, N_theta = 4
+    python benchmarks/validate_training.py --part scan       # N_theta = 1..6
+    python benchmarks/validate_training.py --part fa         # FA chain, Mode 1
+    python benchmarks/validate_training.py --part transfer   # the Mode 1 model at densities 0.3, 0.5
+
+Each part appends its figures as JSON lines to benchmarks/training_runs.jsonl; --report renders
+them into benchmarks/TRAINING.md. Sizes are chosen so each part takes minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hpcdyn.evaluation import evaluate
+from hpcdyn.simulate import simulate
+from hpcdyn.systems import make_system
+from hpcdyn.training import TrainingConfig, train
+from hpcdyn.transformer import TransformerConfig
+
+HERE = Path(__file__).parent
+RUNS = HERE / "training_runs.jsonl"
+WORK = Path("runs/validation")
+
+ACTIVE = {"L": 12, "density": 0.124}  # N = 18 on a 12 x 12 torus; the paper's rates
+ACTIVE_T = 300.0  # about 100 k events
+
+
+def active_system(density: float = 0.124):
+    return make_system("active", {"L": 12, "density": density}, preset="paper")
+
+
+def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, **extra):
+    config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=64, seed=seed, patience=epochs, **extra)
+    run_dir = WORK / name
+    begin = time.perf_counter()
+    result = train(config, events, run_dir, resume=True, progress=True)
+    seconds = time.perf_counter() - begin
+    return result, seconds, run_dir
+
+
+def record(part: str, figures: dict) -> None:
+    figures = {"part": part, "date": time.strftime("%Y-%m-%d"), **figures}
+    with RUNS.open("a") as handle:
+        handle.write(json.dumps(figures) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
+def part_mode1(args) -> None:
+    events = simulate(active_system(), ACTIVE_T, seed=1).events
+    result, seconds, run_dir = run_training("active_mode1", events, TransformerConfig(mode=1), args.epochs, args.lr)
+    best = result.best
+    record("mode1", {"system": "active L12 density 0.124", "events": events.n_events, "epochs": len(result.metrics),
+                     "seconds": seconds, "val_U_per_T": best["val_U_per_T"], "true_val_U_per_T": best["true_val_U_per_T"],
+                     "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)})  # fmt: skip
+
+
+def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "straight_through") -> dict:
+    events = simulate(active_system(), ACTIVE_T, seed=1).events
+    model = TransformerConfig(mode=2, n_classes=n_classes, estimator=estimator)
+    name = f"active_mode2_k{n_classes}_{estimator}"
+    result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr)
+    report = evaluate(run_dir, events)
+    figures = {"system": "active L12 density 0.124", "n_classes": n_classes, "estimator": estimator,
+               "events": events.n_events, "epochs": len(result.metrics), "seconds": seconds,
+               "val_U_per_T": result.best["val_U_per_T"], "true_val_U_per_T": result.best["true_val_U_per_T"],
+               "gap_per_event": result.best["gap_per_event"], "class_rates": report["class_rates"],
+               "class_table": report["class_table"], "run_dir": str(run_dir)}  # fmt: skip
+    record(tag, figures)
+    return figures
+
+
+def part_scan(args) -> None:
+    for n_classes in range(1, 7):
+        part_mode2(args, n_classes, tag="scan")
+
+
+def part_gumbel(args) -> None:
+    part_mode2(args, 4, tag="gumbel", estimator="gumbel")
+
+
+def part_fa(args) -> None:
+    system = make_system("fa", {"L": 64, "dim": 1, "c": 0.3})
+    events = simulate(system, 400.0, seed=1).events
+    model = TransformerConfig(mode=1)
+    result, seconds, run_dir = run_training("fa_mode1", events, model, args.epochs, args.lr)
+    best = result.best
+    record("fa", {"system": "fa chain L64 c0.3", "events": events.n_events, "epochs": len(result.metrics),
+                  "seconds": seconds, "val_U_per_T": best["val_U_per_T"], "true_val_U_per_T": best["true_val_U_per_T"],
+                  "relative_error": abs(best["val_U_per_T"] - best["true_val_U_per_T"]) / abs(best["true_val_U_per_T"]),
+                  "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)})  # fmt: skip
+
+
+def part_transfer(args) -> None:
+    run_dir = WORK / "active_mode1"
+    for density in (0.3, 0.5):
+        events = simulate(active_system(density), 30.0, seed=2).events
+        report = evaluate(run_dir, events)
+        record("transfer", {"density": density, "events": events.n_events, "U_per_T": report["U_per_T"],
+                            "true_U_per_T": report["true_U_per_T"], "gap_per_event": report["gap_per_event"],
+                            "run_dir": str(run_dir)})  # fmt: skip
+
+
+PARTS = {"mode1": part_mode1, "mode2": part_mode2, "scan": part_scan, "gumbel": part_gumbel, "fa": part_fa,
+         "transfer": part_transfer}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=sorted(PARTS), action="append", default=[])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for part in args.part:
+        PARTS[part](args)
+
+
+if __name__ == "__main__":
+    main()

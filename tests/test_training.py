@@ -1,0 +1,189 @@
+"""Training runs: learning, checkpoints, resume, the report hook, errors, and the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hpcdyn import training as training_module
+from hpcdyn.checkpoint import load_checkpoint
+from hpcdyn.cli import main
+from hpcdyn.evaluation import evaluate
+from hpcdyn.simulate import simulate, simulate_to_store
+from hpcdyn.systems import ConfigurationError, make_system
+from hpcdyn.training import TrainingConfig, load_model, train
+from hpcdyn.transformer import TransformerConfig
+
+SYSTEM = make_system("active", {"L": 6, "N": 5, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
+SMALL = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32)
+
+
+@pytest.fixture(scope="module")
+def events():
+    """Short: enough for the mechanics of training, not for learning."""
+    return simulate(SYSTEM, 40.0, seed=1).events
+
+
+@pytest.fixture(scope="module")
+def long_events():
+    return simulate(SYSTEM, 300.0, seed=1).events
+
+
+def quick(**changes):
+    values = dict(model=SMALL, epochs=2, lr=1e-2, segment_events=64)
+    values.update(changes)
+    return TrainingConfig(**values)
+
+
+def test_training_improves_the_validation_likelihood_and_writes_its_files(long_events, tmp_path):
+    events = long_events
+    seen = []
+    result = train(quick(epochs=3), events, tmp_path / "run", report=lambda metrics, folder: seen.append((metrics, folder)))
+    assert [m["epoch"] for m, _ in seen] == [0, 1, 2]
+    assert all(folder == tmp_path / "run" for _, folder in seen)
+    first, last = result.metrics[0], result.metrics[-1]
+    assert last["val_U_per_T"] > first["val_U_per_T"]
+    assert last["gap_per_event"] < first["gap_per_event"]
+    assert {"train_U_per_T", "val_U_per_T", "true_val_U_per_T", "gap_per_event", "train_events_per_second"} <= set(last)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["val_U_per_T"] == last["val_U_per_T"]
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(tmp_path / "run" / name, weights_only=True)
+        assert state["model_config"]["d_model"] == 16
+        assert state["store"]["n_events"] == events.n_events
+        assert "optimizer_state" in state and "training_config" in state
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs_done"] == 3
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(events, tmp_path):
+    whole = train(quick(epochs=3), events, tmp_path / "whole")
+    train(quick(epochs=1), events, tmp_path / "split")
+    resumed = train(quick(epochs=3), events, tmp_path / "split", resume=True)
+    assert [m["val_U_per_T"] for m in resumed.metrics] == [m["val_U_per_T"] for m in whole.metrics]
+    whole_state = load_checkpoint(tmp_path / "whole" / "last.pt")["model_state"]
+    resumed_state = load_checkpoint(tmp_path / "split" / "last.pt")["model_state"]
+    for name, tensor in whole_state.items():
+        assert torch.equal(tensor, resumed_state[name]), name
+
+
+def test_mode_2_training_reports_class_rates(events, tmp_path):
+    model = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=2, n_classes=3)
+    result = train(quick(model=model, optimizer="adabelief"), events, tmp_path / "mode2")
+    assert len(result.metrics[-1]["class_rates"]) == 3
+    report = evaluate(tmp_path / "mode2", events)
+    assert report["n_classes"] == 3 and len(report["class_rates"]) == 3
+    table = report["class_table"]
+    assert set(table) == {"rotation", "forward_hop", "other_hop", "blocked_hop"}
+    counted = min(events.n_events, 20_000)  # configurations before the first events, each 6 moves per particle
+    assert sum(map(sum, table.values())) == pytest.approx(counted * SYSTEM.N * 6, rel=0.01)
+
+
+def test_gumbel_training_anneals_the_temperature(events, tmp_path):
+    model = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=2, n_classes=3, estimator="gumbel")
+    temperatures = []
+    original = training_module._set_schedules
+
+    def spy(model, optimizer, config, epoch):
+        original(model, optimizer, config, epoch)
+        temperatures.append(model.temperature)
+
+    training_module._set_schedules = spy
+    try:
+        train(quick(model=model, epochs=3, gumbel_temperature=(2.0, 0.5)), events, tmp_path / "gumbel")
+    finally:
+        training_module._set_schedules = original
+    assert temperatures == pytest.approx([2.0, 1.0, 0.5])
+
+
+def test_training_holds_one_segment_of_configurations_at_a_time(events, tmp_path, monkeypatch):
+    sizes = []
+    original = training_module.segment_terms
+
+    def spy(model, system, positions, states, tokens, moves, dwell):
+        sizes.append(len(tokens))
+        return original(model, system, positions, states, tokens, moves, dwell)
+
+    monkeypatch.setattr(training_module, "segment_terms", spy)
+    train(quick(epochs=1, segment_events=20), events, tmp_path / "memory")
+    assert max(sizes) == 20 and len(sizes) > 10
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(events, tmp_path):
+    train(quick(epochs=1), events, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(quick(epochs=1), events, tmp_path / "run")
+
+
+def test_resume_on_another_trajectory_is_refused(events, tmp_path):
+    train(quick(epochs=1), events, tmp_path / "run")
+    other = simulate(SYSTEM, 60.0, seed=2).events
+    with pytest.raises(ConfigurationError, match="store: the run was trained on"):
+        train(quick(epochs=2), other, tmp_path / "run", resume=True)
+
+
+def test_resume_with_another_configuration_is_refused(events, tmp_path):
+    train(quick(epochs=1), events, tmp_path / "run")
+    with pytest.raises(ConfigurationError, match="resume: the training configuration differs"):
+        train(quick(epochs=2, lr=1e-4), events, tmp_path / "run", resume=True)
+
+
+def test_corrupt_and_foreign_checkpoints_get_clear_errors(events, tmp_path):
+    train(quick(epochs=1), events, tmp_path / "run")
+    (tmp_path / "run" / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigurationError, match="corrupt"):
+        load_model(tmp_path / "run")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ConfigurationError, match="format"):
+        load_model(tmp_path / "foreign.pt")
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state["model_config"]["d_model"] = 32
+    torch.save(state, tmp_path / "mismatched.pt")
+    with pytest.raises(ConfigurationError, match="does not match"):
+        load_model(tmp_path / "mismatched.pt")
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        load_model(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "field, changes",
+    [
+        ("epochs", {"epochs": 0}),
+        ("lr", {"lr": -1.0}),
+        ("lr", {"lr": math.nan}),
+        ("optimizer", {"optimizer": "sgd"}),
+        ("segment_events", {"segment_events": 0}),
+        ("validation_fraction", {"validation_fraction": 1.0}),
+        ("gumbel_temperature", {"gumbel_temperature": (0.1, 1.0)}),
+    ],
+)
+def test_bad_training_configuration_is_refused_by_name(field, changes):
+    with pytest.raises(ConfigurationError, match=f"^{field}:"):
+        TrainingConfig(**changes)
+
+
+def test_too_short_a_trajectory_is_refused(tmp_path):
+    short = simulate(SYSTEM, 0.2, seed=1).events
+    with pytest.raises(ConfigurationError, match="segment_events: the trajectory has"):
+        train(quick(segment_events=10_000), short, tmp_path / "run")
+
+
+def test_train_and_evaluate_from_the_command_line(tmp_path, capsys):
+    store = simulate_to_store(SYSTEM, 20.0, seed=3, out=tmp_path / "run.zarr")
+    arguments = ["train", str(store), "--out", str(tmp_path / "model"), "--epochs", "1", "--d-model", "16",
+                 "--n-heads", "2", "--n-layers", "1", "--segment-events", "64", "--mode", "2", "--n-classes", "3"]  # fmt: skip
+    assert main(arguments) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["epochs"] == 1 and "val_U_per_T" in trained["best"]
+    assert main(arguments) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "model")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"U", "T", "U_per_T", "events", "gap_per_event", "class_rates", "class_table"} <= set(report)
+    other = simulate_to_store(dict_system := make_system("active", {"L": 6, "N": 12}), 5.0, seed=4, out=tmp_path / "dense.zarr")
+    assert main(["evaluate", str(tmp_path / "model"), str(other)]) == 0
+    assert json.loads(capsys.readouterr().out)["events"] > 0
+    assert dict_system.N == 12
+    fa = simulate_to_store(make_system("fa", {"L": 6}), 5.0, seed=4, out=tmp_path / "fa.zarr")
+    assert main(["evaluate", str(tmp_path / "model"), str(fa)]) == 2
+    assert "system" in capsys.readouterr().err
