@@ -46,7 +46,23 @@ def _log(value: float) -> float:
     return math.log(value) if value > 0 else -math.inf
 
 
-class ActiveRates(torch.nn.Module):
+def _lattice_field(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Scatter per-token values onto the flattened lattice, [batch, sites] (0 where no token)."""
+    field = torch.zeros(values.shape[0], shape[0] * shape[1], dtype=values.dtype, device=values.device)
+    return field.scatter_(1, _flat_sites(positions, shape), values)
+
+
+class _PhysicsRates(torch.nn.Module):
+    """The generating rates of a system: no parameters, float64 by default."""
+
+    def __init__(self, system: System, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.system = system
+        self.n_moves = system.n_moves
+        self.dtype = dtype
+
+
+class ActiveRates(_PhysicsRates):
     """True rates of the active lattice model (DESIGN 1.1) as a rate model."""
 
     # Move types, used to check learned classes and move statistics against the physics.
@@ -54,18 +70,11 @@ class ActiveRates(torch.nn.Module):
     TYPE_NAMES = ("rotation", "forward_hop", "other_hop", "blocked_hop")
     type_names = TYPE_NAMES
 
-    def __init__(self, system: ActiveSystem, dtype: torch.dtype = torch.float64):
-        super().__init__()
-        self.system = system
-        self.n_moves = system.n_moves
-        self.dtype = dtype
-
     def move_types(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Type of every candidate move, long [batch, n_tokens, 6]."""
         batch, n_tokens = states.shape
         shape = self.system.shape
-        occupied = torch.zeros(batch, shape[0] * shape[1], dtype=torch.bool, device=states.device)
-        occupied.scatter_(1, _flat_sites(positions, shape), True)
+        occupied = _lattice_field(positions, torch.ones_like(states, dtype=torch.bool), shape)
         targets = _neighbour_sites(positions, shape).reshape(batch, -1)
         blocked = occupied.gather(1, targets).reshape(batch, n_tokens, 4)
         directions = torch.arange(4, device=states.device)
@@ -86,21 +95,14 @@ class ActiveRates(torch.nn.Module):
         return self.type_log_rates(states.device)[types]
 
 
-class FARates(torch.nn.Module):
+class FARates(_PhysicsRates):
     """True rates of the Fredrickson-Andersen model (DESIGN 1.2) as a rate model."""
-
-    def __init__(self, system: FASystem, dtype: torch.dtype = torch.float64):
-        super().__init__()
-        self.system = system
-        self.n_moves = system.n_moves
-        self.dtype = dtype
 
     def up_neighbours(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Number of up nearest neighbours m of every token, long [batch, n_tokens]."""
         batch, n_tokens = states.shape
         shape = self.system.shape
-        spins = torch.zeros(batch, shape[0] * shape[1], dtype=torch.long, device=states.device)
-        spins.scatter_(1, _flat_sites(positions, shape), states.long())
+        spins = _lattice_field(positions, states.long(), shape)
         neighbours = _neighbour_sites(positions, shape, self.system.dim)
         directions = neighbours.shape[-1]
         up = spins.gather(1, neighbours.reshape(batch, -1)).reshape(batch, n_tokens, directions)

@@ -46,6 +46,7 @@ class TransformerConfig:
     estimator: str = "straight_through"  # Mode 2 gradient: straight_through or gumbel
     exclusion_mask: bool = False  # opt-in: forbid hops onto occupied sites (active only)
     rotary: bool = True  # periodic 2-D rotary encoding of q and k (relative offsets on the torus)
+    attention_sink: bool = True  # a learned key/value every query can attend to (add_bias_kv)
     initial_log_rate: float = 0.0  # where all log-rates start
 
     def __post_init__(self) -> None:
@@ -117,17 +118,30 @@ def rotate(features: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(torch.nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
+    """Multi-head self-attention, optionally with a learned sink key/value (torch's add_bias_kv).
+
+    Softmax weights sum to one, so without a sink a head cannot say "nothing matched": the sink
+    absorbs the weight when no token fits the query, which makes "is there a token at offset d?"
+    a linear read-out of the attention output instead of a comparison with the token itself.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, sink: bool = True):
         super().__init__()
         self.n_heads = n_heads
         self.qkv = torch.nn.Linear(d_model, 3 * d_model)
         self.out = torch.nn.Linear(d_model, d_model)
+        head_width = d_model // n_heads
+        self.sink_key = torch.nn.Parameter(torch.zeros(n_heads, 1, head_width)) if sink else None
+        self.sink_value = torch.nn.Parameter(torch.randn(n_heads, 1, head_width) * 0.1) if sink else None
 
     def forward(self, h: torch.Tensor, angles: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, width = h.shape
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
         if angles is not None:
             q, k = rotate(q, angles), rotate(k, angles)
+        if self.sink_key is not None:  # appended after rotation: the sink has no position
+            k = torch.cat([k, self.sink_key.to(k.dtype).expand(batch, -1, -1, -1)], dim=2)
+            v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
         attended = functional.scaled_dot_product_attention(q, k, v)  # [batch, heads, tokens, head_width]
         return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
 
@@ -135,10 +149,10 @@ class SelfAttention(torch.nn.Module):
 class Block(torch.nn.Module):
     """Pre-norm transformer block: h + attention(norm(h)), then h + feed-forward(norm(h))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True):
         super().__init__()
         self.attention_norm = torch.nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, n_heads)
+        self.attention = SelfAttention(d_model, n_heads, sink)
         self.feed_forward_norm = torch.nn.LayerNorm(d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model)
@@ -181,7 +195,7 @@ class TransformerRates(torch.nn.Module):
                 self.embed_x.weight[:, :half] = fourier_table(config.lattice_size, half)
                 self.embed_y.weight[:, half : 2 * half] = fourier_table(config.lattice_size, half)
         self.blocks = torch.nn.ModuleList(
-            Block(width, config.n_heads, config.d_ff) for _ in range(config.n_layers)
+            Block(width, config.n_heads, config.d_ff, config.attention_sink) for _ in range(config.n_layers)
         )
         self.final_norm = torch.nn.LayerNorm(width)
         if config.mode == 1:

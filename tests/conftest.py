@@ -11,6 +11,10 @@ import torch
 from hpcdyn.rates import true_rate_model
 from hpcdyn.systems import ActiveSystem, FASystem, System
 
+# The tests' models are tiny: one thread is faster than two fighting over small kernels, and it
+# keeps floating-point reductions in one order.
+torch.set_num_threads(1)
+
 
 def enumerate_states(system: System) -> tuple[np.ndarray, np.ndarray]:
     """Every configuration of a tiny system: positions [S, T, 2], states [S, T] (labelled tokens)."""
