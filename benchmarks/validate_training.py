@@ -48,7 +48,9 @@ def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: f
 
 
 def record(part: str, figures: dict) -> None:
-    figures = {"part": part, "date": time.strftime("%Y-%m-%d"), **figures}
+    model = TransformerConfig()
+    variant = {key: getattr(model, key) for key in ("d_model", "n_heads", "n_layers", "rotary", "attention_sink")}
+    figures = {"part": part, "date": time.strftime("%Y-%m-%d"), "model": variant, **figures}
     with RUNS.open("a") as handle:
         handle.write(json.dumps(figures) + "\n")
     print(json.dumps(figures, indent=2))
@@ -109,6 +111,34 @@ def part_transfer(args) -> None:
                             "run_dir": str(run_dir)})  # fmt: skip
 
 
+def render_report() -> str:
+    """benchmarks/TRAINING.md from the recorded runs (the latest record of each part and N_theta)."""
+    records = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
+    latest: dict = {}
+    for record in records:
+        key = (record["part"], record.get("n_classes"), record.get("density"))
+        latest[key] = record
+    lines = [
+        "# Learning the dynamics from one trajectory: validation runs",
+        "",
+        "Written by `python benchmarks/validate_training.py --report` from `benchmarks/training_runs.jsonl`;",
+        "each part is run by `python benchmarks/validate_training.py --part PART` (2 CPU cores, 1 thread each).",
+        "Gap = (U_true - U_model) / events on the held-out last 10 % of the trajectory, in nats per event.",
+        "",
+        "| part | system | N_theta | epochs | events | val U/T | true U/T | gap / event | class rates | minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for (part, n_classes, density), record in sorted(latest.items(), key=lambda item: str(item[0])):
+        rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
+        lines.append(
+            f"| {part} | {record.get('system', f'density {density}')} | {n_classes or '-'} | {record.get('epochs', '-')} | "
+            f"{record['events']} | {record.get('val_U_per_T', record.get('U_per_T')):.2f} | "
+            f"{record.get('true_val_U_per_T', record.get('true_U_per_T')):.2f} | {record['gap_per_event']:.4f} | "
+            f"{rates} | {record.get('seconds', 0) / 60:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 PARTS = {"mode1": part_mode1, "mode2": part_mode2, "scan": part_scan, "gumbel": part_gumbel, "fa": part_fa,
          "transfer": part_transfer}  # fmt: skip
 
@@ -119,10 +149,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="render benchmarks/TRAINING.md from the records")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for part in args.part:
         PARTS[part](args)
+    if args.report:
+        (HERE / "TRAINING.md").write_text(render_report())
 
 
 if __name__ == "__main__":

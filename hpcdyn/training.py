@@ -201,6 +201,7 @@ def train(
     torch.manual_seed(config.seed)
     training, validation = split(source, config)
     model = build_model(config, source).to(config.device)
+    config = dataclasses.replace(config, model=model.config)  # resolved: lattice, system, initial rate
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     metrics: list[dict[str, Any]] = []
     identity = store_identity(source)
@@ -283,16 +284,21 @@ def _checkpoint_state(model, optimizer, config, metrics, identity) -> dict[str, 
     }
 
 
+RESUMABLE_CHANGES = ("epochs", "device", "patience")  # what may differ when a run is continued
+
+
 def _check_resumable(state, config, identity) -> None:
     if state["store"]["fingerprint"] != identity["fingerprint"]:
         raise ConfigurationError(
             f"store: the run was trained on {state['store']['path']}, not on this trajectory; resume with the same store"
         )
-    saved = TrainingConfig.from_dict(state["training_config"])
-    if dataclasses.replace(saved, epochs=config.epochs, device=config.device) != dataclasses.replace(
-        config, model=saved.model, epochs=config.epochs, device=config.device
-    ) or saved.model.mode != config.model.mode:
-        raise ConfigurationError("resume: the training configuration differs from the checkpoint's; only --epochs and --device may change")
+    saved, current = state["training_config"], config.as_dict()
+    differing = sorted(key for key in current if key not in RESUMABLE_CHANGES and current[key] != saved.get(key))
+    if differing:
+        raise ConfigurationError(
+            f"resume: the training configuration differs from the checkpoint's in {differing}; "
+            f"only {list(RESUMABLE_CHANGES)} may change"
+        )
 
 
 def _write_metrics(run_dir: Path, metrics, config, identity) -> None:

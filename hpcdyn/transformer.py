@@ -204,8 +204,9 @@ class TransformerRates(torch.nn.Module):
             torch.nn.init.constant_(self.head.bias, config.initial_log_rate)
         else:
             self.classifier = torch.nn.Linear(width, config.n_moves * config.n_classes)
-            # spread the initial class rates over a few decades so classes start distinguishable
-            spread = torch.linspace(-2.0, 2.0, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
+            # initial class rates from 1/150 to 20 times the mean rate: distinguishable from the start,
+            # and one class already near zero, where moves that never happen (blocked hops) belong
+            spread = torch.linspace(-5.0, 3.0, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
             self.class_log_rates = torch.nn.Parameter(config.initial_log_rate + spread)
         self.temperature = 1.0  # Gumbel-softmax temperature, annealed by the trainer
 
