@@ -57,10 +57,11 @@ def record(part: str, figures: dict) -> None:
 
 
 def part_mode1(args) -> None:
-    events = simulate(active_system(), ACTIVE_T, seed=1).events
-    result, seconds, run_dir = run_training("active_mode1", events, TransformerConfig(mode=1), args.epochs, args.lr)
+    events = simulate(active_system(), args.t_final, seed=1).events
+    name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
+    result, seconds, run_dir = run_training(name, events, TransformerConfig(mode=1), args.epochs, args.lr)
     best = result.best
-    record("mode1", {"system": "active L12 density 0.124", "events": events.n_events, "epochs": len(result.metrics),
+    record("mode1" if args.t_final == ACTIVE_T else f"mode1 T={args.t_final:g}", {"system": "active L12 density 0.124", "events": events.n_events, "epochs": len(result.metrics),
                      "seconds": seconds, "val_U_per_T": best["val_U_per_T"], "true_val_U_per_T": best["true_val_U_per_T"],
                      "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)})  # fmt: skip
 
@@ -102,11 +103,11 @@ def part_fa(args) -> None:
 
 
 def part_transfer(args) -> None:
-    run_dir = WORK / "active_mode1"
+    run_dir = WORK / ("active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}")
     for density in (0.3, 0.5):
         events = simulate(active_system(density), 30.0, seed=2).events
         report = evaluate(run_dir, events)
-        record("transfer", {"density": density, "events": events.n_events, "U_per_T": report["U_per_T"],
+        record("transfer", {"density": density, "trained_on": run_dir.name, "events": events.n_events, "U_per_T": report["U_per_T"],
                             "true_U_per_T": report["true_U_per_T"], "gap_per_event": report["gap_per_event"],
                             "run_dir": str(run_dir)})  # fmt: skip
 
@@ -116,7 +117,7 @@ def render_report() -> str:
     records = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
     latest: dict = {}
     for record in records:
-        key = (record["part"], record.get("n_classes"), record.get("density"))
+        key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"))
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -128,7 +129,7 @@ def render_report() -> str:
         "| part | system | N_theta | epochs | events | val U/T | true U/T | gap / event | class rates | minutes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for (part, n_classes, density), record in sorted(latest.items(), key=lambda item: str(item[0])):
+    for (part, n_classes, density, _), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
         lines.append(
             f"| {part} | {record.get('system', f'density {density}')} | {n_classes or '-'} | {record.get('epochs', '-')} | "
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--part", choices=sorted(PARTS), action="append", default=[])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--t-final", type=float, default=ACTIVE_T, help="length of the active training trajectory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="render benchmarks/TRAINING.md from the records")
     args = parser.parse_args()
