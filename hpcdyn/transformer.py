@@ -131,7 +131,9 @@ class SelfAttention(torch.nn.Module):
         self.qkv = torch.nn.Linear(d_model, 3 * d_model)
         self.out = torch.nn.Linear(d_model, d_model)
         head_width = d_model // n_heads
-        self.sink_key = torch.nn.Parameter(torch.zeros(n_heads, 1, head_width)) if sink else None
+        # The sink's score is a learned number per head, not q . k: a key would meet rotated
+        # queries and make the score depend on absolute position.
+        self.sink_logit = torch.nn.Parameter(torch.zeros(n_heads)) if sink else None
         self.sink_value = torch.nn.Parameter(torch.randn(n_heads, 1, head_width) * 0.1) if sink else None
 
     def forward(self, h: torch.Tensor, angles: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,10 +141,12 @@ class SelfAttention(torch.nn.Module):
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
         if angles is not None:
             q, k = rotate(q, angles), rotate(k, angles)
-        if self.sink_key is not None:  # appended after rotation: the sink has no position
-            k = torch.cat([k, self.sink_key.to(k.dtype).expand(batch, -1, -1, -1)], dim=2)
+        bias = None
+        if self.sink_logit is not None:  # one more key (zero) and value; its score comes from the bias
+            k = torch.cat([k, k.new_zeros(batch, self.n_heads, 1, k.shape[-1])], dim=2)
             v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
-        attended = functional.scaled_dot_product_attention(q, k, v)  # [batch, heads, tokens, head_width]
+            bias = functional.pad(self.sink_logit.to(q.dtype).view(1, -1, 1, 1), (tokens, 0))  # [1, heads, 1, tokens + 1]
+        attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [batch, heads, tokens, width]
         return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
 
 
