@@ -69,7 +69,7 @@ def part_mode1(args) -> None:
 def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "straight_through") -> dict:
     events = simulate(active_system(), ACTIVE_T, seed=1).events
     model = TransformerConfig(mode=2, n_classes=n_classes, estimator=estimator)
-    name = f"active_mode2_k{n_classes}_{estimator}"
+    name = f"active_{tag}_k{n_classes}_{estimator}"
     result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr)
     report = evaluate(run_dir, events)
     figures = {"system": "active L12 density 0.124", "n_classes": n_classes, "estimator": estimator,

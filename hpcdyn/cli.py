@@ -204,6 +204,7 @@ def _add_train(commands) -> None:
     model.add_argument("--n-layers", type=int, default=2)
     model.add_argument("--d-ff", type=int, default=128)
     model.add_argument("--no-rotary", dest="rotary", action="store_false", help="absolute position tables only")
+    model.add_argument("--no-attention-sink", dest="attention_sink", action="store_false", help="plain softmax attention")
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=int, default=20)
     optimisation.add_argument("--lr", type=float, default=3e-3)
@@ -241,6 +242,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         estimator=args.estimator,
         exclusion_mask=args.exclusion_mask,
         rotary=args.rotary,
+        attention_sink=args.attention_sink,
     )
     config = TrainingConfig(
         model=model,
