@@ -110,10 +110,10 @@ def rotary_angles(positions: torch.Tensor, lattice_size: int, head_width: int) -
     return functional.pad(angles, (0, padding)).unsqueeze(1)
 
 
-def rotate(features: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of q or k [batch, heads, tokens, width] by ``angles``."""
+def rotate(features: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate consecutive channel pairs of q or k [batch, heads, tokens, width] by (cos, sin)."""
     even, odd = features[..., 0::2], features[..., 1::2]
-    cos, sin = angles.cos().to(features.dtype), angles.sin().to(features.dtype)
+    cos, sin = (part.to(features.dtype) for part in rotation)
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
@@ -136,17 +136,22 @@ class SelfAttention(torch.nn.Module):
         self.sink_logit = torch.nn.Parameter(torch.zeros(n_heads)) if sink else None
         self.sink_value = torch.nn.Parameter(torch.randn(n_heads, 1, head_width) * 0.1) if sink else None
 
-    def forward(self, h: torch.Tensor, angles: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         batch, tokens, width = h.shape
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
-        if angles is not None:
-            q, k = rotate(q, angles), rotate(k, angles)
-        bias = None
-        if self.sink_logit is not None:  # one more key (zero) and value; its score comes from the bias
-            k = torch.cat([k, k.new_zeros(batch, self.n_heads, 1, k.shape[-1])], dim=2)
+        if rotation is not None:
+            q, k = rotate(q, rotation), rotate(k, rotation)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if self.sink_logit is not None:
+            # One more key/value. Its score must be the learned logit whatever the query: an extra
+            # channel, 1 in every query and logit/scale in the sink key only (0 in real keys), gives
+            # exactly that without an attention mask, which would force the slow attention kernel.
+            sink_key = functional.pad(k.new_zeros(self.n_heads, 1, k.shape[-1]), (0, 1))
+            sink_key[..., -1] = self.sink_logit.to(k.dtype).view(-1, 1) / scale
+            q = functional.pad(q, (0, 1), value=1.0)
+            k = torch.cat([functional.pad(k, (0, 1)), sink_key.expand(batch, -1, -1, -1)], dim=2)
             v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
-            bias = functional.pad(self.sink_logit.to(q.dtype).view(1, -1, 1, 1), (tokens, 0))  # [1, heads, 1, tokens + 1]
-        attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [batch, heads, tokens, width]
+        attended = functional.scaled_dot_product_attention(q, k, v, scale=scale)  # [batch, heads, tokens, width]
         return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
 
 
@@ -162,8 +167,8 @@ class Block(torch.nn.Module):
             torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model)
         )
 
-    def forward(self, h: torch.Tensor, angles: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), angles)
+    def forward(self, h: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), rotation)
         return h + self.feed_forward(self.feed_forward_norm(h))
 
 
@@ -216,11 +221,12 @@ class TransformerRates(torch.nn.Module):
 
     def encode(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         h = self.embed_x(positions[..., 0]) + self.embed_y(positions[..., 1]) + self.embed_state(states)
-        angles = None
-        if self.config.rotary:
+        rotation = None
+        if self.config.rotary:  # cos and sin once per forward, shared by every layer
             angles = rotary_angles(positions, self.config.lattice_size, self.config.d_model // self.config.n_heads)
+            rotation = (angles.cos().to(h.dtype), angles.sin().to(h.dtype))
         for block in self.blocks:
-            h = block(h, angles)
+            h = block(h, rotation)
         return self.final_norm(h)
 
     def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
