@@ -13,7 +13,6 @@ them into benchmarks/TRAINING.md. Sizes are chosen so each part takes minutes on
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
