@@ -37,8 +37,8 @@ def active_system(density: float = 0.124):
     return make_system("active", {"L": 12, "density": density}, preset="paper")
 
 
-def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, **extra):
-    config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=64, seed=seed, patience=epochs, **extra)
+def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, segment_events: int = 64):
+    config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=segment_events, seed=seed, patience=epochs)
     run_dir = WORK / name
     begin = time.perf_counter()
     result = train(config, events, run_dir, resume=True, progress=True)
@@ -58,9 +58,14 @@ def record(part: str, figures: dict) -> None:
 def part_mode1(args) -> None:
     events = simulate(active_system(), args.t_final, seed=1).events
     name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
-    result, seconds, run_dir = run_training(name, events, TransformerConfig(mode=1), args.epochs, args.lr)
+    if (args.epochs, args.lr, args.segment_events) != (12, 3e-3, 64):
+        name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
+    result, seconds, run_dir = run_training(name, events, TransformerConfig(mode=1), args.epochs, args.lr,
+                                            segment_events=args.segment_events)  # fmt: skip
     best = result.best
-    record("mode1" if args.t_final == ACTIVE_T else f"mode1 T={args.t_final:g}", {"system": "active L12 density 0.124", "events": events.n_events, "epochs": len(result.metrics),
+    record("mode1" if args.t_final == ACTIVE_T else f"mode1 T={args.t_final:g}", {
+        "lr": args.lr, "segment_events": args.segment_events, "system": "active L12 density 0.124",
+        "events": events.n_events, "epochs": len(result.metrics),
                      "seconds": seconds, "val_U_per_T": best["val_U_per_T"], "true_val_U_per_T": best["true_val_U_per_T"],
                      "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)})  # fmt: skip
 
@@ -116,7 +121,8 @@ def render_report() -> str:
     records = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
     latest: dict = {}
     for record in records:
-        key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"))
+        key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"),
+               record.get("epochs"), record.get("lr"), record.get("segment_events"))  # fmt: skip
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -128,7 +134,7 @@ def render_report() -> str:
         "| part | system | N_theta | epochs | events | val U/T | true U/T | gap / event | class rates | minutes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for (part, n_classes, density, _), record in sorted(latest.items(), key=lambda item: str(item[0])):
+    for (part, n_classes, density, *_), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
         lines.append(
             f"| {part} | {record.get('system', f'density {density}')} | {n_classes or '-'} | {record.get('epochs', '-')} | "
@@ -167,6 +173,7 @@ def main() -> None:
     parser.add_argument("--part", choices=sorted(PARTS), action="append", default=[])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--segment-events", type=int, default=64)
     parser.add_argument("--t-final", type=float, default=ACTIVE_T, help="length of the active training trajectory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="render benchmarks/TRAINING.md from the records")
