@@ -147,11 +147,13 @@ def render_report() -> str:
 
 FINDINGS = """## Reading of the 2026-11-21 runs (CPU, no GPU available)
 
-- Mode 1 reaches a held-out gap of 0.024 nats/event on 200 k events in 12 epochs (target 0.01: not
-  met). Per move type, rotations, forward and other hops are close to the truth and forward hops
-  onto occupied sites are suppressed, but blocked *other* hops (true rate 0, exposure tiny) keep a
-  learned rate of about 0.5: most of the gap, and the reason transfer to densities 0.3 and 0.5
-  (more blocked moves) is poor (0.13 and 0.47 nats/event; target 0.05).
+- Mode 1 reaches a held-out gap of 0.024 nats/event on 200 k events in 12 epochs, 0.022 with
+  lr 1e-3 and 32-event segments (8 epochs) or 16 epochs of 256-event segments, and 0.020 on 400 k
+  events (6 epochs, 14 min): target 0.01 not met; more data and smaller steps help slowly. Per
+  move type (T 300 model), rotations, forward and other hops are close to the truth and forward
+  hops onto occupied sites are suppressed, but blocked *other* hops (true rate 0, exposure tiny)
+  keep a learned rate of about 0.5: most of the gap, and the reason transfer to densities 0.3 and
+  0.5 (more blocked moves) is poor (0.13 and 0.47 nats/event for the 200 k-event model; target 0.05).
 - The N_theta scan rises steeply to 3 classes and flattens after 4 (gain 3->4: 41 in U/T, 4->6: 3),
   but the classes are not the physical ones: no class holds the blocked hops, and forward hops
   split over two classes. The classifier cannot isolate blocked hops before the encoder has learned
