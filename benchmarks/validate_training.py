@@ -131,13 +131,14 @@ def render_report() -> str:
         "each part is run by `python benchmarks/validate_training.py --part PART` (2 CPU cores, 1 thread each).",
         "Gap = (U_true - U_model) / events on the held-out last 10 % of the trajectory, in nats per event.",
         "",
-        "| part | system | N_theta | epochs | events | val U/T | true U/T | gap / event | class rates | minutes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| part | system | N_theta | epochs | lr | segment | events | val U/T | true U/T | gap / event | class rates | minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for (part, n_classes, density, *_), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
         lines.append(
             f"| {part} | {record.get('system', f'density {density}')} | {n_classes or '-'} | {record.get('epochs', '-')} | "
+            f"{record.get('lr', 0.003 if 'epochs' in record else '-')} | {record.get('segment_events', 64 if 'epochs' in record else '-')} | "
             f"{record['events']} | {record.get('val_U_per_T', record.get('U_per_T')):.2f} | "
             f"{record.get('true_val_U_per_T', record.get('true_U_per_T')):.2f} | {record['gap_per_event']:.4f} | "
             f"{rates} | {record.get('seconds', 0) / 60:.1f} |"
