@@ -29,7 +29,9 @@ class EventSource(Protocol):
     @property
     def n_events(self) -> int: ...
 
-    def iter_event_blocks(self, block_events: int | None = None) -> Iterator[EventBlock]: ...
+    def iter_event_blocks(
+        self, block_events: int | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[EventBlock]: ...
 
 
 @dataclasses.dataclass
@@ -49,11 +51,14 @@ class EventLog:
     def n_events(self) -> int:
         return int(self.tokens.shape[0])
 
-    def iter_event_blocks(self, block_events: int | None = None) -> Iterator[EventBlock]:
-        size = block_events or max(self.n_events, 1)
-        for start in range(0, self.n_events, size):
-            stop = start + size
-            yield self.tokens[start:stop], self.moves[start:stop], self.dwell[start:stop]
+    def iter_event_blocks(
+        self, block_events: int | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[EventBlock]:
+        stop = self.n_events if stop is None else stop
+        size = block_events or max(stop - start, 1)
+        for lo in range(start, stop, size):
+            hi = min(lo + size, stop)
+            yield self.tokens[lo:hi], self.moves[lo:hi], self.dwell[lo:hi]
 
 
 class EventWindow:
@@ -74,18 +79,13 @@ class EventWindow:
         self.source, self.start, self.stop, self.system = source, start, stop, source.system
         positions = torch.as_tensor(source.initial_positions, dtype=torch.long)
         states = torch.as_tensor(source.initial_states, dtype=torch.long)
-        elapsed_before, elapsed_inside, seen = 0.0, 0.0, 0
-        for tokens, moves, dwell in source.iter_event_blocks(block_events):
-            lo, hi = seen, seen + len(tokens)
-            before = max(0, min(start, hi) - lo)
-            if before:
-                positions, states = advance(
-                    self.system, positions, states, torch.as_tensor(tokens[:before]), torch.as_tensor(moves[:before])
-                )
-                elapsed_before += float(dwell[:before].sum())
-            inside = slice(max(start - lo, 0), max(0, min(stop, hi) - lo))
-            elapsed_inside += float(dwell[inside].sum())
-            seen = hi
+        elapsed_before = elapsed_inside = 0.0
+        for tokens, moves, dwell in source.iter_event_blocks(block_events, 0, start):
+            positions, states = advance(self.system, positions, states, torch.as_tensor(tokens), torch.as_tensor(moves))
+            elapsed_before += float(dwell.sum())
+        if stop < source.n_events:  # a window that reaches the end keeps the source's t_final instead
+            for _, _, dwell in source.iter_event_blocks(block_events, start, stop):
+                elapsed_inside += float(dwell.sum())
         self.initial_positions = positions.numpy()
         self.initial_states = states.numpy().astype(np.int8)
         end = source.t_final if stop == source.n_events else elapsed_before + elapsed_inside
@@ -95,12 +95,9 @@ class EventWindow:
     def n_events(self) -> int:
         return self.stop - self.start
 
-    def iter_event_blocks(self, block_events: int | None = None) -> Iterator[EventBlock]:
-        seen = 0
-        for tokens, moves, dwell in self.source.iter_event_blocks(block_events):
-            lo, hi = seen, seen + len(tokens)
-            seen = hi
-            if hi <= self.start or lo >= self.stop:
-                continue
-            part = slice(max(self.start - lo, 0), min(self.stop, hi) - lo)
-            yield tokens[part], moves[part], dwell[part]
+    def iter_event_blocks(
+        self, block_events: int | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[EventBlock]:
+        """Reads only the window's own events from the source (no pass over what lies before it)."""
+        stop = self.n_events if stop is None else stop
+        yield from self.source.iter_event_blocks(block_events, self.start + start, self.start + stop)
