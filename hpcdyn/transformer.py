@@ -47,6 +47,7 @@ class TransformerConfig:
     exclusion_mask: bool = False  # opt-in: forbid hops onto occupied sites (active only)
     rotary: bool = True  # periodic 2-D rotary encoding of q and k (relative offsets on the torus)
     attention_sink: bool = True  # a learned key/value every query can attend to (add_bias_kv)
+    relative_bias: bool = False  # a learned score per head for every offset on the torus (all L^2 of them)
     initial_log_rate: float = 0.0  # where all log-rates start
 
     def __post_init__(self) -> None:
@@ -110,6 +111,12 @@ def rotary_angles(positions: torch.Tensor, lattice_size: int, head_width: int) -
     return functional.pad(angles, (0, padding)).unsqueeze(1)
 
 
+def relative_offsets(positions: torch.Tensor, lattice_size: int) -> torch.Tensor:
+    """Index of the offset of token j from token i on the torus, dx * L + dy, long [batch, tokens, tokens]."""
+    difference = (positions[..., None, :, :] - positions[..., :, None, :]).remainder(lattice_size)
+    return difference[..., 0] * lattice_size + difference[..., 1]
+
+
 def rotate(features: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate consecutive channel pairs of q or k [batch, heads, tokens, width] by (cos, sin)."""
     even, odd = features[..., 0::2], features[..., 1::2]
@@ -125,9 +132,13 @@ class SelfAttention(torch.nn.Module):
     a linear read-out of the attention output instead of a comparison with the token itself.
     """
 
-    def __init__(self, d_model: int, n_heads: int, sink: bool = True):
+    def __init__(self, d_model: int, n_heads: int, sink: bool = True, offsets: int = 0):
         super().__init__()
         self.n_heads = n_heads
+        # A learned score for each relative offset (dx, dy) mod L, added to q . k: a head can single
+        # out one offset exactly ("the site to my right"), which a few rotary frequencies only blur.
+        # The table covers every offset, so no range is preferred.
+        self.offset_bias = torch.nn.Parameter(torch.zeros(n_heads, offsets)) if offsets else None
         self.qkv = torch.nn.Linear(d_model, 3 * d_model)
         self.out = torch.nn.Linear(d_model, d_model)
         head_width = d_model // n_heads
@@ -136,7 +147,12 @@ class SelfAttention(torch.nn.Module):
         self.sink_logit = torch.nn.Parameter(torch.zeros(n_heads)) if sink else None
         self.sink_value = torch.nn.Parameter(torch.randn(n_heads, 1, head_width) * 0.1) if sink else None
 
-    def forward(self, h: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, tokens, width = h.shape
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
         if rotation is not None:
@@ -151,24 +167,34 @@ class SelfAttention(torch.nn.Module):
             q = functional.pad(q, (0, 1), value=1.0)
             k = torch.cat([functional.pad(k, (0, 1)), sink_key.expand(batch, -1, -1, -1)], dim=2)
             v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
-        attended = functional.scaled_dot_product_attention(q, k, v, scale=scale)  # [batch, heads, tokens, width]
+        bias = None
+        if self.offset_bias is not None and offsets is not None:
+            bias = self.offset_bias[:, offsets].transpose(0, 1).to(q.dtype)  # [batch, heads, tokens, tokens]
+            if self.sink_logit is not None:
+                bias = functional.pad(bias, (0, 1))  # the sink's score is its own logit only
+        attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
 
 
 class Block(torch.nn.Module):
     """Pre-norm transformer block: h + attention(norm(h)), then h + feed-forward(norm(h))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True, offsets: int = 0):
         super().__init__()
         self.attention_norm = torch.nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, n_heads, sink)
+        self.attention = SelfAttention(d_model, n_heads, sink, offsets)
         self.feed_forward_norm = torch.nn.LayerNorm(d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model)
         )
 
-    def forward(self, h: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), rotation)
+    def forward(
+        self,
+        h: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), rotation, offsets)
         return h + self.feed_forward(self.feed_forward_norm(h))
 
 
@@ -203,8 +229,9 @@ class TransformerRates(torch.nn.Module):
                 half = width // 2
                 self.embed_x.weight[:, :half] = fourier_table(config.lattice_size, half)
                 self.embed_y.weight[:, half : 2 * half] = fourier_table(config.lattice_size, half)
+        offsets = config.lattice_size**2 if config.relative_bias else 0
         self.blocks = torch.nn.ModuleList(
-            Block(width, config.n_heads, config.d_ff, config.attention_sink) for _ in range(config.n_layers)
+            Block(width, config.n_heads, config.d_ff, config.attention_sink, offsets) for _ in range(config.n_layers)
         )
         self.final_norm = torch.nn.LayerNorm(width)
         if config.mode == 1:
@@ -225,8 +252,9 @@ class TransformerRates(torch.nn.Module):
         if self.config.rotary:  # cos and sin once per forward, shared by every layer
             angles = rotary_angles(positions, self.config.lattice_size, self.config.d_model // self.config.n_heads)
             rotation = (angles.cos().to(h.dtype), angles.sin().to(h.dtype))
+        offsets = relative_offsets(positions, self.config.lattice_size) if self.config.relative_bias else None
         for block in self.blocks:
-            h = block(h, rotation)
+            h = block(h, rotation, offsets)
         return self.final_norm(h)
 
     def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

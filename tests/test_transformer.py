@@ -11,7 +11,7 @@ from hpcdyn.likelihood import path_log_likelihood, segment_terms
 from hpcdyn.rates import ActiveRates, true_rate_model
 from hpcdyn.simulate import simulate
 from hpcdyn.systems import ConfigurationError, make_system
-from hpcdyn.transformer import TransformerConfig, TransformerRates
+from hpcdyn.transformer import TransformerConfig, TransformerRates, relative_offsets
 
 ACTIVE = make_system("active", {"L": 6, "N": 7, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
 
@@ -56,8 +56,11 @@ def test_shapes_follow_the_protocol_for_any_number_of_tokens(mode):
     assert fa(positions, states).shape == (2, 64, 1)
 
 
-def test_outputs_follow_a_permutation_of_the_tokens():
-    model = TransformerRates(TransformerConfig(lattice_size=6, n_layers=2)).double()
+@pytest.mark.parametrize("relative_bias", [False, True])
+def test_outputs_follow_a_permutation_of_the_tokens(relative_bias):
+    model = TransformerRates(TransformerConfig(lattice_size=6, n_layers=2, relative_bias=relative_bias)).double()
+    for parameter in model.parameters():  # make every weight matter, the offset tables included
+        parameter.data.add_(0.1 * torch.randn_like(parameter))
     positions, states = configurations(ACTIVE, 3)
     order = torch.randperm(ACTIVE.N, generator=torch.Generator().manual_seed(1))
     direct = model(positions, states)
@@ -65,8 +68,9 @@ def test_outputs_follow_a_permutation_of_the_tokens():
     torch.testing.assert_close(permuted, direct[:, order], rtol=1e-12, atol=1e-12)
 
 
-def test_rotary_model_starts_translation_invariant_on_the_torus():
-    model = TransformerRates(TransformerConfig(lattice_size=6, n_layers=2)).double()
+@pytest.mark.parametrize("relative_bias", [False, True])
+def test_rotary_model_starts_translation_invariant_on_the_torus(relative_bias):
+    model = TransformerRates(TransformerConfig(lattice_size=6, n_layers=2, relative_bias=relative_bias)).double()
     for parameter in model.parameters():  # make every weight matter
         parameter.data.add_(0.1 * torch.randn_like(parameter))
     model.embed_x.weight.data.zero_()
@@ -74,6 +78,28 @@ def test_rotary_model_starts_translation_invariant_on_the_torus():
     positions, states = configurations(ACTIVE, 2)
     shifted = (positions + torch.tensor([2, 5])) % 6
     torch.testing.assert_close(model(shifted, states), model(positions, states), rtol=1e-10, atol=1e-10)
+
+
+def test_offset_table_lets_a_head_see_exactly_one_neighbour():
+    """With a huge score at offset (+1, 0) and none elsewhere, a sink-less head attends to the
+    token one site to the right and to nothing else: its output is that token's value."""
+    config = TransformerConfig(lattice_size=6, d_model=4, n_heads=1, n_layers=1, rotary=False,
+                               attention_sink=False, relative_bias=True)  # fmt: skip
+    model = TransformerRates(config).double()
+    attention = model.blocks[0].attention
+    with torch.no_grad():
+        attention.qkv.weight.zero_()
+        attention.qkv.bias.zero_()
+        attention.qkv.weight[8:12] = torch.eye(4, dtype=torch.float64)  # value = input
+        attention.offset_bias.fill_(-50.0)
+        attention.offset_bias[0, 1 * 6 + 0] = 50.0
+    positions = torch.tensor([[[0, 0], [1, 0], [3, 2], [4, 2]]])
+    h = torch.randn(1, 4, 4, dtype=torch.float64)
+    offsets = relative_offsets(positions, 6)
+    attended = torch.nn.functional.linear(h, attention.qkv.weight[8:12])
+    out = attention(h, None, offsets) - attention.out.bias
+    expected = torch.nn.functional.linear(attended[:, [1, 0, 3, 2]], attention.out.weight)
+    torch.testing.assert_close(out[:, [0, 2]], expected[:, [0, 2]])  # tokens with a right neighbour
 
 
 def test_exclusion_mask_forbids_exactly_the_blocked_hops():
