@@ -1,0 +1,6 @@
+"""Analysis of ensemble stores: observables with xarray/dask, phase diagrams, reports.
+
+Modules: ``lattice`` (per-snapshot observables in numpy), ``observables`` (lazy over a store),
+``phase_diagram`` (figures and difference tables), ``sweep_plots`` (N_theta plateau),
+``report`` (the report directory that ``hpcdyn analyze`` writes).
+"""

@@ -1,0 +1,222 @@
+"""Phase diagrams of learned versus original dynamics, each figure one call on the stores.
+
+    figure = plot_learned_vs_original("ensemble.zarr")           # four observables against density
+    table = difference_table("ensemble.zarr")                     # learned - original, in standard errors
+    figure = plot_activity_maps(["vp5.zarr", "vp25.zarr"], learned=["vp5_learned.zarr", ...])
+    figure = plot_snapshots("ensemble.zarr", density=0.3)         # lattices side by side
+    save_figure(figure, "report/learned_vs_original")            # PNG and PDF
+
+A "source" is an ensemble store path, an opened ensemble dataset, or a summary from
+``analysis.observables.summarize`` (computed here when lazy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; no display is needed or assumed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import xarray as xr  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from analysis.observables import (  # noqa: E402
+    OBSERVABLES,
+    REFERENCE_MODEL,
+    open_ensemble,
+    setting,
+    summarize,
+)
+from hpcdyn.systems import ConfigurationError  # noqa: E402
+
+# The four observables of the phase diagrams (DESIGN 1.5), with axis labels.
+PANELS = {
+    "f4": r"$f_4$",
+    "f4_variance": r"var $f_4$",
+    "n_clusters": r"clusters $n_c$",
+    "mean_cluster_size": r"mean cluster size $\langle s\rangle$",
+}
+# Empty sites white; the four orientations (+x, +y, -x, -y) in distinct colours.
+SNAPSHOT_COLOURS = ListedColormap(["#ffffff", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"])
+ORIENTATIONS = ("+x", "+y", "-x", "-y")
+
+
+def summary_of(source: Any, burn_in: float | None = None) -> xr.Dataset:
+    """A computed summary (model, density) from a store path, an ensemble dataset or a summary."""
+    if isinstance(source, xr.Dataset) and "f4_se" in source:
+        return source.compute()
+    return summarize(source, burn_in).compute()
+
+
+def save_figure(figure: plt.Figure, stem: str | Path, close: bool = True) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf; returns both paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    figure.savefig(paths[0], dpi=150, bbox_inches="tight")
+    figure.savefig(paths[1], bbox_inches="tight")
+    if close:
+        plt.close(figure)
+    return paths
+
+
+def _model_order(models: Sequence[str], reference: str) -> list[str]:
+    return sorted(models, key=lambda name: (name != reference, name))
+
+
+def plot_learned_vs_original(
+    source: Any, reference: str = REFERENCE_MODEL, burn_in: float | None = None
+) -> plt.Figure:
+    """f4, var f4, n_c and <s> against density for every model, one panel each, error bars = 1 s.e."""
+    summary = summary_of(source, burn_in)
+    figure, axes = plt.subplots(2, 2, figsize=(9, 7), constrained_layout=True)
+    for axis, (name, label) in zip(axes.flat, PANELS.items()):
+        for model in _model_order(summary["model"].values.tolist(), reference):
+            values = summary.sel(model=model)
+            style = {"color": "black", "marker": "o"} if model == reference else {"marker": "s", "linestyle": "--"}
+            axis.errorbar(
+                values["density"], values[name], yerr=values[f"{name}_se"], capsize=3, label=str(model), **style
+            )
+        axis.set_xlabel(r"density $\phi$")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes.flat[0].legend(title="model")
+    figure.suptitle(f"Learned vs original dynamics (burn-in {summary.attrs.get('burn_in', 0):g})")
+    return figure
+
+
+def difference_table(source: Any, reference: str = REFERENCE_MODEL, burn_in: float | None = None) -> pd.DataFrame:
+    """Every model against the reference at every density and observable.
+
+    Columns: model, density, observable, value, reference_value, difference, standard_error
+    (sqrt(se_model^2 + se_reference^2)) and z = difference / standard_error.
+    """
+    summary = summary_of(source, burn_in)
+    models = summary["model"].values.tolist()
+    if reference not in models:
+        raise ConfigurationError(f"reference: model {reference!r} is not in the store (models: {models})")
+    rows = []
+    for model in _model_order(models, reference)[1:]:
+        for density in summary["density"].values:
+            here, there = summary.sel(model=model, density=density), summary.sel(model=reference, density=density)
+            for name in OBSERVABLES:
+                difference = float(here[name] - there[name])
+                error = float(np.hypot(here[f"{name}_se"], there[f"{name}_se"]))
+                rows.append(
+                    {
+                        "model": str(model),
+                        "density": float(density),
+                        "observable": name,
+                        "value": float(here[name]),
+                        "reference_value": float(there[name]),
+                        "difference": difference,
+                        "standard_error": error,
+                        "z": difference / error if error > 0 else float("nan"),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def activity_summary(
+    stores: Sequence[Any], model: str | None = REFERENCE_MODEL, burn_in: float | None = None
+) -> xr.Dataset:
+    """Observables on the (activity, density) plane, activity = v_plus / D read from each store's attrs.
+
+    ``model`` picks the model in every store; None takes each store's only non-reference model.
+    """
+    layers = []
+    for source in stores:
+        ensemble = source if isinstance(source, xr.Dataset) else open_ensemble(source)
+        summary = summary_of(ensemble, burn_in)
+        chosen = model if model is not None else _only_learned_model(summary, source)
+        if chosen not in summary["model"].values.tolist():
+            raise ConfigurationError(f"model: {chosen!r} is not in store {source} (models: {summary['model'].values.tolist()})")
+        layer = summary.sel(model=chosen, drop=True).expand_dims(activity=[_activity(ensemble, source)])
+        layers.append(layer)
+    activities = [float(layer["activity"][0]) for layer in layers]
+    if len(set(activities)) != len(activities):
+        raise ConfigurationError(f"stores: two stores have the same activity v_plus/D (activities {activities})")
+    return xr.concat(layers, dim="activity", join="outer").sortby("activity")
+
+
+def _activity(ensemble: xr.Dataset, name: Any) -> float:
+    v_plus, rotation = setting(ensemble.attrs, "v_plus"), setting(ensemble.attrs, "D")
+    if v_plus is None or rotation is None:
+        raise ConfigurationError(f"stores: {name} has no v_plus and D in its attrs; the activity v_plus/D is unknown")
+    return float(v_plus) / float(rotation)
+
+
+def _only_learned_model(summary: xr.Dataset, name: Any) -> str:
+    learned = [model for model in summary["model"].values.tolist() if model != REFERENCE_MODEL]
+    if len(learned) != 1:
+        raise ConfigurationError(f"model: store {name} holds learned models {learned}; name the one to map")
+    return learned[0]
+
+
+def plot_activity_maps(
+    original: Sequence[Any],
+    learned: Sequence[Any] | None = None,
+    learned_model: str | None = None,
+    burn_in: float | None = None,
+) -> plt.Figure:
+    """2-D maps of the four observables over (density, activity v_plus/D).
+
+    ``original``: ensemble stores at several v_plus (their "original" model is mapped). ``learned``:
+    stores of learned models at those activities, drawn beside the original on the same colour scale.
+    """
+    rows = {"original": activity_summary(original, REFERENCE_MODEL, burn_in)}
+    if learned:
+        rows["learned"] = activity_summary(learned, learned_model, burn_in)
+    figure, axes = plt.subplots(
+        len(rows), len(PANELS), figsize=(3.6 * len(PANELS), 3.2 * len(rows)), squeeze=False, constrained_layout=True
+    )
+    for column, (name, label) in enumerate(PANELS.items()):
+        low = min(float(data[name].min()) for data in rows.values())
+        high = max(float(data[name].max()) for data in rows.values())
+        for row, (title, data) in enumerate(rows.items()):
+            axis = axes[row, column]
+            mesh = axis.pcolormesh(
+                data["density"], data["activity"], data[name], shading="nearest", vmin=low, vmax=high, cmap="viridis"
+            )
+            axis.set_yscale("log" if data["activity"].min() > 0 and len(data["activity"]) > 2 else "linear")
+            axis.set_xlabel(r"density $\phi$")
+            axis.set_ylabel(r"activity $v_+/D$")
+            axis.set_title(f"{title}: {label}")
+            figure.colorbar(mesh, ax=axis)
+    return figure
+
+
+def plot_snapshots(
+    source: Any,
+    density: float | None = None,
+    time: float | None = None,
+    replica: int = 0,
+    models: Sequence[str] | None = None,
+) -> plt.Figure:
+    """Lattices of every model side by side at one density and time (defaults: highest density, last time)."""
+    ensemble = source if isinstance(source, xr.Dataset) else open_ensemble(source)
+    occupancy = ensemble["occupancy"]
+    density = float(occupancy["density"].max()) if density is None else density
+    time = float(occupancy["time"].max()) if time is None else time
+    models = _model_order(occupancy["model"].values.tolist(), REFERENCE_MODEL) if models is None else list(models)
+    frames = occupancy.sel(density=density, time=time, method="nearest").isel(replica=replica).sel(model=models)
+    frames = frames.transpose("model", "y", "x").values
+    figure, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.6), squeeze=False, constrained_layout=True)
+    chosen_density = float(occupancy["density"].sel(density=density, method="nearest"))
+    chosen_time = float(occupancy["time"].sel(time=time, method="nearest"))
+    for axis, model, frame in zip(axes[0], models, frames):
+        axis.imshow(frame, cmap=SNAPSHOT_COLOURS, vmin=0, vmax=4, interpolation="nearest", origin="lower")
+        axis.set_title(f"{model}")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    handles = [Patch(color=SNAPSHOT_COLOURS(index), label=label) for index, label in enumerate(ORIENTATIONS, start=1)]
+    figure.legend(handles=handles, loc="outside lower center", ncol=4, title="orientation")
+    figure.suptitle(f"density {chosen_density:g}, time {chosen_time:g}, replica {replica}")
+    return figure

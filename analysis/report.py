@@ -1,0 +1,206 @@
+"""A report directory from an ensemble store: figures, summary JSON and a short Markdown report.
+
+    summary = write_report("ensemble.zarr", "report/", sweep="sweep.nc", activity_stores=[...])
+
+Layout of the directory (written under a hidden temporary name, renamed into place when complete):
+``summary.json``, ``report.md``, ``differences.csv``, ``learned_vs_original.{png,pdf}``,
+``snapshots.{png,pdf}``, and when their inputs are given ``activity_maps.{png,pdf}`` and ``sweep.{png,pdf}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from analysis.observables import OBSERVABLES, REFERENCE_MODEL, compute, open_ensemble, resolve_burn_in, summarize
+from analysis.phase_diagram import (
+    difference_table,
+    plot_activity_maps,
+    plot_learned_vs_original,
+    plot_snapshots,
+    save_figure,
+)
+
+# |z| below this counts as agreement within the standard errors in the report's wording.
+AGREEMENT_Z = 2.0
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def write_report(
+    store: str | Path,
+    out: str | Path,
+    sweep: str | Path | None = None,
+    activity_stores: Sequence[str | Path] = (),
+    burn_in: float | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Analyse ``store`` (and optionally sweep results and stores at other activities) into ``out``.
+
+    Every input is opened and checked before any work; the directory appears only once complete.
+    Returns the summary that is also written to summary.json.
+    """
+    out = Path(out)
+    check_output(out, overwrite)
+    ensemble = open_ensemble(store)
+    burn_in = resolve_burn_in(ensemble, burn_in)
+    activity_ensembles = [open_ensemble(path) for path in activity_stores]
+    if sweep is not None:
+        from analysis.sweep_plots import open_sweep
+
+        open_sweep(sweep)
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir(parents=True)
+    try:
+        summary = _write_contents(store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress)
+        _move_into_place(partial, out, overwrite)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return summary
+
+
+def _write_contents(store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress):
+    statistics = compute(summarize(ensemble, burn_in), progress=progress)
+    figures = save_figure(plot_learned_vs_original(statistics), directory / "learned_vs_original")
+    figures += save_figure(plot_snapshots(ensemble), directory / "snapshots")
+    models = statistics["model"].values.tolist()
+    differences = difference_table(statistics) if REFERENCE_MODEL in models and len(models) > 1 else None
+    if differences is not None:
+        differences.to_csv(directory / "differences.csv", index=False)
+    if activity_ensembles:
+        stores = [ensemble, *activity_ensembles]
+        learned = stores if all(_learned_models(data) == 1 for data in stores) else None
+        figure = plot_activity_maps(stores, learned=learned, burn_in=burn_in)
+        figures += save_figure(figure, directory / "activity_maps")
+    sweep_summary = None
+    if sweep is not None:
+        from analysis.sweep_plots import sweep_figures
+
+        sweep_summary = sweep_figures(sweep, directory / "sweep")
+        figures += [Path(path) for path in sweep_summary.pop("figures")]
+    summary = {
+        "store": str(store),
+        "activity_stores": [str(path) for path in activity_stores],
+        "sweep": None if sweep is None else str(sweep),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "burn_in": burn_in,
+        "configuration": _jsonable(dict(ensemble.attrs)),
+        "observables": OBSERVABLES,
+        "results": _results(statistics),
+        "differences": [] if differences is None else _jsonable(differences.to_dict(orient="records")),
+        "sweep_results": sweep_summary,
+        "figures": sorted(path.name for path in figures),
+    }
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    (directory / "report.md").write_text(markdown_report(summary))
+    return summary
+
+
+def _learned_models(ensemble: xr.Dataset) -> int:
+    return sum(1 for model in ensemble["model"].values.tolist() if model != REFERENCE_MODEL)
+
+
+def _move_into_place(partial: Path, out: Path, overwrite: bool) -> None:
+    check_output(out, overwrite)
+    if out.exists():
+        retired = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(retired)
+        partial.rename(out)
+        shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+    else:
+        partial.rename(out)
+
+
+def _results(statistics: xr.Dataset) -> list[dict[str, Any]]:
+    rows = []
+    for model in statistics["model"].values:
+        for density in statistics["density"].values:
+            point = statistics.sel(model=model, density=density)
+            row = {"model": str(model), "density": float(density), "n_replicas": int(point["n_replicas"])}
+            for name in OBSERVABLES:
+                row[name] = float(point[name])
+                row[f"{name}_se"] = float(point[f"{name}_se"])
+            rows.append(row)
+    return _jsonable(rows)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; NaN and infinities become null (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def markdown_report(summary: dict[str, Any]) -> str:
+    """The short Markdown report: observables per model and density, agreement in standard errors."""
+    lines = [
+        "# Learned vs original dynamics",
+        "",
+        f"Store `{summary['store']}`, burn-in {summary['burn_in']:g}; created {summary['created']}.",
+        "Values are replica means ± one standard error across replicas.",
+        "",
+        "| model | density | replicas | f4 | var f4 | n_c | <s> |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["results"]:
+        cells = [_with_error(row, name) for name in ("f4", "f4_variance", "n_clusters", "mean_cluster_size")]
+        lines.append(f"| {row['model']} | {row['density']:g} | {row['n_replicas']} | " + " | ".join(cells) + " |")
+    lines += ["", *_agreement_lines(summary["differences"])]
+    if summary["sweep_results"]:
+        lines += ["", f"Sweep `{summary['sweep']}`: plateau at N* = {summary['sweep_results']['plateau_n_classes']}."]
+    lines += ["", "Figures: " + ", ".join(f"[{name}]({name})" for name in summary["figures"] if name.endswith(".png"))]
+    return "\n".join(lines) + "\n"
+
+
+def _with_error(row: dict[str, Any], name: str) -> str:
+    value, error = row[name], row[f"{name}_se"]
+    if value is None:
+        return "n/a"
+    return f"{value:.4g} ± {error:.2g}" if error is not None else f"{value:.4g}"
+
+
+def _agreement_lines(differences: list[dict[str, Any]]) -> list[str]:
+    if not differences:
+        return ["No learned model in the store: nothing to compare with the original dynamics."]
+    lines = [
+        "## Difference from the original, in standard errors",
+        "",
+        f"z = (model − original) / √(se_model² + se_original²); |z| < {AGREEMENT_Z:g} counts as agreement.",
+        "",
+        "| model | density | f4 | var f4 | n_c | <s> | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    keyed = {(row["model"], row["density"], row["observable"]): row["z"] for row in differences}
+    for model, density in dict.fromkeys((row["model"], row["density"]) for row in differences):
+        scores = [keyed[(model, density, name)] for name in ("f4", "f4_variance", "n_clusters", "mean_cluster_size")]
+        finite = [abs(score) for score in scores if score is not None]
+        verdict = "no error estimate" if not finite else (
+            "agrees" if max(finite) < AGREEMENT_Z else f"differs (max \\|z\\| = {max(finite):.1f})"
+        )
+        cells = " | ".join("n/a" if score is None else f"{score:+.1f}" for score in scores)
+        lines.append(f"| {model} | {density:g} | {cells} | {verdict} |")
+    return lines

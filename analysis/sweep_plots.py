@@ -1,0 +1,111 @@
+"""The N_theta plateau and learned class rates from sweep results (a small, documented reader).
+
+Reads any xarray Dataset (NetCDF or Zarr) with this minimal schema:
+
+- dim ``n_classes`` (N_theta); any other dims (seed, learning rate, ...) are spread over;
+- ``validation_U_per_T`` (n_classes, ...): held-out path log-likelihood per unit time (required);
+- ``true_U_per_T``: the generating rates' U/T on the same data, drawn as a line (optional);
+- ``class_rate`` (n_classes, class, ...): learned Mode-2 class rates, NaN for unused classes (optional),
+  with ``true_rates`` in the attrs (a list) drawn as horizontal lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from hpcdyn.systems import ConfigurationError  # noqa: E402
+
+REQUIRED = "validation_U_per_T"
+
+
+def open_sweep(path: str | Path) -> xr.Dataset:
+    """Open sweep results (Zarr directory or NetCDF file) and check the minimal schema."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigurationError(f"sweep: no sweep results at {path}; give the Dataset written by `hpcdyn sweep`")
+    try:
+        results = xr.open_zarr(path) if path.is_dir() else xr.open_dataset(path)
+    except Exception as error:
+        raise ConfigurationError(f"sweep: {path} does not open as an xarray Dataset ({error})") from error
+    check_sweep(results, str(path))
+    return results.load()
+
+
+def check_sweep(results: xr.Dataset, name: str = "sweep") -> None:
+    if "n_classes" not in results.dims or REQUIRED not in results:
+        raise ConfigurationError(
+            f"sweep: {name} needs a dim 'n_classes' and a variable '{REQUIRED}' (see analysis/sweep_plots.py)"
+        )
+
+
+def plateau(results: xr.Dataset) -> int:
+    """N*: the smallest N_theta whose mean U/T is within one seed spread (std) of the best mean.
+
+    With a single value per N_theta the tolerance is 1 % of |best|.
+    """
+    scores = results[REQUIRED]
+    others = [dim for dim in scores.dims if dim != "n_classes"]
+    mean = scores.mean(others) if others else scores
+    best = int(mean.argmax())
+    spread = float(scores.isel(n_classes=best).std()) if others else 0.0
+    tolerance = spread if spread > 0 else 0.01 * abs(float(mean[best]))
+    within = np.flatnonzero(mean.values >= float(mean[best]) - tolerance)
+    return int(results["n_classes"].values[within.min()])
+
+
+def plot_sweep(results: xr.Dataset) -> plt.Figure:
+    """U/T against N_theta (mean, min-max band over the other dims, true U/T), and class rates if present."""
+    check_sweep(results)
+    panels = 2 if "class_rate" in results else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False, constrained_layout=True)
+    axis = axes[0, 0]
+    scores = results[REQUIRED]
+    others = [dim for dim in scores.dims if dim != "n_classes"]
+    classes = results["n_classes"].values
+    if others:
+        axis.fill_between(classes, scores.min(others), scores.max(others), alpha=0.25, label="range over " + ", ".join(others))
+    axis.plot(classes, scores.mean(others) if others else scores, marker="o", label="validation U/T")
+    if "true_U_per_T" in results:
+        axis.axhline(float(results["true_U_per_T"].mean()), color="black", linestyle="--", label="true rates")
+    best = plateau(results)
+    axis.axvline(best, color="grey", linestyle=":", label=f"plateau N* = {best}")
+    axis.set_xlabel(r"number of classes $N_\theta$")
+    axis.set_ylabel("U / T")
+    axis.legend()
+    if panels == 2:
+        _plot_class_rates(axes[0, 1], results)
+    return figure
+
+
+def _plot_class_rates(axis: plt.Axes, results: xr.Dataset) -> None:
+    rates = results["class_rate"]
+    others = [dim for dim in rates.dims if dim not in ("n_classes", "class")]
+    rates = rates.median(others) if others else rates
+    for n_classes in results["n_classes"].values:
+        values = rates.sel(n_classes=n_classes).values
+        values = values[np.isfinite(values) & (values > 0)]
+        axis.scatter(np.full(len(values), n_classes), values, color="tab:blue", s=18)
+    for rate in results.attrs.get("true_rates", []):
+        axis.axhline(float(rate), color="black", linestyle="--", linewidth=0.8)
+    axis.set_yscale("log")
+    axis.set_xlabel(r"number of classes $N_\theta$")
+    axis.set_ylabel("learned class rate (dashed: true rates)")
+
+
+def sweep_figures(path: str | Path, out_stem: str | Path) -> dict[str, Any]:
+    """Figures from sweep results at ``path`` into ``out_stem``.png/.pdf; returns a small summary."""
+    from analysis.phase_diagram import save_figure
+
+    results = open_sweep(path)
+    files = save_figure(plot_sweep(results), out_stem)
+    return {"plateau_n_classes": plateau(results), "figures": [str(file) for file in files], "source": "minimal schema"}
+

@@ -1,0 +1,75 @@
+"""``hpcdyn analyze``: figures, a summary JSON and a Markdown report from an ensemble store.
+
+    hpcdyn analyze ensemble.zarr --out report/ [--sweep sweep.nc] [--activity vp5.zarr ...] [--burn-in 50]
+
+A thin wrapper over ``analysis.report.write_report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+
+def _burn_in(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite time >= 0, got {text}")
+    return value
+
+
+def add_parser(commands) -> None:
+    """Register ``analyze`` on the CLI's sub-command set."""
+    from hpcdyn.cli import _add_progress
+
+    parser = commands.add_parser(
+        "analyze",
+        help="observables, phase diagrams and a report from an ensemble store",
+        description="Compute f4, its variance, cluster counts and sizes per model and density (xarray/dask, "
+        "chunk by chunk), compare learned models with the original dynamics, and write figures (PNG, PDF), "
+        "summary.json and report.md into REPORT_DIR.",
+    )
+    parser.add_argument("store", metavar="ENSEMBLE_STORE", help="ensemble store written by `hpcdyn ensemble`")
+    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory to write the report into")
+    parser.add_argument(
+        "--sweep",
+        metavar="RESULTS",
+        help="sweep results (Zarr or NetCDF Dataset with dim n_classes and validation_U_per_T) to plot U/T against N_theta",
+    )
+    parser.add_argument(
+        "--activity",
+        action="append",
+        default=[],
+        metavar="STORE",
+        help="ensemble store at another activity v_plus/D for the (density, activity) maps; repeat for several",
+    )
+    parser.add_argument(
+        "--burn-in", type=_burn_in, help="discard snapshots before this time (default: the store's burn_in attribute)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing REPORT_DIR")
+    _add_progress(parser)
+    parser.set_defaults(handler=_analyze)
+
+
+def _analyze(args: argparse.Namespace) -> dict[str, Any]:
+    from analysis.report import write_report
+    from hpcdyn.cli import _show_progress
+
+    summary = write_report(
+        args.store,
+        args.out,
+        sweep=args.sweep,
+        activity_stores=args.activity,
+        burn_in=args.burn_in,
+        overwrite=args.overwrite,
+        progress=_show_progress(args),
+    )
+    return {
+        "out": args.out,
+        "report": f"{args.out}/report.md",
+        "burn_in": summary["burn_in"],
+        "models": sorted({row["model"] for row in summary["results"]}),
+        "densities": sorted({row["density"] for row in summary["results"]}),
+        "figures": summary["figures"],
+    }
