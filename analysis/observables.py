@@ -148,7 +148,7 @@ def replica_statistics(per_replica: xr.Dataset) -> xr.Dataset:
         statistics[f"{name}_se"] = values.std("replica", ddof=1) / np.sqrt(count)
         statistics[name].attrs["description"] = OBSERVABLES[name]
     statistics["n_replicas"] = per_replica["f4"].count("replica")
-    return xr.Dataset(statistics, attrs=per_replica.attrs)
+    return xr.Dataset(statistics, attrs=per_replica.attrs).transpose("model", "density", ...)
 
 
 def summarize(ensemble: xr.Dataset | str | Path, burn_in: float | None = None) -> xr.Dataset:
