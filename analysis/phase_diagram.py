@@ -153,8 +153,14 @@ def _activity(ensemble: xr.Dataset, name: Any) -> float:
     return float(v_plus) / float(rotation)
 
 
+def learned_models(source: Any) -> list[str]:
+    """The models of a store (path, ensemble or summary) other than the original dynamics."""
+    data = source if isinstance(source, xr.Dataset) else open_ensemble(source)
+    return [str(model) for model in data["model"].values.tolist() if model != REFERENCE_MODEL]
+
+
 def _only_learned_model(summary: xr.Dataset, name: Any) -> str:
-    learned = [model for model in summary["model"].values.tolist() if model != REFERENCE_MODEL]
+    learned = learned_models(summary)
     if len(learned) != 1:
         raise ConfigurationError(f"model: store {name} holds learned models {learned}; name the one to map")
     return learned[0]
@@ -182,15 +188,32 @@ def plot_activity_maps(
         high = max(float(data[name].max()) for data in rows.values())
         for row, (title, data) in enumerate(rows.items()):
             axis = axes[row, column]
+            logarithmic = bool(data["activity"].min() > 0)
             mesh = axis.pcolormesh(
-                data["density"], data["activity"], data[name], shading="nearest", vmin=low, vmax=high, cmap="viridis"
+                _cell_edges(data["density"].values, False),
+                _cell_edges(data["activity"].values, logarithmic),
+                data[name].transpose("activity", "density").values,
+                vmin=low,
+                vmax=high,
+                cmap="viridis",
             )
-            axis.set_yscale("log" if data["activity"].min() > 0 and len(data["activity"]) > 2 else "linear")
+            axis.set_yscale("log" if logarithmic else "linear")
             axis.set_xlabel(r"density $\phi$")
             axis.set_ylabel(r"activity $v_+/D$")
             axis.set_title(f"{title}: {label}")
             figure.colorbar(mesh, ax=axis)
     return figure
+
+
+def _cell_edges(centres: np.ndarray, logarithmic: bool) -> np.ndarray:
+    """Cell boundaries half-way between sorted centres (geometrically on a log axis)."""
+    values = np.log(centres) if logarithmic else np.asarray(centres, float)
+    if len(values) == 1:
+        edges = values + np.array([-0.5, 0.5]) * (abs(values[0]) * 0.2 or 1.0)
+    else:
+        middle = (values[1:] + values[:-1]) / 2
+        edges = np.concatenate([[2 * values[0] - middle[0]], middle, [2 * values[-1] - middle[-1]]])
+    return np.exp(edges) if logarithmic else edges
 
 
 def plot_snapshots(

@@ -24,6 +24,7 @@ import xarray as xr
 from analysis.observables import OBSERVABLES, REFERENCE_MODEL, compute, open_ensemble, resolve_burn_in, summarize
 from analysis.phase_diagram import (
     difference_table,
+    learned_models,
     plot_activity_maps,
     plot_learned_vs_original,
     plot_snapshots,
@@ -83,7 +84,7 @@ def _write_contents(store, ensemble, directory, burn_in, sweep, activity_stores,
         differences.to_csv(directory / "differences.csv", index=False)
     if activity_ensembles:
         stores = [ensemble, *activity_ensembles]
-        learned = stores if all(_learned_models(data) == 1 for data in stores) else None
+        learned = stores if all(len(learned_models(data)) == 1 for data in stores) else None
         figure = plot_activity_maps(stores, learned=learned, burn_in=burn_in)
         figures += save_figure(figure, directory / "activity_maps")
     sweep_summary = None
@@ -108,10 +109,6 @@ def _write_contents(store, ensemble, directory, burn_in, sweep, activity_stores,
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (directory / "report.md").write_text(markdown_report(summary))
     return summary
-
-
-def _learned_models(ensemble: xr.Dataset) -> int:
-    return sum(1 for model in ensemble["model"].values.tolist() if model != REFERENCE_MODEL)
 
 
 def _move_into_place(partial: Path, out: Path, overwrite: bool) -> None:

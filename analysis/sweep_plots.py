@@ -25,6 +25,7 @@ import xarray as xr  # noqa: E402
 from hpcdyn.systems import ConfigurationError  # noqa: E402
 
 REQUIRED = "validation_U_per_T"
+PLATEAU_TOLERANCE = 0.05  # a gain below 5 % of the whole rise (or below the seed spread) is no gain
 
 
 def open_sweep(path: str | Path) -> xr.Dataset:
@@ -47,18 +48,19 @@ def check_sweep(results: xr.Dataset, name: str = "sweep") -> None:
         )
 
 
-def plateau(results: xr.Dataset) -> int:
-    """N*: the smallest N_theta whose mean U/T is within one seed spread (std) of the best mean.
+def plateau(results: xr.Dataset, tolerance: float = PLATEAU_TOLERANCE) -> int:
+    """N*: the smallest N_theta whose mean U/T is within reach of the best mean.
 
-    With a single value per N_theta the tolerance is 1 % of |best|.
+    Within reach: closer than the larger of the seed spread (std at the best N_theta) and
+    ``tolerance`` times the whole rise of the mean from its lowest to its best value.
     """
     scores = results[REQUIRED]
     others = [dim for dim in scores.dims if dim != "n_classes"]
-    mean = scores.mean(others) if others else scores
-    best = int(mean.argmax())
+    mean = (scores.mean(others) if others else scores).values
+    best = int(np.nanargmax(mean))
     spread = float(scores.isel(n_classes=best).std()) if others else 0.0
-    tolerance = spread if spread > 0 else 0.01 * abs(float(mean[best]))
-    within = np.flatnonzero(mean.values >= float(mean[best]) - tolerance)
+    reach = max(spread, tolerance * (mean[best] - np.nanmin(mean)))
+    within = np.flatnonzero(mean >= mean[best] - reach)
     return int(results["n_classes"].values[within.min()])
 
 

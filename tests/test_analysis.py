@@ -1,0 +1,215 @@
+"""Analysis of ensemble stores built from real simulations: figures, report, CLI, notebooks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from analysis.observables import ENSEMBLE_DIMS, open_ensemble, summarize
+from analysis.phase_diagram import (
+    PANELS,
+    difference_table,
+    plot_activity_maps,
+    plot_learned_vs_original,
+    plot_snapshots,
+    save_figure,
+)
+from analysis.report import write_report
+from analysis.sweep_plots import plateau, plot_sweep
+from hpcdyn.cli import main
+from hpcdyn.simulate import simulate
+from hpcdyn.systems import ConfigurationError, make_system
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "analysis" / "notebooks"
+DENSITIES = (0.1, 0.3, 0.5)
+L, T_FINAL, SNAPSHOT_EVERY, BURN_IN, REPLICAS = 16, 20.0, 1.0, 5.0, 3
+
+
+def build_store(path: Path, models: dict[str, float], v_plus: float, seed: int, chunks: dict[str, int]) -> Path:
+    """An ensemble store by the contract of DESIGN 3.2, from compiled simulations of the original rules.
+
+    ``models`` maps a model name to the v_plus it is simulated with (a stand-in for a learned model
+    whose dynamics differ); extra variables and nested attrs mimic what an ensemble writer may add.
+    """
+    n_times = int(round(T_FINAL / SNAPSHOT_EVERY)) + 1
+    occupancy = np.zeros((len(models), len(DENSITIES), REPLICAS, n_times, L, L), np.int8)
+    for i, model_v_plus in enumerate(models.values()):
+        for j, density in enumerate(DENSITIES):
+            system = make_system("active", {"L": L, "density": density, "v_plus": model_v_plus}, preset="paper")
+            for replica in range(REPLICAS):
+                run = simulate(system, T_FINAL, seed=seed + 1000 * i + 100 * j + replica, snapshot_every=SNAPSHOT_EVERY)
+                occupancy[i, j, replica] = run.snapshot_grids[:n_times]
+    dataset = xr.Dataset(
+        {
+            "occupancy": (ENSEMBLE_DIMS, occupancy),
+            "rejected_mass": (ENSEMBLE_DIMS[:3], np.zeros(occupancy.shape[:3])),
+            "n_particles": (ENSEMBLE_DIMS[:3], (occupancy[:, :, :, 0] > 0).sum(axis=(-2, -1))),
+        },
+        coords={
+            "model": np.array(list(models), dtype=object),
+            "density": list(DENSITIES),
+            "replica": np.arange(REPLICAS),
+            "time": np.arange(n_times) * SNAPSHOT_EVERY,
+        },
+        attrs={
+            "L": L, "D": 0.1, "v_plus": v_plus, "v_other": 1.0, "burn_in": BURN_IN, "t_final": T_FINAL,
+            "snapshot_every": SNAPSHOT_EVERY, "seeds": {"base": seed}, "models": {name: {"v_plus": vp} for name, vp in models.items()},
+        },
+    )
+    dataset.chunk(chunks).to_zarr(path, zarr_format=3, mode="w", consolidated=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    """``main``: original (v_plus 25) and a slower model (v_plus 5); ``slow``: original at v_plus 5 (activity 50)."""
+    root = tmp_path_factory.mktemp("ensembles")
+    main_chunks = {"model": 1, "density": 1, "replica": 2, "time": 8}
+    return {
+        "main": build_store(root / "main.zarr", {"original": 25.0, "slower": 5.0}, 25.0, 1, main_chunks),
+        "slow": build_store(root / "slow.zarr", {"original": 5.0}, 5.0, 7, {"replica": 1, "y": 8, "x": 4}),
+    }
+
+
+def test_store_opens_lazily_and_summary_shows_the_physics(stores):
+    ensemble = open_ensemble(stores["main"])
+    assert ensemble["occupancy"].chunks is not None  # dask-backed
+    summary = summarize(ensemble).compute()
+    original = summary.sel(model="original")
+    # f4 rises with density (motility-induced clustering): each step by more than 3 standard errors.
+    for low, high in zip(DENSITIES, DENSITIES[1:]):
+        gap = float(original["f4"].sel(density=high) - original["f4"].sel(density=low))
+        error = float(np.hypot(original["f4_se"].sel(density=high), original["f4_se"].sel(density=low)))
+        assert gap > 3 * error, (low, high, gap, error)
+    assert (summary["n_replicas"] == REPLICAS).all()
+
+
+def test_chunks_along_the_lattice_and_extra_variables_do_not_change_results(stores):
+    chunked = open_ensemble(stores["slow"])
+    assert len(chunked["occupancy"].chunks[-1]) > 1  # really chunked along x
+    whole = xr.open_zarr(stores["slow"]).load().chunk({"replica": -1, "time": -1, "y": -1, "x": -1})
+    xr.testing.assert_allclose(summarize(chunked).compute(), summarize(whole).compute())
+
+
+def test_learned_vs_original_figure_and_difference_table(stores, tmp_path):
+    summary = summarize(stores["main"]).compute()
+    figure = plot_learned_vs_original(summary)
+    assert len(figure.axes) == len(PANELS)
+    assert [axis.get_ylabel() for axis in figure.axes] == list(PANELS.values())
+    png, pdf = save_figure(figure, tmp_path / "figure")
+    assert png.read_bytes().startswith(b"\x89PNG") and pdf.read_bytes().startswith(b"%PDF")
+
+    table = difference_table(stores["main"])
+    assert set(table["model"]) == {"slower"} and len(table) == len(DENSITIES) * 5
+    np.testing.assert_allclose(table["difference"], table["value"] - table["reference_value"])
+    np.testing.assert_allclose(table["z"], table["difference"] / table["standard_error"])
+    # Five times less active particles cluster less at density 0.5: f4 lower by many standard errors.
+    dense = table[(table["density"] == 0.5) & (table["observable"] == "f4")]
+    assert float(dense["z"].iloc[0]) < -3
+
+
+def test_activity_maps_and_snapshots(stores):
+    figure = plot_activity_maps([stores["main"], stores["slow"]])
+    assert len([axis for axis in figure.axes if axis.get_title()]) == len(PANELS)  # one row: original only
+    mesh = figure.axes[0].collections[0]
+    assert mesh.get_array().shape == (2, len(DENSITIES))  # (activity, density)
+    with pytest.raises(ConfigurationError, match="learned models"):
+        plot_activity_maps([stores["main"], stores["slow"]], learned=[stores["main"], stores["slow"]])
+    snapshots = plot_snapshots(stores["main"], density=0.3, time=10.0)
+    assert [axis.get_title() for axis in snapshots.axes] == ["original", "slower"]
+    image = snapshots.axes[0].images[0].get_array()
+    expected = xr.open_zarr(stores["main"])["occupancy"].sel(model="original", density=0.3, time=10.0).isel(replica=0)
+    np.testing.assert_array_equal(image, expected.values)
+
+
+def sweep_dataset(path: Path) -> Path:
+    """Minimal sweep schema: U/T rising with N_theta to a plateau at 4, two seeds."""
+    n_classes = np.arange(1, 7)
+    level = np.array([-3.0, -2.0, -1.2, -1.0, -0.995, -0.99])
+    scores = np.stack([level - 0.004, level + 0.004], axis=1)
+    rates = np.full((6, 6), np.nan)
+    for index, count in enumerate(n_classes):
+        rates[index, :count] = np.geomspace(0.1, 25, count)
+    results = xr.Dataset(
+        {
+            "validation_U_per_T": (("n_classes", "seed"), scores),
+            "true_U_per_T": -0.98,
+            "class_rate": (("n_classes", "class"), rates),
+        },
+        coords={"n_classes": n_classes, "seed": [0, 1]},
+        attrs={"true_rates": [0.1, 1.0, 25.0]},
+    )
+    results.to_netcdf(path)
+    return path
+
+
+def test_sweep_plateau_and_figure(tmp_path):
+    results = xr.open_dataset(sweep_dataset(tmp_path / "sweep.nc")).load()
+    assert plateau(results) == 4
+    assert len(plot_sweep(results).axes) == 2
+
+
+def test_report_directory(stores, tmp_path):
+    out = tmp_path / "report"
+    summary = write_report(stores["main"], out, sweep=sweep_dataset(tmp_path / "sweep.nc"), activity_stores=[stores["slow"]])
+    names = {path.name for path in out.iterdir()}
+    for stem in ("learned_vs_original", "snapshots", "activity_maps", "sweep"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    assert {"summary.json", "report.md", "differences.csv"} <= names
+    written = json.loads((out / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["burn_in"] == BURN_IN and written["sweep_results"]["plateau_n_classes"] == 4
+    assert len(written["results"]) == 2 * len(DENSITIES)
+    report = (out / "report.md").read_text()
+    assert "| slower | 0.5 |" in report and "differs" in report
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".report")]  # no partial left
+
+    with pytest.raises(FileExistsError):
+        write_report(stores["main"], out)
+    before = (out / "summary.json").read_text()
+    with pytest.raises(ConfigurationError, match="burn_in"):
+        write_report(stores["main"], out, burn_in=1e6, overwrite=True)
+    assert (out / "summary.json").read_text() == before  # a failed rerun leaves the old report alone
+
+
+def test_cli_analyze(stores, tmp_path, capsys):
+    out = tmp_path / "cli-report"
+    assert main(["analyze", str(stores["main"]), "--out", str(out), "--burn-in", "2", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["burn_in"] == 2.0 and printed["models"] == ["original", "slower"]
+    assert (out / "report.md").exists()
+
+    assert main(["analyze", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "x")]) == 2
+    assert "store:" in capsys.readouterr().err
+    assert main(["analyze", str(stores["main"]), "--out", str(tmp_path / "y"), "--sweep", str(stores["slow"])]) == 2
+    assert "sweep:" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work
+    with pytest.raises(SystemExit):
+        main(["analyze", str(stores["main"]), "--out", str(tmp_path / "z"), "--burn-in", "-1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["observables", "phase_diagrams"])
+def test_notebooks_run_end_to_end(name, stores, tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    monkeypatch.setenv("HPCDYN_ENSEMBLE", str(stores["main"]))
+    monkeypatch.setenv("HPCDYN_ACTIVITY_STORES", str(stores["slow"]))
+    monkeypatch.setenv("HPCDYN_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    assert all(cell.get("outputs", []) == [] for cell in notebook.cells)  # committed without outputs
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output["output_type"] == "error"]
+    assert not errors
+    if name == "phase_diagrams":
+        figures = {path.name for path in (tmp_path / "figures").iterdir()}
+        assert {"learned_vs_original.png", "snapshots.pdf", "activity_maps.png"} <= figures
+    else:
+        shown = "".join(str(output.get("data", {}).get("text/plain", "")) for cell in notebook.cells for output in cell.get("outputs", []))
+        assert "f4" in shown and "mean_cluster_size" in shown
