@@ -309,9 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_simulate, _add_likelihood, _add_info, _add_train, _add_evaluate):
         add(commands)
+    from hpcdyn import ensemble_command
+
+    ensemble_command.add_parser(commands)
+    from hpcdyn import sweep_command
+
+    sweep_command.add_parser(commands)
     from hpcdyn import analyze_command
 
     analyze_command.add_parser(commands)
+    from hpcdyn import slurm_command
+
+    slurm_command.add_parser(commands)
     return parser
 
 
