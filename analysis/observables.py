@@ -15,6 +15,7 @@ each dask task labels one chunk of snapshots, so memory follows the store's chun
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,14 @@ def open_ensemble(path: str | Path, chunks: Any = None) -> xr.Dataset:
     if not path.exists():
         raise ConfigurationError(f"store: no ensemble store at {path}; give the path that `hpcdyn ensemble --out` wrote")
     try:
-        ensemble = xr.open_zarr(path, chunks=chunks if chunks is not None else {})
+        with warnings.catch_warnings():  # consolidated metadata is not in the Zarr v3 spec; xarray says so
+            warnings.filterwarnings("ignore", message="Consolidated metadata")
+            ensemble = xr.open_zarr(path, chunks=chunks if chunks is not None else {})
     except Exception as error:  # zarr raises several types for "not a store"
         raise ConfigurationError(f"store: {path} does not open as a Zarr ensemble store ({error})") from error
     check_ensemble(ensemble, str(path))
+    if ensemble.attrs.get("complete") is False:
+        raise ConfigurationError(f"store: {path} is incomplete; rerun the `hpcdyn ensemble` command that writes it")
     return ensemble
 
 

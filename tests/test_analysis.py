@@ -213,3 +213,24 @@ def test_notebooks_run_end_to_end(name, stores, tmp_path, monkeypatch):
     else:
         shown = "".join(str(output.get("data", {}).get("text/plain", "")) for cell in notebook.cells for output in cell.get("outputs", []))
         assert "f4" in shown and "mean_cluster_size" in shown
+
+
+def test_store_written_by_the_ensemble_driver(stores, tmp_path):
+    """The real writer (hpcdyn.ensemble, in this process, no Ray) plugs into the analysis unchanged."""
+    from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble
+
+    config = EnsembleConfig(
+        models=("original",), densities=DENSITIES, replicas=REPLICAS, t_final=T_FINAL,
+        snapshot_every=SNAPSHOT_EVERY, burn_in=BURN_IN, seed=3, L=L,
+    )  # fmt: skip
+    path = tmp_path / "driver.zarr"
+    run_ensemble(config, path, Placement(in_process=True))
+    written = summarize(path).compute().sel(model="original")
+    assert written.attrs["burn_in"] == BURN_IN  # read from the nested configuration
+    # Same physics as the fixture's original model (other seeds): f4 agrees within 4 standard errors.
+    fixture = summarize(stores["main"]).compute().sel(model="original")
+    z = (written["f4"] - fixture["f4"]) / np.hypot(written["f4_se"], fixture["f4_se"])
+    assert (abs(z) < 4).all(), z.values
+    out = tmp_path / "report"
+    assert main(["analyze", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert "No learned model" in (out / "report.md").read_text()
