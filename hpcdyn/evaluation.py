@@ -52,6 +52,47 @@ def class_table(model, source: EventSource, max_events: int = 20_000, device: st
     return {name: row.tolist() for name, row in zip(truth.type_names, counts)}
 
 
+@torch.no_grad()
+def gap_by_move_type(model, source: EventSource, max_events: int = 50_000, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Where the gap comes from: the expected log-likelihood ratio per unit time, split by true move type.
+
+    For rates w (true) and u (learned) the expected gap per unit time is the sum over candidate moves
+    of u - w + w ln(w / u) (>= 0; u for a move the truth forbids). Time-averaged over the
+    configurations before the first ``max_events`` events, with the exposure (mean number of
+    candidate moves of the type) and the exposure-weighted mean true and learned rates per type.
+    Summed over types and divided by the event rate, it is the expected gap per event.
+    """
+    truth = true_rate_model(source.system)
+    n_types = len(truth.type_names)
+    totals = {name: torch.zeros(n_types, dtype=torch.float64) for name in ("gap", "exposure", "true", "learned")}
+    elapsed, seen = 0.0, 0
+    for positions, states, tokens, moves, dwell in iter_segments(source, 1000, device):
+        configurations = tuple(part[:-1] for part in replay_segment(source.system, positions, states, tokens, moves))
+        weight = dwell.double()[:, None, None]
+        learned_log, true_log = model(*configurations).double(), truth(*configurations).double()
+        learned, true = learned_log.exp(), true_log.exp()
+        ratio = torch.where(true > 0, true * (true_log - learned_log), torch.zeros_like(true))
+        terms = {"gap": learned - true + ratio, "exposure": torch.ones_like(true), "true": true, "learned": learned}
+        types = truth.move_types(*configurations).flatten().cpu()
+        for name, values in terms.items():
+            totals[name].index_add_(0, types, (weight * values).flatten().cpu())
+        elapsed += float(dwell.sum())
+        seen += len(tokens)
+        if seen >= max_events:
+            break
+    event_rate = seen / elapsed
+    exposure = totals["exposure"].clamp_min(1e-300)
+    return {
+        name: {
+            "exposure": float(totals["exposure"][index] / elapsed),
+            "true_rate": float(totals["true"][index] / exposure[index]),
+            "learned_rate": float(totals["learned"][index] / exposure[index]),
+            "gap_per_event": float(totals["gap"][index] / elapsed / event_rate),
+        }
+        for index, name in enumerate(truth.type_names)
+    }
+
+
 def evaluate(run: str | Path, source: EventSource, device: str = "cpu", segment_events: int = 1024) -> dict[str, Any]:
     """U/T of a trained model (run directory or checkpoint) on ``source``, against the truth."""
     model, state = load_model(run, device)
@@ -71,5 +112,6 @@ def evaluate(run: str | Path, source: EventSource, device: str = "cpu", segment_
         report["n_classes"] = model.config.n_classes
         report["class_rates"] = model.class_rates()
         report["class_table"] = class_table(model, source, device=device)
+    report["gap_by_move_type"] = gap_by_move_type(model, source, device=device)
     report["trained_on"] = state["store"]
     return report

@@ -29,6 +29,9 @@ from hpcdyn.systems import SYSTEMS, ConfigurationError
 
 
 ESTIMATORS = ("straight_through", "gumbel")
+# The offset scores are stored divided by this factor: Adam's steps in them are then this much
+# larger, so a head can sharpen onto one offset among L^2 within a few epochs.
+OFFSET_BIAS_SCALE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +172,8 @@ class SelfAttention(torch.nn.Module):
             v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
         bias = None
         if self.offset_bias is not None and offsets is not None:
-            bias = self.offset_bias[:, offsets].transpose(0, 1).to(q.dtype)  # [batch, heads, tokens, tokens]
+            table = self.offset_bias * OFFSET_BIAS_SCALE
+            bias = table[:, offsets].transpose(0, 1).to(q.dtype)  # [batch, heads, tokens, tokens]
             if self.sink_logit is not None:
                 bias = functional.pad(bias, (0, 1))  # the sink's score is its own logit only
         attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
