@@ -48,6 +48,7 @@ def open_ensemble(path: str | Path, chunks: Any = None) -> xr.Dataset:
     try:
         with warnings.catch_warnings():  # consolidated metadata is not in the Zarr v3 spec; xarray says so
             warnings.filterwarnings("ignore", message="Consolidated metadata")
+            warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
             ensemble = xr.open_zarr(path, chunks=chunks if chunks is not None else {})
     except Exception as error:  # zarr raises several types for "not a store"
         raise ConfigurationError(f"store: {path} does not open as a Zarr ensemble store ({error})") from error

@@ -168,7 +168,9 @@ def markdown_report(summary: dict[str, Any]) -> str:
         lines.append(f"| {row['model']} | {row['density']:g} | {row['n_replicas']} | " + " | ".join(cells) + " |")
     lines += ["", *_agreement_lines(summary["differences"])]
     if summary["sweep_results"]:
-        lines += ["", f"Sweep `{summary['sweep']}`: plateau at N* = {summary['sweep_results']['plateau_n_classes']}."]
+        n_star = summary["sweep_results"]["plateau_n_classes"]
+        found = "no N_theta scan" if n_star is None else f"U/T reaches its plateau at N* = {n_star} classes"
+        lines += ["", f"Sweep `{summary['sweep']}`: {found}."]
     lines += ["", "Figures: " + ", ".join(f"[{name}]({name})" for name in summary["figures"] if name.endswith(".png"))]
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,9 @@
-"""The N_theta plateau and learned class rates from sweep results (a small, documented reader).
+"""The N_theta plateau and learned class rates from sweep results.
 
-Reads any xarray Dataset (NetCDF or Zarr) with this minimal schema:
+Results written by ``hpcdyn sweep`` (a sweep directory or its ``results.zarr``, variables
+``val_U_per_T``, ``true_val_U_per_T``, ``class_rate``) are read and drawn by ``hpcdyn.sweep_results``
+itself (``load_sweep_results``, ``find_plateau``, ``write_figures``: PNG). Any other xarray Dataset
+(NetCDF or Zarr) is accepted with this minimal schema and drawn here (PNG and PDF):
 
 - dim ``n_classes`` (N_theta); any other dims (seed, learning rate, ...) are spread over;
 - ``validation_U_per_T`` (n_classes, ...): held-out path log-likelihood per unit time (required);
@@ -11,6 +14,8 @@ Reads any xarray Dataset (NetCDF or Zarr) with this minimal schema:
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +33,30 @@ REQUIRED = "validation_U_per_T"
 PLATEAU_TOLERANCE = 0.05  # a gain below 5 % of the whole rise (or below the seed spread) is no gain
 
 
+SWEEP_MODULE_VARIABLE = "val_U_per_T"  # marks results in the format of hpcdyn.sweep_results
+
+
 def open_sweep(path: str | Path) -> xr.Dataset:
-    """Open sweep results (Zarr directory or NetCDF file) and check the minimal schema."""
+    """Open sweep results (a sweep directory, its results.zarr, another Zarr or a NetCDF file), checked."""
     path = Path(path)
     if not path.exists():
-        raise ConfigurationError(f"sweep: no sweep results at {path}; give the Dataset written by `hpcdyn sweep`")
+        raise ConfigurationError(f"sweep: no sweep results at {path}; give the directory `hpcdyn sweep` wrote")
+    if (path / "results.zarr").exists():
+        path = path / "results.zarr"
     try:
-        results = xr.open_zarr(path) if path.is_dir() else xr.open_dataset(path)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata")
+            warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
+            results = xr.open_zarr(path, consolidated=None) if path.is_dir() else xr.open_dataset(path)
     except Exception as error:
         raise ConfigurationError(f"sweep: {path} does not open as an xarray Dataset ({error})") from error
-    check_sweep(results, str(path))
+    if not is_sweep_module_format(results):
+        check_sweep(results, str(path))
     return results.load()
+
+
+def is_sweep_module_format(results: xr.Dataset) -> bool:
+    return SWEEP_MODULE_VARIABLE in results and importlib.util.find_spec("hpcdyn.sweep_results") is not None
 
 
 def check_sweep(results: xr.Dataset, name: str = "sweep") -> None:
@@ -104,10 +122,15 @@ def _plot_class_rates(axis: plt.Axes, results: xr.Dataset) -> None:
 
 
 def sweep_figures(path: str | Path, out_stem: str | Path) -> dict[str, Any]:
-    """Figures from sweep results at ``path`` into ``out_stem``.png/.pdf; returns a small summary."""
+    """Figures from sweep results at ``path`` beside ``out_stem``; returns N* and the figure paths."""
+    results = open_sweep(path)
+    if is_sweep_module_format(results):
+        from hpcdyn import sweep_results
+
+        files, found = sweep_results.write_figures(results, Path(out_stem).parent)
+        n_star = None if found is None else found.n_star
+        return {"plateau_n_classes": n_star, "figures": [str(file) for file in files], "source": "hpcdyn.sweep_results"}
     from analysis.phase_diagram import save_figure
 
-    results = open_sweep(path)
     files = save_figure(plot_sweep(results), out_stem)
     return {"plateau_n_classes": plateau(results), "figures": [str(file) for file in files], "source": "minimal schema"}
-

@@ -154,6 +154,30 @@ def test_sweep_plateau_and_figure(tmp_path):
     assert len(plot_sweep(results).axes) == 2
 
 
+def test_results_of_the_sweep_module_are_drawn_by_it(stores, tmp_path):
+    sweep_results = pytest.importorskip("hpcdyn.sweep_results")
+    levels = {1: -3.0, 2: -2.0, 3: -1.2, 4: -1.0, 5: -0.995}
+    records = [
+        sweep_results.TrialRecord(
+            point={"model.n_classes": n, "seed": seed},
+            metrics=[{"epoch": 0, "val_U_per_T": level + 0.004 * seed, "true_val_U_per_T": -0.98,
+                      "class_rates": list(np.geomspace(0.1, 25, n))}],  # fmt: skip
+            status="done",
+        )
+        for n, level in levels.items()
+        for seed in (0, 1)
+    ]
+    dataset = sweep_results.results_dataset(records, ["model.n_classes", "seed"], {"true_rates": {"D": 0.1, "v_plus": 25.0}})
+    directory = tmp_path / "ntheta"
+    directory.mkdir()
+    sweep_results.save_results(dataset, directory)
+    summary = write_report(stores["main"], tmp_path / "report", sweep=directory)
+    assert summary["sweep_results"]["source"] == "hpcdyn.sweep_results"
+    assert summary["sweep_results"]["plateau_n_classes"] == 4
+    assert {"u_per_t_vs_ntheta.png", "class_rates.png"} <= set(summary["figures"])
+    assert "N* = 4" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_report_directory(stores, tmp_path):
     out = tmp_path / "report"
     summary = write_report(stores["main"], out, sweep=sweep_dataset(tmp_path / "sweep.nc"), activity_stores=[stores["slow"]])
