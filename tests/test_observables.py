@@ -253,3 +253,11 @@ def test_a_dataset_without_occupancy_or_with_wrong_dims_is_refused():
     wrong = hand_built_ensemble().isel(model=0)
     with pytest.raises(ConfigurationError, match="dims"):
         summarize(wrong)
+
+
+def test_progress_bar_counts_the_tasks_and_changes_nothing(capsys):
+    from analysis.observables import compute
+
+    lazy = summarize(hand_built_ensemble().chunk({"replica": 1}))
+    xr.testing.assert_identical(compute(lazy, progress=True), lazy.compute())
+    assert "analyse" in capsys.readouterr().err  # tqdm writes to stderr
