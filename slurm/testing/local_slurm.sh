@@ -90,6 +90,9 @@ CONF
 start_munge() {
     local dir=$1
     mkdir -p "$dir/munge"
+    chmod 0755 "$dir"
+    setpriv --reuid=munge --regid=munge --clear-groups test -x "$dir/munge" ||
+        die "the munge user cannot reach $dir (a parent directory is private); use a directory such as /tmp/NAME"
     mungekey --create --keyfile="$dir/munge/munge.key" --force >/dev/null
     chown -R munge:munge "$dir/munge"
     chmod 0755 "$dir/munge"  # clients need to reach the socket; the key itself stays 0600
