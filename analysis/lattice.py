@@ -37,12 +37,36 @@ def fraction_surrounded(grid: np.ndarray) -> np.ndarray:
     """
     occupied = np.asarray(grid) > 0
     surrounded = occupied.copy()
-    for axis in (-1, -2):
-        for shift in (1, -1):
-            surrounded &= np.roll(occupied, shift, axis=axis)
+    surrounded[..., :, 1:] &= occupied[..., :, :-1]  # left neighbour, then the wrapped column
+    surrounded[..., :, :1] &= occupied[..., :, -1:]
+    surrounded[..., :, :-1] &= occupied[..., :, 1:]  # right neighbour
+    surrounded[..., :, -1:] &= occupied[..., :, :1]
+    surrounded[..., 1:, :] &= occupied[..., :-1, :]  # neighbour below
+    surrounded[..., :1, :] &= occupied[..., -1:, :]
+    surrounded[..., :-1, :] &= occupied[..., 1:, :]  # neighbour above
+    surrounded[..., -1:, :] &= occupied[..., :1, :]
     n_particles = occupied.sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return surrounded.sum(axis=(-2, -1)) / n_particles
+
+
+def _open_labels_and_merge(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Open-boundary labels [B, y, x] (raster order over the batch) and, per label, its torus cluster.
+
+    ``merged[label]`` is a cluster id (0 for the background); labels facing each other across the
+    periodic edges share one.
+    """
+    labels, count = ndimage.label(batch, structure=_PLANE_CROSS)
+    first = np.concatenate([labels[:, 0, :].ravel(), labels[:, :, 0].ravel()])
+    last = np.concatenate([labels[:, -1, :].ravel(), labels[:, :, -1].ravel()])
+    joined = (first > 0) & (last > 0)
+    edges = coo_matrix(
+        (np.ones(int(joined.sum()), np.int8), (first[joined], last[joined])), shape=(count + 1, count + 1)
+    )
+    _, component = connected_components(edges, directed=False)
+    merged = (component + 1).astype(labels.dtype)
+    merged[0] = 0
+    return labels, merged
 
 
 def periodic_cluster_labels(occupied: np.ndarray) -> np.ndarray:
@@ -53,18 +77,8 @@ def periodic_cluster_labels(occupied: np.ndarray) -> np.ndarray:
     snapshots) but not consecutive.
     """
     batch, shape = _as_batch(np.asarray(occupied, dtype=bool))
-    labels, count = ndimage.label(batch, structure=_PLANE_CROSS)
-    # Sites facing each other across the periodic boundaries join their open-boundary clusters.
-    first = np.concatenate([labels[:, 0, :].ravel(), labels[:, :, 0].ravel()])
-    last = np.concatenate([labels[:, -1, :].ravel(), labels[:, :, -1].ravel()])
-    joined = (first > 0) & (last > 0)
-    edges = coo_matrix(
-        (np.ones(int(joined.sum()), np.int8), (first[joined], last[joined])), shape=(count + 1, count + 1)
-    )
-    _, component = connected_components(edges, directed=False)
-    lookup = (component + 1).astype(labels.dtype)
-    lookup[0] = 0  # the background keeps label 0
-    return lookup[labels].reshape(*shape, *batch.shape[-2:])
+    labels, merged = _open_labels_and_merge(batch)
+    return merged[labels].reshape(*shape, *batch.shape[-2:])
 
 
 def cluster_statistics(grid: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,17 +88,20 @@ def cluster_statistics(grid: np.ndarray) -> dict[str, np.ndarray]:
     ``mean_cluster_size`` = n_particles / n_clusters and ``largest_cluster`` (both NaN / 0 when empty).
     """
     batch, shape = _as_batch(grid)
-    labels = periodic_cluster_labels(batch > 0).reshape(-1)
-    sites_per_snapshot = batch.shape[-2] * batch.shape[-1]
-    size = np.bincount(labels, minlength=1)
-    size[0] = 0  # empty sites
+    occupied = batch > 0
+    labels, merged = _open_labels_and_merge(occupied)
+    # ndimage numbers labels in raster order, so snapshot b holds the labels after the last of b - 1.
+    last_label = np.maximum.accumulate(labels.reshape(len(batch), -1).max(axis=1, initial=0))
+    open_size = np.bincount(labels.ravel(), minlength=len(merged))
+    open_size[0] = 0
+    size = np.bincount(merged, weights=open_size).astype(np.int64)  # per torus cluster
+    owner = np.zeros(len(size), np.int64)
+    owner[merged[1:]] = np.searchsorted(last_label, np.arange(1, len(merged)), side="left")
     used = np.flatnonzero(size)
-    owner = np.empty(len(size), np.int64)
-    owner[labels] = np.arange(labels.size) // sites_per_snapshot  # a cluster lies in one snapshot
     n_clusters = np.bincount(owner[used], minlength=len(batch))
     largest = np.zeros(len(batch), np.int64)
     np.maximum.at(largest, owner[used], size[used])
-    n_particles = (batch > 0).sum(axis=(-2, -1))
+    n_particles = occupied.sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_size = n_particles / n_clusters
     return {
