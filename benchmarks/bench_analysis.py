@@ -1,6 +1,6 @@
 """Analysis of an ensemble store larger than the memory the analysis may use.
 
-    python benchmarks/bench_analysis.py --write              # build a ~2.4 GB (decompressed) store, analyse it
+    python benchmarks/bench_analysis.py --write              # build a ~3.8 GB (decompressed) store, analyse it
 
 1. Builds an ensemble store (DESIGN 3.2) from compiled simulations of the active model, one
    trajectory at a time written straight into its Zarr chunks, so building it never holds the store.
@@ -40,8 +40,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--store", type=Path, default=Path("runs/bench_analysis.zarr"), help="where to build the store")
     parser.add_argument("--L", type=int, default=30, help="lattice side")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.124, 0.3, 0.5, 0.6], help="densities")
-    parser.add_argument("--replicas", type=int, default=16, help="replicas per (model, density)")
-    parser.add_argument("--snapshots", type=int, default=8192, help="snapshots per trajectory")
+    parser.add_argument("--replicas", type=int, default=32, help="replicas per (model, density)")
+    parser.add_argument("--snapshots", type=int, default=16384, help="snapshots per trajectory")
     parser.add_argument("--snapshot-every", type=float, default=0.05, help="time between snapshots")
     parser.add_argument("--time-chunk", type=int, default=2048, help="snapshots per Zarr chunk")
     parser.add_argument("--memory-limit-mb", type=int, default=768, help="data-segment cap (RLIMIT_DATA) of the analysis process")

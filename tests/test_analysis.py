@@ -226,6 +226,7 @@ def test_notebooks_run_end_to_end(name, stores, tmp_path, monkeypatch):
     monkeypatch.setenv("HPCDYN_ACTIVITY_STORES", str(stores["slow"]))
     monkeypatch.setenv("HPCDYN_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOKS.parents[1]), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     assert all(cell.get("outputs", []) == [] for cell in notebook.cells)  # committed without outputs
     nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
