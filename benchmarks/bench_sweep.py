@@ -54,11 +54,52 @@ def swept(study, storage: Path, cpus: int) -> tuple[float, float]:
     return time.perf_counter() - begin, ray_start
 
 
+def record_sweep(directory: Path, command: str) -> None:
+    """Write a finished sweep's N_theta scan (table, N*, figures) into benchmarks/RESULTS.md."""
+    from hpcdyn.sweep_results import find_plateau, load_sweep_results
+
+    dataset = load_sweep_results(directory)
+    plateau = find_plateau(dataset)
+    figures = Path(__file__).with_name("figures")
+    figures.mkdir(exist_ok=True)
+    names = []
+    for png in sorted(directory.glob("*.png")):
+        target = figures / f"sweep_{directory.name}_{png.name}"
+        shutil.copyfile(png, target)
+        names.append(f"![{png.stem}](figures/{target.name})")
+    mode1 = dataset["val_U_per_T"].sel(mode=1) if "mode" in dataset.dims else None
+    truth = float(dataset["true_val_U_per_T"].mean())
+    rows = "\n".join(f"| {n} | {mean:.1f} | {spread:.1f} | {gain:+.1f} |" for n, mean, spread, gain
+                     in zip(plateau.n_classes, plateau.mean, plateau.spread, [*plateau.gains, float("nan")]))
+    minutes = float(dataset["wall_time_s"].sum()) / 60
+    size = "smoke size" if int(dataset.attrs.get("smoke", 0)) else "full study at a size reduced for CPU"
+    body = f"""## N_theta sweep: {size} (`{command}`)
+
+Recorded by `python benchmarks/bench_sweep.py --record-sweep STORAGE/NAME --sweep-command "..."`.
+{int((dataset.status == "done").sum())} trials, {minutes:.0f} trial-minutes in all; held-out U/T of the generating
+rates {truth:.1f}{f", Mode 1 {float(mode1.mean()):.1f}" if mode1 is not None else ""}.
+
+| N_theta | held-out U/T (mean over seeds) | std | gain to next |
+|---:|---:|---:|---:|
+{rows}
+
+**N* = {plateau.n_star}** (plateau threshold {plateau.threshold:.1f}: 5 % of the rise below the best mean, or the seed spread).
+
+{" ".join(names)}
+"""
+    print(body)
+    write_section(f"sweep-{directory.name}", body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
     parser.add_argument("--write", action="store_true", help="write the figures into benchmarks/RESULTS.md")
+    parser.add_argument("--record-sweep", type=Path, help="instead: record this finished N_theta sweep directory")
+    parser.add_argument("--sweep-command", default="hpcdyn sweep ntheta", help="the command that ran it (for the record)")
     args = parser.parse_args()
+    if args.record_sweep:
+        return record_sweep(args.record_sweep.absolute(), args.sweep_command)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     study = get_study("ntheta", smoke=True)
     points = check_study(study)

@@ -279,3 +279,18 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     for name in partial:  # continued from its checkpoint: every epoch exactly once
         assert [row["epoch"] for row in _checkpoint_metrics(experiment / name)] == list(range(epochs))
         assert bool(dataset.restored.where(dataset.trial == name, drop=True).squeeze())
+
+
+def test_figures_of_other_studies(tmp_path):
+    activity = [TrialRecord({"data.v_plus": v, "training.seed": seed},
+                            [{"epoch": 0, "val_U_per_T": 10 * v + seed, "true_val_U_per_T": 11 * v}], "done")
+                for v in (5.0, 25.0) for seed in (0, 1)]  # fmt: skip
+    dataset = results_dataset(activity, ["data.v_plus", "training.seed"])
+    assert float(dataset.val_U_per_T.sel(v_plus=25.0).mean()) == pytest.approx(250.5)
+    figures, plateau = write_figures(dataset, tmp_path)
+    assert plateau is None and [path.name for path in figures] == ["u_per_t.png"]
+    grid = [TrialRecord({"training.lr": lr, "model.d_model": width}, [{"epoch": 0, "val_U_per_T": lr * width}], "done")
+            for lr in (1e-3, 1e-2) for width in (16, 32)]  # fmt: skip
+    (tmp_path / "grid").mkdir()
+    figures, _ = write_figures(results_dataset(grid, ["training.lr", "model.d_model"]), tmp_path / "grid")
+    assert [path.name for path in figures] == ["u_per_t.png"] and figures[0].stat().st_size > 10_000
