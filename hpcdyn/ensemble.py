@@ -483,9 +483,20 @@ def _actor_count(ray, placement: Placement, pending: int) -> int:
 
 
 def _run_on_ray(config: dict[str, Any], path: Path, pending: list[dict[str, int]], placement: Placement, bar) -> None:
-    from hpcdyn.cluster import init_ray
+    from hpcdyn.cluster import import_ray, init_ray
 
-    ray = init_ray(placement.address)
+    connected = import_ray().is_initialized()
+    # Worker log lines would land in stdout, where the command prints its JSON summary; failures
+    # reach the driver as exceptions instead.
+    ray = init_ray(placement.address, log_to_driver=False)
+    try:
+        _dispatch(ray, config, path, pending, placement, bar)
+    finally:
+        if not connected:  # a Ray this call started or joined is left again
+            ray.shutdown()
+
+
+def _dispatch(ray, config: dict[str, Any], path: Path, pending: list[dict[str, int]], placement: Placement, bar) -> None:
     count = _actor_count(ray, placement, len(pending))
     worker = ray.remote(EnsembleWorker).options(
         num_cpus=placement.cpus_per_actor,

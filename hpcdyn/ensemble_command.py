@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import sys
 from typing import Any
 
 
@@ -85,6 +87,9 @@ def _ensemble(args: argparse.Namespace) -> dict[str, Any]:
         max_restarts=args.max_restarts,
     )
     try:
-        return run_ensemble(config, args.out, placement, overwrite=args.overwrite, progress=_show_progress(args))
+        # Ray's driver prints its error notices (an actor died, a task is retried) on stdout, from a
+        # thread; stdout is for the JSON summary, so they go to stderr with the progress bar.
+        with contextlib.redirect_stdout(sys.stderr):
+            return run_ensemble(config, args.out, placement, overwrite=args.overwrite, progress=_show_progress(args))
     except EnsembleError as error:
         raise CommandError(str(error)) from error

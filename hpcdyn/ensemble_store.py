@@ -123,8 +123,7 @@ def _write_layout(path: Path, config: dict[str, Any], times: np.ndarray, extra_a
                        dtype=np.int64, fill_value=-1, dimension_names=[*DIMS[:3], "move"], **per_replica)  # fmt: skip
 
 
-def stored_config(path: Path) -> dict[str, Any]:
-    """The resolved configuration a store was created with."""
+def _attrs(path: Path) -> dict[str, Any]:
     try:
         with _quiet():
             group = zarr.open_group(str(path), mode="r")
@@ -133,7 +132,12 @@ def stored_config(path: Path) -> dict[str, Any]:
     attrs = dict(group.attrs)
     if attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path}: schema is {attrs.get('schema')!r}, not an ensemble store ({SCHEMA!r})")
-    return attrs["config"]
+    return attrs
+
+
+def stored_config(path: Path) -> dict[str, Any]:
+    """The resolved configuration a store was created with."""
+    return _attrs(path)["config"]
 
 
 def write_unit(path: Path, unit: dict[str, int], arrays: dict[str, np.ndarray]) -> None:
@@ -196,9 +200,8 @@ def open_ensemble(path: str | Path, require_complete: bool = True):
     path = Path(path).absolute()
     if not path.exists():
         raise StoreError(f"{path}: no such store")
-    stored_config(path)
-    with _quiet():
-        dataset = xarray.open_zarr(str(path), consolidated=None)
-    if require_complete and not dataset.attrs.get("complete"):
+    complete = bool(_attrs(path).get("complete"))
+    if require_complete and not complete:
         raise StoreError(f"{path}: the ensemble is incomplete; rerun its command to finish it")
-    return dataset
+    with _quiet():  # metadata is consolidated when the store is finished
+        return xarray.open_zarr(str(path), consolidated=complete)
