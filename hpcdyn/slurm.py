@@ -430,11 +430,11 @@ ray_worker() {
 
 head_pid="" workers_pid="" driver_pid="" reaper_pid="" signals=0 requeue_at_end=0
 stop_pid() {  # SIGTERM, then SIGKILL after 30 s; Ray's `ray start --block` stops its own children on SIGTERM
-    local pid=$1 name=$2 tries
+    local pid=$1 name=$2
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    for tries in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     if kill -0 "$pid" 2>/dev/null; then log "$name did not stop; killing it"; kill -KILL "$pid" 2>/dev/null || true; fi
     wait "$pid" 2>/dev/null || true
 }

@@ -106,8 +106,8 @@ start_munge() {
 }
 
 wait_idle() {
-    local dir=$1 state="" tries
-    for tries in $(seq 1 120); do
+    local dir=$1 state=""
+    for _ in $(seq 1 120); do
         state=$(SLURM_CONF="$dir/slurm.conf" sinfo --noheader --nodes=localhost --format=%t 2>/dev/null || true)
         [ "$state" = "idle" ] && return 0
         sleep 0.5
@@ -132,19 +132,19 @@ start() {
 }
 
 stop_pid() {
-    local name=$1 file=$2 pid tries
+    local name=$1 file=$2 pid
     [ -f "$file" ] || return 0
     pid=$(cat "$file")
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
-        for tries in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         if kill -0 "$pid" 2>/dev/null; then log "$name ($pid) ignored SIGTERM; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
     fi
     rm -f "$file"
 }
 
 stop() {
-    local dir=${1:?usage: local_slurm.sh stop DIR} jobs tries
+    local dir=${1:?usage: local_slurm.sh stop DIR} jobs
     export PATH="$PATH:/usr/sbin:/sbin" SLURM_CONF="$dir/slurm.conf"
     if [ -f "$dir/run/slurmctld.pid" ]; then
         # Only this private cluster's jobs: their slurmstepd would outlive slurmd otherwise.
@@ -152,7 +152,7 @@ stop() {
         if [ -n "$jobs" ]; then
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
-            for tries in $(seq 1 60); do
+            for _ in $(seq 1 60); do
                 [ -z "$(squeue --noheader --format=%i 2>/dev/null || true)" ] && break
                 sleep 0.5
             done
