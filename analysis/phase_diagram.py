@@ -6,6 +6,8 @@
     figure = plot_snapshots("ensemble.zarr", density=0.3)         # lattices side by side
     save_figure(figure, "report/learned_vs_original")            # PNG and PDF
 
+Figures are plain ``matplotlib.figure.Figure`` objects (no pyplot state, any backend): save them with
+``save_figure`` or show them in a notebook with ``display(figure)``.
 A "source" is an ensemble store path, an opened ensemble dataset, or a summary from
 ``analysis.observables.summarize`` (computed here when lazy).
 """
@@ -16,25 +18,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")  # figures are files; no display is needed or assumed
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import xarray as xr  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from analysis.observables import (  # noqa: E402
+from analysis.observables import (
     OBSERVABLES,
     REFERENCE_MODEL,
     open_ensemble,
     setting,
     summarize,
 )
-from hpcdyn.systems import ConfigurationError  # noqa: E402
+from hpcdyn.systems import ConfigurationError
 
 # The four observables of the phase diagrams (DESIGN 1.5), with axis labels.
 PANELS = {
@@ -55,15 +53,13 @@ def summary_of(source: Any, burn_in: float | None = None) -> xr.Dataset:
     return summarize(source, burn_in).compute()
 
 
-def save_figure(figure: plt.Figure, stem: str | Path, close: bool = True) -> list[Path]:
+def save_figure(figure: Figure, stem: str | Path) -> list[Path]:
     """Write ``stem``.png and ``stem``.pdf; returns both paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     figure.savefig(paths[0], dpi=150, bbox_inches="tight")
     figure.savefig(paths[1], bbox_inches="tight")
-    if close:
-        plt.close(figure)
     return paths
 
 
@@ -73,10 +69,11 @@ def _model_order(models: Sequence[str], reference: str) -> list[str]:
 
 def plot_learned_vs_original(
     source: Any, reference: str = REFERENCE_MODEL, burn_in: float | None = None
-) -> plt.Figure:
+) -> Figure:
     """f4, var f4, n_c and <s> against density for every model, one panel each, error bars = 1 s.e."""
     summary = summary_of(source, burn_in)
-    figure, axes = plt.subplots(2, 2, figsize=(9, 7), constrained_layout=True)
+    figure = Figure(figsize=(9, 7), layout="constrained")
+    axes = figure.subplots(2, 2)
     for axis, (name, label) in zip(axes.flat, PANELS.items()):
         for model in _model_order(summary["model"].values.tolist(), reference):
             values = summary.sel(model=model)
@@ -171,7 +168,7 @@ def plot_activity_maps(
     learned: Sequence[Any] | None = None,
     learned_model: str | None = None,
     burn_in: float | None = None,
-) -> plt.Figure:
+) -> Figure:
     """2-D maps of the four observables over (density, activity v_plus/D).
 
     ``original``: ensemble stores at several v_plus (their "original" model is mapped). ``learned``:
@@ -180,9 +177,8 @@ def plot_activity_maps(
     rows = {"original": activity_summary(original, REFERENCE_MODEL, burn_in)}
     if learned:
         rows["learned"] = activity_summary(learned, learned_model, burn_in)
-    figure, axes = plt.subplots(
-        len(rows), len(PANELS), figsize=(3.6 * len(PANELS), 3.2 * len(rows)), squeeze=False, constrained_layout=True
-    )
+    figure = Figure(figsize=(3.6 * len(PANELS), 3.2 * len(rows)), layout="constrained")
+    axes = figure.subplots(len(rows), len(PANELS), squeeze=False)
     for column, (name, label) in enumerate(PANELS.items()):
         low = min(float(data[name].min()) for data in rows.values())
         high = max(float(data[name].max()) for data in rows.values())
@@ -222,7 +218,7 @@ def plot_snapshots(
     time: float | None = None,
     replica: int = 0,
     models: Sequence[str] | None = None,
-) -> plt.Figure:
+) -> Figure:
     """Lattices of every model side by side at one density and time (defaults: highest density, last time)."""
     ensemble = source if isinstance(source, xr.Dataset) else open_ensemble(source)
     occupancy = ensemble["occupancy"]
@@ -231,7 +227,8 @@ def plot_snapshots(
     models = _model_order(occupancy["model"].values.tolist(), REFERENCE_MODEL) if models is None else list(models)
     frames = occupancy.sel(density=density, time=time, method="nearest").isel(replica=replica).sel(model=models)
     frames = frames.transpose("model", "y", "x").values
-    figure, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.6), squeeze=False, constrained_layout=True)
+    figure = Figure(figsize=(3.4 * len(models), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(models), squeeze=False)
     chosen_density = float(occupancy["density"].sel(density=density, method="nearest"))
     chosen_time = float(occupancy["time"].sel(time=time, method="nearest"))
     for axis, model, frame in zip(axes[0], models, frames):

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from analysis.observables import OBSERVABLES, REFERENCE_MODEL, compute, open_ensemble, resolve_burn_in, summarize
+from analysis.observables import (
+    OBSERVABLES,
+    REFERENCE_MODEL,
+    compute,
+    open_ensemble,
+    resolve_burn_in,
+    summarize,
+)
 from analysis.phase_diagram import (
     difference_table,
     learned_models,

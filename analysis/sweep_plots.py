@@ -19,15 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from hpcdyn.systems import ConfigurationError  # noqa: E402
+from hpcdyn.systems import ConfigurationError
 
 REQUIRED = "validation_U_per_T"
 PLATEAU_TOLERANCE = 0.05  # a gain below 5 % of the whole rise (or below the seed spread) is no gain
@@ -82,11 +79,12 @@ def plateau(results: xr.Dataset, tolerance: float = PLATEAU_TOLERANCE) -> int:
     return int(results["n_classes"].values[within.min()])
 
 
-def plot_sweep(results: xr.Dataset) -> plt.Figure:
+def plot_sweep(results: xr.Dataset) -> Figure:
     """U/T against N_theta (mean, min-max band over the other dims, true U/T), and class rates if present."""
     check_sweep(results)
     panels = 2 if "class_rate" in results else 1
-    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False, constrained_layout=True)
+    figure = Figure(figsize=(5.2 * panels, 4), layout="constrained")
+    axes = figure.subplots(1, panels, squeeze=False)
     axis = axes[0, 0]
     scores = results[REQUIRED]
     others = [dim for dim in scores.dims if dim != "n_classes"]
@@ -106,7 +104,7 @@ def plot_sweep(results: xr.Dataset) -> plt.Figure:
     return figure
 
 
-def _plot_class_rates(axis: plt.Axes, results: xr.Dataset) -> None:
+def _plot_class_rates(axis: Axes, results: xr.Dataset) -> None:
     rates = results["class_rate"]
     others = [dim for dim in rates.dims if dim not in ("n_classes", "class")]
     rates = rates.median(others) if others else rates

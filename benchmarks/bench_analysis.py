@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results import write_section  # noqa: E402
+from results import write_section
 
 MODELS = {"original": 25.0, "slower": 5.0}  # model name -> v_plus of the compiled simulation
 
@@ -174,13 +174,17 @@ def format_report(args, measured: dict, baseline: dict, build_seconds: float, st
         "## Analysis of an ensemble store larger than the memory allowed",
         "",
         f"Command: `python benchmarks/bench_analysis.py {' '.join(flags)} --write`",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"{date.today().isoformat()}.",
+        (
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}; {date.today().isoformat()}."
+        ),
         "",
-        f"Store: {len(MODELS)} models x {len(args.densities)} densities x {args.replicas} replicas x "
-        f"{args.snapshots} snapshots of {args.L}x{args.L} (compiled simulations, built trajectory by trajectory in "
-        f"{build_seconds:.0f} s): occupancy **{gigabytes:.2f} GB decompressed**, {store_bytes / 1e6:.0f} MB on disk, "
-        f"chunks of {measured['chunk_bytes'] / 1e6:.1f} MB.",
+        (
+            f"Store: {len(MODELS)} models x {len(args.densities)} densities x {args.replicas} replicas x "
+            f"{args.snapshots} snapshots of {args.L}x{args.L} (compiled simulations, built trajectory by trajectory "
+            f"in {build_seconds:.0f} s): occupancy **{gigabytes:.2f} GB decompressed**, {store_bytes / 1e6:.0f} MB "
+            f"on disk, chunks of {measured['chunk_bytes'] / 1e6:.1f} MB."
+        ),
         "",
         "| | value |",
         "|---|---:|",
@@ -192,8 +196,11 @@ def format_report(args, measured: dict, baseline: dict, build_seconds: float, st
         f"| snapshots per second, the kernel alone on one chunk in memory (1 thread) | {baseline['snapshots_per_second']:,.0f} |",
         f"| ratio store / kernel | {rate / baseline['snapshots_per_second']:.2f} |",
         "",
-        f"The process could not have held the store: its private memory was capped at {args.memory_limit_mb} MB "
-        f"against {gigabytes * 1e3:.0f} MB of decompressed occupancy; memory follows the chunk size, not the store size.",
+        (
+            f"The process could not have held the store: its private memory was capped at {args.memory_limit_mb} MB "
+            f"against {gigabytes * 1e3:.0f} MB of decompressed occupancy; memory follows the chunk size, not the "
+            "store size."
+        ),
         f"f4 per density {args.densities}: " + "; ".join(f"{model} {values}" for model, values in measured["f4"].items()) + ".",
     ])
 

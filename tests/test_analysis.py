@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -36,7 +37,7 @@ def build_store(path: Path, models: dict[str, float], v_plus: float, seed: int, 
     ``models`` maps a model name to the v_plus it is simulated with (a stand-in for a learned model
     whose dynamics differ); extra variables and nested attrs mimic what an ensemble writer may add.
     """
-    n_times = int(round(T_FINAL / SNAPSHOT_EVERY)) + 1
+    n_times = round(T_FINAL / SNAPSHOT_EVERY) + 1
     occupancy = np.zeros((len(models), len(DENSITIES), REPLICAS, n_times, L, L), np.int8)
     for i, model_v_plus in enumerate(models.values()):
         for j, density in enumerate(DENSITIES):
@@ -82,7 +83,7 @@ def test_store_opens_lazily_and_summary_shows_the_physics(stores):
     summary = summarize(ensemble).compute()
     original = summary.sel(model="original")
     # f4 rises with density (motility-induced clustering): each step by more than 3 standard errors.
-    for low, high in zip(DENSITIES, DENSITIES[1:]):
+    for low, high in itertools.pairwise(DENSITIES):
         gap = float(original["f4"].sel(density=high) - original["f4"].sel(density=low))
         error = float(np.hypot(original["f4_se"].sel(density=high), original["f4_se"].sel(density=low)))
         assert gap > 3 * error, (low, high, gap, error)
@@ -160,8 +161,14 @@ def test_results_of_the_sweep_module_are_drawn_by_it(stores, tmp_path):
     records = [
         sweep_results.TrialRecord(
             point={"model.n_classes": n, "seed": seed},
-            metrics=[{"epoch": 0, "val_U_per_T": level + 0.004 * seed, "true_val_U_per_T": -0.98,
-                      "class_rates": list(np.geomspace(0.1, 25, n))}],  # fmt: skip
+            metrics=[
+                {
+                    "epoch": 0,
+                    "val_U_per_T": level + 0.004 * seed,
+                    "true_val_U_per_T": -0.98,
+                    "class_rates": list(np.geomspace(0.1, 25, n)),
+                }
+            ],
             status="done",
         )
         for n, level in levels.items()
@@ -240,6 +247,7 @@ def test_notebooks_run_end_to_end(name, stores, tmp_path, monkeypatch):
         assert "f4" in shown and "mean_cluster_size" in shown
 
 
+@pytest.mark.slow
 def test_store_written_by_the_ensemble_driver(stores, tmp_path):
     """The real writer (hpcdyn.ensemble, in this process, no Ray) plugs into the analysis unchanged."""
     from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble

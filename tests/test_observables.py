@@ -18,7 +18,12 @@ from analysis.lattice import (
     periodic_cluster_labels,
     snapshot_observables,
 )
-from analysis.observables import ENSEMBLE_DIMS, replica_averages, snapshot_dataset, summarize
+from analysis.observables import (
+    ENSEMBLE_DIMS,
+    replica_averages,
+    snapshot_dataset,
+    summarize,
+)
 from hpcdyn.systems import ConfigurationError
 
 
