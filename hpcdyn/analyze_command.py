@@ -35,7 +35,8 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--sweep",
         metavar="RESULTS",
-        help="sweep results (Zarr or NetCDF Dataset with dim n_classes and validation_U_per_T) to plot U/T against N_theta",
+        help="sweep results to plot U/T against N_theta: the directory `hpcdyn sweep` wrote (or its results.zarr), "
+        "or a Zarr/NetCDF Dataset with dim n_classes and variable validation_U_per_T (see analysis/README.md)",
     )
     parser.add_argument(
         "--activity",
