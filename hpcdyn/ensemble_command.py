@@ -42,9 +42,9 @@ def add_parser(commands) -> None:
     system.add_argument("--v-plus", dest="v_plus", type=float, help="hop rate along the orientation (original model)")
     system.add_argument("--v-other", dest="v_other", type=float, help="hop rate in the other directions (original model)")
     timing = parser.add_argument_group("time")
-    timing.add_argument("--t-final", type=_positive_time, required=True, help="simulated time per replica")
+    timing.add_argument("--t-final", type=_positive_time, required=True, help="simulated time per replica, burn-in included")
     timing.add_argument("--snapshot-every", type=_positive_time, required=True, help="time between recorded snapshots")
-    timing.add_argument("--burn-in", type=_non_negative_time, default=0.0, help="time simulated before the first snapshot")
+    timing.add_argument("--burn-in", type=_non_negative_time, default=0.0, help="time of the first snapshot, within --t-final (default 0)")
     parser.add_argument("--out", required=True, help="ensemble store to write (or resume)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
     parser.add_argument("--keep-overlaps", action="store_true",
