@@ -31,7 +31,7 @@ from hpcdyn.systems import SYSTEMS, ConfigurationError
 ESTIMATORS = ("straight_through", "gumbel")
 # The offset scores are stored divided by this factor: Adam's steps in them are then this much
 # larger, so a head can sharpen onto one offset among L^2 within a few epochs.
-OFFSET_BIAS_SCALE = 1.0
+OFFSET_BIAS_SCALE = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
