@@ -198,8 +198,8 @@ def format_report(args, measured: dict, baseline: dict, build_seconds: float, st
         "",
         (
             f"The process could not have held the store: its private memory was capped at {args.memory_limit_mb} MB "
-            f"against {gigabytes * 1e3:.0f} MB of decompressed occupancy; memory follows the chunk size, not the "
-            "store size."
+            f"against {gigabytes * 1e3:.0f} MB of decompressed occupancy. Each dask task holds one chunk and its "
+            "labels; the task graph itself grows with the number of chunks."
         ),
         f"f4 per density {args.densities}: " + "; ".join(f"{model} {values}" for model, values in measured["f4"].items()) + ".",
     ])
