@@ -282,20 +282,62 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port_block(job_id: int, port_range: tuple[int, int] = PORT_RANGE, block: int = PORT_BLOCK) -> int:
+def free_port_block(
+    job_id: int,
+    node_index: int = 0,
+    claim: str | os.PathLike | None = None,
+    port_range: tuple[int, int] = PORT_RANGE,
+    block: int = PORT_BLOCK,
+) -> int:
     """Base port of a block whose ports are all free on this node, searched from the job's own block.
 
-    Jobs start from different blocks (job id modulo the number of blocks), and a block taken by
-    another job or user is skipped, so concurrent jobs on one node end up on disjoint ports.
+    Each node of a job starts from its own block (job id plus the node's index in the job, modulo
+    the number of blocks) and skips blocks in use. With ``claim`` (the node's per-job Ray temp dir,
+    which exists while the job runs) the block is also claimed, by a symlink beside that dir
+    pointing to it, so a job that probes before another has bound its ports still sees them taken.
+    A claim whose dir is gone (its job ended) is stale and is taken over.
     """
     low, high = port_range
     count = (high - low) // block
     _require(count >= 1, "port_range", f"{port_range} holds no block of {block} ports")
+    owner = None if claim is None else Path(os.path.abspath(claim))
+    _require(owner is None or owner.is_dir(), "claim", f"{claim} is not a directory")
     for step in range(count):
-        base = low + ((job_id + step) % count) * block
+        base = low + ((job_id + node_index + step) % count) * block
+        if owner is not None and not _claim_block(base, owner):
+            continue
         if all(_port_free(port) for port in range(base, base + block)):
             return base
+        if owner is not None:
+            claim_link(base, owner).unlink(missing_ok=True)
     raise ConfigurationError(f"ports: no free block of {block} ports in {low}-{high} on {socket.gethostname()}")
+
+
+def claim_link(base: int, owner: Path) -> Path:
+    """Where the claim on a port block lives: beside the claiming job's Ray temp dir."""
+    return owner.parent / f"hpcdyn-ray-ports-{base}"
+
+
+def _claim_block(base: int, owner: Path) -> bool:
+    link = claim_link(base, owner)
+    for _ in range(2):
+        try:
+            os.symlink(owner, link)  # atomic: of two jobs claiming at once, one wins
+            return True
+        except FileExistsError:
+            try:
+                target = Path(os.readlink(link))
+            except OSError:  # released meanwhile; try again
+                continue
+            if target == owner:  # ours, from before a requeue
+                return True
+            if target.exists():
+                return False
+            try:
+                link.unlink()  # stale: the job that claimed it has gone
+            except OSError:
+                return False  # another user's, in a sticky /tmp
+    return False
 
 
 def _process_alive(pid: int) -> bool:
@@ -413,11 +455,12 @@ node_port_options() {
         "--min-worker-port=$((base + {{first_worker_port}})) --max-worker-port=$((base + {{port_block}} - 1))"
 }
 
-# A worker node: runs under srun, stops its `ray start` on SIGTERM (srun forwards it) and cleans up.
+# A worker node: runs under srun, stops its `ray start` on SIGINT (forwarded by srun) or SIGTERM, cleans up.
 ray_worker() {
-    local base dir="$ray_tmp-node$SLURM_NODEID" pid
-    base=$(hpcdyn slurm port-block --job-id "$job_id")
+    local base dir="$ray_tmp-$SLURMD_NODENAME" pid
     mkdir -p "$dir" "$spill_dir"
+    # SLURM_NODEID counts from 0 within this step, which starts at the job's second node.
+    base=$(hpcdyn slurm port-block --job-id "$job_id" --node-index $((SLURM_NODEID + 1)) --claim "$dir")
     # shellcheck disable=SC2046
     ray start --block --address="$ray_address" --temp-dir="$dir" --object-spilling-directory="$spill_dir" \
         --num-cpus="$(node_cpus)" --num-gpus="$(node_gpus)" $(node_memory_options) $(node_port_options "$base") \
@@ -425,24 +468,26 @@ ray_worker() {
     pid=$!
     trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
     wait "$pid" || wait "$pid" || true
-    rm -rf "$dir" "$spill_dir"
+    rm -rf "$dir" "$spill_dir" "$(dirname "$dir")/hpcdyn-ray-ports-$base"
 }
 
-head_pid="" workers_pid="" driver_pid="" reaper_pid="" signals=0 requeue_at_end=0
-stop_pid() {  # SIGTERM, then SIGKILL after 30 s; Ray's `ray start --block` stops its own children on SIGTERM
-    local pid=$1 name=$2
+head_base="" head_pid="" workers_pid="" driver_pid="" reaper_pid="" signals=0 requeue_at_end=0
+stop_pid() {  # PID NAME [SIGNAL]: the signal (TERM), then SIGKILL after 30 s
+    local pid=$1 name=$2 signal=${3:-TERM}
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
     log "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
+    kill -"$signal" "$pid" 2>/dev/null || true
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     if kill -0 "$pid" 2>/dev/null; then log "$name did not stop; killing it"; kill -KILL "$pid" 2>/dev/null || true; fi
     wait "$pid" 2>/dev/null || true
 }
 stop_ray() {
-    stop_pid "$workers_pid" "the Ray workers"
+    # srun --disable-status hands a single SIGINT to every worker task (SIGTERM would make it kill them
+    # at once); `ray start --block` stops the Ray processes it started when it gets SIGTERM.
+    stop_pid "$workers_pid" "the Ray workers" INT
     stop_pid "$head_pid" "the Ray head"
     workers_pid="" head_pid=""
-    rm -rf "$ray_tmp" "$spill_dir"
+    rm -rf "$ray_tmp" "$spill_dir" "$HPCDYN_RAY_TMP_ROOT/hpcdyn-ray-ports-$head_base"
 }
 stop_driver() {  # SIGINT first (Tune saves its state), SIGTERM then SIGKILL if it lingers
     signals=$((signals + 1))
@@ -461,9 +506,9 @@ trap stop_ray EXIT
 
 log "job $job_id (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}: $nodes node(s), auth $RAY_AUTH_MODE"
 head_ip=${HPCDYN_RAY_HEAD_IP:-$(hostname -I | awk '{print $1}')}
-head_base=$(hpcdyn slurm port-block --job-id "$job_id")
-export ray_address="$head_ip:$((head_base + {{port_gcs}}))"
 mkdir -p "$ray_tmp" "$spill_dir"
+head_base=$(hpcdyn slurm port-block --job-id "$job_id" --claim "$ray_tmp")
+export ray_address="$head_ip:$((head_base + {{port_gcs}}))"
 # shellcheck disable=SC2046
 ray start --head --block --node-ip-address="$head_ip" --port="$((head_base + {{port_gcs}}))" \
     --ray-client-server-port="$((head_base + {{port_ray_client_server}}))" \
@@ -474,8 +519,8 @@ ray start --head --block --node-ip-address="$head_ip" --port="$((head_base + {{p
 head_pid=$!
 if [ "$nodes" -gt 1 ]; then
     export -f ray_worker node_cpus node_gpus node_memory_options node_port_options
-    srun --nodes=$((nodes - 1)) --ntasks=$((nodes - 1)) --ntasks-per-node=1 --relative=1 --overlap --kill-on-bad-exit=0 \
-        bash -c ray_worker &
+    srun --nodes=$((nodes - 1)) --ntasks=$((nodes - 1)) --ntasks-per-node=1 --relative=1 --overlap \
+        --kill-on-bad-exit=0 --disable-status bash -c ray_worker &
     workers_pid=$!
 fi
 hpcdyn slurm wait-for-nodes --address "$ray_address" --nodes "$nodes" --timeout "$HPCDYN_NODE_TIMEOUT" --pid "$head_pid"

@@ -154,17 +154,20 @@ def _add_port_block(commands) -> None:
     parser = commands.add_parser(
         "port-block",
         help="(inside a job) print the base of a free block of Ray ports on this node",
-        description="Print the first port of a block of ports all free on this node, searched from the job's own "
-        "block (job id modulo the number of blocks), so jobs sharing a node get disjoint ports.",
+        description="Print the first port of a block of ports all free on this node, searched from the node's own "
+        "block (job id plus node index, modulo the number of blocks), and with --claim mark it taken, so jobs "
+        "sharing a node get disjoint ports even when they start at the same moment.",
     )
     parser.add_argument("--job-id", type=int, required=True, help="the SLURM job id")
+    parser.add_argument("--node-index", type=int, default=0, help="this node's index in the job (default 0, the head)")
+    parser.add_argument("--claim", metavar="DIR", help="claim the block for the job whose Ray temp dir on this node is DIR")
     parser.set_defaults(handler=_port_block)
 
 
 def _port_block(args: argparse.Namespace) -> str:
     from hpcdyn.slurm import free_port_block
 
-    return str(free_port_block(args.job_id))
+    return str(free_port_block(args.job_id, args.node_index, args.claim))
 
 
 def _add_wait(commands) -> None:

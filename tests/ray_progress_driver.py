@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="progress directory")
     parser.add_argument("--units", type=int, default=4, help="units of work")
     parser.add_argument("--seconds", type=float, default=1.0, help="seconds of work per unit")
+    parser.add_argument("--parallel", type=int, default=1, help="units in flight at once (default 1)")
     parser.add_argument("--address", required=True, help="Ray cluster address")
     args = parser.parse_args()
 
@@ -51,15 +52,19 @@ def main() -> None:
     @ray.remote(num_cpus=1)
     def work(unit: int, seconds: float) -> dict:
         time.sleep(seconds)
-        return {"unit": unit, "pid": os.getpid()}
+        return {"unit": unit, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     todo = [unit for unit in range(args.units) if not (out / f"unit-{unit}.json").exists()]
     print(f"restart {restart}: {args.units - len(todo)} units done before, {len(todo)} to do", flush=True)
-    # One unit at a time, so a requeue lands between units with some done and some not.
-    for unit in todo:
-        result = ray.get(work.remote(unit, args.seconds))
-        write_json(out / f"unit-{unit}.json", {**result, "restart": restart})
-        print(f"unit {unit} done", flush=True)
+    # A few units at a time (one by default), so a requeue lands with some done and some not.
+    running = []
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            running.append(work.remote(todo.pop(0), args.seconds))
+        finished, running = ray.wait(running, num_returns=1)
+        result = ray.get(finished[0])
+        write_json(out / f"unit-{result['unit']}.json", {**result, "restart": restart})
+        print(f"unit {result['unit']} done", flush=True)
     ray.shutdown()
 
 

@@ -10,6 +10,7 @@ stopped by PID. Skipped, with the reason, only where SLURM cannot be installed (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -80,8 +81,9 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def slurm():
+@contextlib.contextmanager
+def _cluster(nodes: int):
+    """A private SLURM of ``nodes`` nodes on this machine, in its own temporary directories."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -89,7 +91,8 @@ def slurm():
     directory = Path(tempfile.mkdtemp(prefix="hpcdyn-slurm-", dir="/tmp"))
     # Ray's socket paths must stay under 107 characters: a short per-session root in /tmp.
     ray_root = Path(tempfile.mkdtemp(prefix="hr", dir="/tmp"))
-    started = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(directory)], capture_output=True, text=True, timeout=120)
+    started = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(directory), str(nodes)],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
     try:
         assert started.returncode == 0, started.stderr
         env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "RAY_"))}
@@ -109,14 +112,34 @@ def slurm():
 
 
 @pytest.fixture(scope="module")
-def jobs(slurm):
+def slurm():
+    """The cluster the issue asks for: one node named localhost."""
+    with _cluster(1) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_pair():
+    """Two nodes (two slurmd on this machine), so the srun path that starts Ray workers runs too."""
+    with _cluster(2) as cluster:
+        yield cluster
+
+
+def _ray_script(slurm: Slurm) -> Path:
+    resources = JobResources(job_name="ray", cpus_per_node=1, time="00:10:00", signal_seconds=60,
+                             output=str(slurm.directory / "jobs" / "job-%j.out"))  # fmt: skip
+    return write_script(render_ray_job(resources, RaySettings(node_timeout=120, stop_grace=30)), slurm.directory / "ray.sbatch")
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, slurm_pair):
     """Every job of the module, submitted at once in the order the tests need them."""
     directory = slurm.directory
-    resources = JobResources(job_name="ray", cpus_per_node=1, time="00:10:00", signal_seconds=60,
-                             output=str(directory / "jobs" / "job-%j.out"))  # fmt: skip
-    ray_script = write_script(render_ray_job(resources, RaySettings(node_timeout=120, stop_grace=30)), directory / "ray.sbatch")
+    ray_script = _ray_script(slurm)
     progress = [sys.executable, str(REPOSITORY / "tests" / "ray_progress_driver.py"), "--units", "4", "--seconds", "1"]
     submitted = {
+        "two_nodes": slurm_pair.submit(_ray_script(slurm_pair), *progress, "--parallel", "2",
+                                       "--out", str(slurm_pair.directory / "progress"), options=("--nodes=2",)),  # fmt: skip
         "progress_a": slurm.submit(ray_script, *progress, "--out", str(directory / "progress-a")),
         "progress_b": slurm.submit(ray_script, *progress, "--out", str(directory / "progress-b")),
         "ensemble": slurm.submit(
@@ -140,15 +163,17 @@ def jobs(slurm):
 
 
 def _ray_leftovers(slurm: Slurm, job_id: str) -> list[str]:
-    """Paths and processes of a job's Ray that outlived it."""
-    leftovers = [str(path) for path in slurm.ray_root.glob(f"hpcdyn-ray*-{job_id}*")]
-    marker = f"hpcdyn-ray-{job_id}/".encode()
+    """Directories and processes of a job's Ray (head, workers, spill) that outlived it."""
+    names = (f"hpcdyn-ray-{job_id}", f"hpcdyn-ray-spill-{job_id}")
+    leftovers = [path.name for path in slurm.ray_root.iterdir() if path.name in names or path.name.startswith(f"hpcdyn-ray-{job_id}-")]
+    markers = [f"{slurm.ray_root}/hpcdyn-ray-{job_id}/".encode(), f"{slurm.ray_root}/hpcdyn-ray-{job_id}-".encode()]
     for process in Path("/proc").iterdir():
         try:
-            if process.name.isdigit() and marker in (process / "cmdline").read_bytes():
-                leftovers.append(f"pid {process.name}")
+            command = (process / "cmdline").read_bytes() if process.name.isdigit() else b""
         except OSError:
-            pass
+            continue
+        if any(marker in command for marker in markers):
+            leftovers.append(f"pid {process.name}")
     return leftovers
 
 
@@ -242,3 +267,18 @@ def test_job_array_simulates_the_original_dynamics_without_ray(slurm, jobs):
     slurm.wait(again, timeout=120)
     assert all("is complete already" in slurm.log(f"{again}_{task}") for task in range(2))
     assert sorted(path.stat().st_mtime_ns for path in (slurm.directory / "original").rglob("*.json")) == stamps
+
+
+def test_ray_job_across_two_nodes(slurm_pair, jobs):
+    job_id = jobs["two_nodes"]
+    record = slurm_pair.wait(job_id, timeout=240)
+    log = slurm_pair.log(job_id)
+    assert record["JobState"] == "COMPLETED" and record["NodeList"] == "node[1-2]", log
+    out = slurm_pair.directory / "progress"
+    cluster = json.loads((out / "cluster-0.json").read_text())
+    assert cluster["nodes"] == 2 and cluster["resources"]["CPU"] == 2.0  # one CPU from each node's allocation
+    units = [json.loads((out / f"unit-{unit}.json").read_text()) for unit in range(4)]
+    assert len({unit["node"] for unit in units}) == 2, "every unit ran on one node: the worker did not serve"
+    assert "sending Ctrl-C to StepId" in log  # the workers were stopped through srun, then the head
+    assert _ray_leftovers(slurm_pair, job_id) == [], log
+    assert not list(slurm_pair.ray_root.glob("hpcdyn-ray-ports-*")), "port-block claims left behind"

@@ -206,6 +206,24 @@ def test_port_block_skips_a_block_in_use():
     assert free_port_block(job_id) == first  # free again once the other job has gone
 
 
+def test_port_block_claims_keep_jobs_apart_before_they_bind(tmp_path):
+    first, second, third = (tmp_path / f"hpcdyn-ray-{name}" for name in ("a", "b", "c"))
+    for directory in (first, second, third):
+        directory.mkdir()
+    claimed = free_port_block(77, claim=first)
+    # A job whose search starts at the same block sees the claim although no port is bound yet.
+    other = free_port_block(77, claim=second)
+    assert other != claimed
+    assert free_port_block(77, claim=first) == claimed  # its own claim: a requeued job keeps its block
+    first.rmdir()  # the claiming job ended without cleaning up: its claim is stale
+    assert free_port_block(77, claim=third) == claimed
+    assert os.readlink(tmp_path / f"hpcdyn-ray-ports-{claimed}") == str(third)
+
+
+def test_nodes_of_one_job_start_from_different_blocks():
+    assert free_port_block(5, node_index=1) == free_port_block(6)
+
+
 def test_port_blocks_of_different_jobs_differ():
     assert free_port_block(1001) != free_port_block(1002)
 

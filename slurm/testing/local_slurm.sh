@@ -2,7 +2,10 @@
 # A private single-node SLURM for tests: Debian's slurmctld, slurmd, slurm-client and munge.
 #
 #   slurm/testing/local_slurm.sh install      apt-get the packages (root and apt needed; no-op when present)
-#   slurm/testing/local_slurm.sh start DIR    write DIR/slurm.conf, start munged, slurmctld, slurmd; wait for idle
+#   slurm/testing/local_slurm.sh start DIR [NODES]
+#                                             write DIR/slurm.conf, start munged, slurmctld and slurmd; wait
+#                                             until idle. One node named localhost, or NODES nodes (localhost,
+#                                             localhost2, ...: one slurmd each on this machine, CPUs split)
 #   slurm/testing/local_slurm.sh stop DIR     cancel the cluster's jobs, stop the daemons by their PIDs
 #
 # Everything (config, munge key and socket, state, spool, logs, PID files) lives in DIR, and the
@@ -39,21 +42,25 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+node_name() { if [ "$2" = 1 ]; then echo localhost; else echo "node$1"; fi; }  # node_name INDEX COUNT
+
 write_config() {
-    local dir=$1 cpus memory_mb real_memory ctld_port slurmd_port
-    cpus=$(nproc)
+    local dir=$1 nodes=$2 cpus memory_mb real_memory ctld_port node node_lines="" node_names=""
+    cpus=$(( $(nproc) / nodes )); [ "$cpus" -ge 1 ] || cpus=1
     memory_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
-    real_memory=$((memory_mb * 3 / 4))
+    real_memory=$((memory_mb * 3 / 4 / nodes))
     ctld_port=$(free_port)
-    slurmd_port=$(free_port)
-    while [ "$slurmd_port" = "$ctld_port" ]; do slurmd_port=$(free_port); done
+    for node in $(seq 1 "$nodes"); do
+        # Every slurmd of this machine listens on its own free port.
+        node_lines+="NodeName=$(node_name "$node" "$nodes") NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$cpus RealMemory=$real_memory State=UNKNOWN"$'\n'
+        node_names+="${node_names:+,}$(node_name "$node" "$nodes")"
+    done
     # DefMemPerCPU is a quarter of the node per CPU on a node of 2+ CPUs, so two one-CPU jobs
     # (or one job per CPU) fit side by side without asking for memory.
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=hpcdyntest
 SlurmctldHost=localhost
 SlurmctldPort=$ctld_port
-SlurmdPort=$slurmd_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -63,9 +70,9 @@ AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/slurmd-%n
 SlurmctldPidFile=$dir/run/slurmctld.pid
-SlurmdPidFile=$dir/run/slurmd.pid
+SlurmdPidFile=$dir/run/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -82,8 +89,7 @@ KillWait=10
 MinJobAge=600
 InactiveLimit=0
 SlurmdTimeout=60
-NodeName=localhost CPUs=$cpus RealMemory=$real_memory State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=debug Nodes=$node_names Default=YES MaxTime=INFINITE State=UP
 CONF
 }
 
@@ -108,25 +114,26 @@ start_munge() {
 wait_idle() {
     local dir=$1 state=""
     for _ in $(seq 1 120); do
-        state=$(SLURM_CONF="$dir/slurm.conf" sinfo --noheader --nodes=localhost --format=%t 2>/dev/null || true)
+        state=$(SLURM_CONF="$dir/slurm.conf" sinfo --noheader --format=%t 2>/dev/null || true)
         [ "$state" = "idle" ] && return 0
         sleep 0.5
     done
-    die "node localhost not idle after 60 s (state '${state}'); see $dir/log/slurmctld.log and slurmd.log"
+    die "nodes not idle after 60 s (state '${state}'); see the logs in $dir/log"
 }
 
 start() {
-    local dir=${1:?usage: local_slurm.sh start DIR}
+    local dir=${1:?usage: local_slurm.sh start DIR [NODES]} nodes=${2:-1} node
+    [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "NODES must be a positive integer, got '$nodes'" 2
     installed || die "SLURM is not installed; run: $0 install" 3
     [ "$(id -u)" -eq 0 ] || die "slurmd must run as root to start jobs" 3
     export PATH="$PATH:/usr/sbin:/sbin"
     mkdir -p "$dir" && dir=$(cd "$dir" && pwd)
     [ ! -e "$dir/run/slurmctld.pid" ] || die "$dir already holds a cluster; stop it first"
     mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/run"
-    write_config "$dir"
+    write_config "$dir" "$nodes"
     start_munge "$dir"
     slurmctld -f "$dir/slurm.conf" -i
-    slurmd -f "$dir/slurm.conf" -N localhost
+    for node in $(seq 1 "$nodes"); do slurmd -f "$dir/slurm.conf" -N "$(node_name "$node" "$nodes")"; done
     wait_idle "$dir"
     log "up: export SLURM_CONF=$dir/slurm.conf"
 }
@@ -144,7 +151,7 @@ stop_pid() {
 }
 
 stop() {
-    local dir=${1:?usage: local_slurm.sh stop DIR} jobs
+    local dir=${1:?usage: local_slurm.sh stop DIR} jobs file
     export PATH="$PATH:/usr/sbin:/sbin" SLURM_CONF="$dir/slurm.conf"
     if [ -f "$dir/run/slurmctld.pid" ]; then
         # Only this private cluster's jobs: their slurmstepd would outlive slurmd otherwise.
@@ -158,14 +165,14 @@ stop() {
             done
         fi
     fi
-    stop_pid slurmd "$dir/run/slurmd.pid"
+    for file in "$dir"/run/slurmd-*.pid; do stop_pid slurmd "$file"; done
     stop_pid slurmctld "$dir/run/slurmctld.pid"
     stop_pid munged "$dir/run/munged.pid"
 }
 
 case "${1:-}" in
     install) install ;;
-    start) start "${2:-}" ;;
+    start) start "${2:-}" "${3:-1}" ;;
     stop) stop "${2:-}" ;;
-    *) die "usage: $0 install | start DIR | stop DIR" 2 ;;
+    *) die "usage: $0 install | start DIR [NODES] | stop DIR" 2 ;;
 esac
