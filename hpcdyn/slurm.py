@@ -543,7 +543,9 @@ else
 fi
 stop_ray
 trap - EXIT
-if [ "$requeue_at_end" = 1 ] && [ "$status" != 0 ]; then
+# Requeue even when the driver exited 0: an interrupted Tune run returns normally. A driver that had
+# in fact finished finds nothing left to do in the next run.
+if [ "$requeue_at_end" = 1 ]; then
     log "requeueing job $job_id: the next run resumes where this one stopped"
     scontrol requeue "$job_id"
 fi

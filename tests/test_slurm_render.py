@@ -224,8 +224,11 @@ def test_nodes_of_one_job_start_from_different_blocks():
     assert free_port_block(5, node_index=1) == free_port_block(6)
 
 
-def test_port_blocks_of_different_jobs_differ():
-    assert free_port_block(1001) != free_port_block(1002)
+def test_port_blocks_of_jobs_on_one_node_differ(tmp_path):
+    claims = [tmp_path / f"hpcdyn-ray-{job}" for job in (1001, 1002)]
+    for directory in claims:
+        directory.mkdir()
+    assert free_port_block(1001, claim=claims[0]) != free_port_block(1002, claim=claims[1])
 
 
 def test_wait_for_nodes_fails_fast_when_the_head_dies():
