@@ -309,18 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_simulate, _add_likelihood, _add_info, _add_train, _add_evaluate):
         add(commands)
-    from hpcdyn import ensemble_command
+    # The distributed and analysis commands live in their own modules (each imports ray or
+    # xarray only when it runs).
+    from hpcdyn import analyze_command, ensemble_command, pipeline_command, slurm_command, sweep_command
 
-    ensemble_command.add_parser(commands)
-    from hpcdyn import sweep_command
-
-    sweep_command.add_parser(commands)
-    from hpcdyn import analyze_command
-
-    analyze_command.add_parser(commands)
-    from hpcdyn import slurm_command
-
-    slurm_command.add_parser(commands)
+    for module in (sweep_command, ensemble_command, analyze_command, pipeline_command, slurm_command):
+        module.add_parser(commands)
     return parser
 
 

@@ -477,3 +477,25 @@ def results_attrs(study: Study, points: list[dict[str, Any]], smoke: bool = Fals
     if len(data) == 1:
         attrs["true_rates"] = true_rates(setups[0].system)
     return attrs
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    """What a finished sweep leaves beside its Tune results: the Dataset, its figures and N*."""
+
+    dataset: Any  # xarray.Dataset
+    results_path: Path
+    figures: list[Path]
+    plateau: Any  # hpcdyn.sweep_results.Plateau or None
+
+
+def finish_sweep(outcome: SweepOutcome, smoke: bool = False) -> SweepSummary:
+    """Turn a sweep's ResultGrid into its Dataset (saved as results.zarr) and figures beside it."""
+    from hpcdyn.sweep_results import records_from_result_grid, results_dataset, save_results, write_figures
+
+    records = records_from_result_grid(outcome.result_grid)
+    dataset = results_dataset(records, outcome.study.swept_keys, results_attrs(outcome.study, outcome.points, smoke))
+    results_path = save_results(dataset, outcome.path)
+    figures, plateau = write_figures(dataset, outcome.path)
+    return SweepSummary(dataset, results_path, figures, plateau)
+

@@ -69,8 +69,7 @@ def _assignments(items: list[str], option: str, axis: bool) -> dict[str, Any]:
 
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.cli import _show_progress
-    from hpcdyn.sweep import Resources, results_attrs, run_sweep
-    from hpcdyn.sweep_results import records_from_result_grid, results_dataset, save_results, write_figures
+    from hpcdyn.sweep import Resources, finish_sweep, run_sweep
     from hpcdyn.systems import ConfigurationError
     from sweeps import get_study
 
@@ -92,10 +91,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         asha=args.asha,
         progress=_show_progress(args),
     )
-    dataset = results_dataset(records_from_result_grid(outcome.result_grid), study.swept_keys,
-                              results_attrs(study, outcome.points, args.smoke))  # fmt: skip
-    results_path = save_results(dataset, outcome.path)
-    figures, plateau = write_figures(dataset, outcome.path)
+    finished = finish_sweep(outcome, smoke=args.smoke)
+    dataset, results_path, figures, plateau = finished.dataset, finished.results_path, finished.figures, finished.plateau
     summary: dict[str, Any] = {
         "sweep": str(outcome.path),
         "trials": len(outcome.points),

@@ -1,0 +1,256 @@
+"""The whole study in one call: learn the dynamics from one trajectory, then predict at other densities.
+
+    run_pipeline("quick", "runs/pipeline")
+
+Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
+
+1. sweep: the N_theta study (Mode 1 and Mode 2) on a trajectory simulated at density 0.124;
+   results.zarr, figures and the plateau N* (``hpcdyn.sweep``);
+2. model: the trial with the best held-out U/T; its checkpoint is copied to DIR/models/NAME so the
+   ensemble keeps a stable, named copy whatever Tune later does with its own checkpoints;
+3. ensemble: original and learned dynamics at several densities (``hpcdyn.ensemble``);
+4. report: observables, phase diagrams and report.md (``analysis.report``).
+
+Rerunning the same call resumes: the sweep restores (finished trials are kept), the ensemble skips
+the units its manifest lists, the model copy is checked against its digest, and the report is redone
+(it is cheap). DIR/pipeline.json records the preset and each finished stage; a different preset in
+the same directory is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from hpcdyn.systems import ConfigurationError
+
+RECORD = "pipeline.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePreset:
+    """Sizes of every stage of one pipeline run."""
+
+    name: str
+    smoke_sweep: bool  # the ntheta study's smoke size, else its full size
+    sweep_overrides: tuple[tuple[str, Any], ...]  # dotted keys fixed for every trial
+    sweep_grids: tuple[tuple[str, tuple[Any, ...]], ...]  # grid axes replaced (hpcdyn.sweep.Study.with_overrides)
+    densities: tuple[float, ...]
+    replicas: int
+    t_final: float
+    snapshot_every: float
+    burn_in: float
+    seed: int = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["sweep_overrides"] = dict(self.sweep_overrides)
+        values["sweep_grids"] = {key: list(axis) for key, axis in self.sweep_grids}
+        values["densities"] = list(self.densities)
+        return values
+
+
+PRESETS = {
+    # Minutes on 2 CPU cores: the smoke N_theta scan (tiny models, 12 x 12 lattice), then original
+    # and learned dynamics at the training density and at two phase-separating densities.
+    "quick": PipelinePreset(
+        name="quick",
+        smoke_sweep=True,
+        sweep_overrides=(),
+        sweep_grids=(),
+        densities=(0.124, 0.3, 0.5),
+        replicas=8,
+        t_final=60.0,
+        snapshot_every=2.0,
+        burn_in=20.0,
+    ),
+    # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
+    # 30 x 30 lattice, ensembles from density 0.1 to 0.6.
+    "paper": PipelinePreset(
+        name="paper",
+        smoke_sweep=False,
+        sweep_overrides=(("data.L", 30), ("data.t_final", 300.0)),
+        sweep_grids=(),
+        densities=(0.1, 0.124, 0.2, 0.3, 0.4, 0.5, 0.6),
+        replicas=64,
+        t_final=400.0,
+        snapshot_every=2.0,
+        burn_in=100.0,
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """Where and how the stages run."""
+
+    address: str | None = None  # a Ray cluster; None starts a local Ray
+    num_cpus: int | None = None  # size of a local Ray
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    progress: bool = False
+
+
+def get_preset(name: str) -> PipelinePreset:
+    if name not in PRESETS:
+        raise ConfigurationError(f"preset: no preset named {name!r}; the presets are {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _read_record(out: Path) -> dict[str, Any]:
+    path = out / RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    temporary = out / f".{RECORD}.{uuid.uuid4().hex[:8]}"
+    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    temporary.replace(out / RECORD)
+
+
+def _check_same_preset(record: dict[str, Any], preset: PipelinePreset, out: Path) -> None:
+    if record and record.get("preset") != preset.as_dict():
+        raise ConfigurationError(
+            f"out: {out} holds a pipeline run with preset {record.get('preset', {}).get('name')!r} and other "
+            f"settings; resume it with the same preset or choose another --out"
+        )
+
+
+def sweep_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """The N_theta study; returns its summary (N*, results path, the chosen trial)."""
+    from hpcdyn.sweep import Resources, finish_sweep, run_sweep
+    from sweeps import get_study
+
+    study = get_study("ntheta", smoke=preset.smoke_sweep).with_overrides(
+        dict(preset.sweep_overrides), dict(preset.sweep_grids)
+    )
+    outcome = run_sweep(
+        study,
+        storage=out / "sweeps",
+        name="ntheta",
+        address=options.address,
+        num_cpus=options.num_cpus,
+        resources=Resources(options.cpus_per_trial, options.gpus_per_trial, None),
+        progress=options.progress,
+    )
+    if outcome.errors:
+        raise ConfigurationError(
+            f"sweep: {len(outcome.errors)} trial(s) failed after retries; rerun the pipeline to retry them "
+            f"(first error: {str(outcome.errors[0]).splitlines()[0][:200]})"
+        )
+    finished = finish_sweep(outcome, smoke=preset.smoke_sweep)
+    best = best_trial(finished.dataset)
+    plateau = finished.plateau
+    return {
+        "path": str(outcome.path),
+        "results": str(finished.results_path),
+        "figures": [str(path) for path in finished.figures],
+        "n_star": None if plateau is None else plateau.n_star,
+        "best_trial": best,
+    }
+
+
+def best_trial(dataset) -> dict[str, Any]:
+    """The finished trial with the highest held-out U/T: its coordinates, figures and checkpoint."""
+    import numpy as np
+
+    scores = dataset["val_U_per_T"].where(dataset["status"] == "done")
+    if int(scores.notnull().sum()) == 0:
+        raise ConfigurationError("sweep: no trial finished; nothing to simulate")
+    flat = scores.stack(trial_index=scores.dims)
+    chosen = flat.isel(trial_index=int(np.nanargmax(flat.values)))
+    coordinates = {name: chosen[name].item() for name in scores.dims}
+    location = dataset.sel(coordinates)
+    return {
+        "coordinates": {name: (value if not isinstance(value, float) or value == value else None) for name, value in coordinates.items()},
+        "trial": str(location["trial"].item()),
+        "checkpoint": str(location["checkpoint"].item()),
+        "val_U_per_T": float(location["val_U_per_T"].item()),
+        "true_val_U_per_T": float(location["true_val_U_per_T"].item()),
+        "gap_per_event": float(location["gap_per_event"].item()),
+    }
+
+
+def model_stage(best: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Copy the chosen checkpoint to DIR/models/learned/best.pt (atomically; kept if already there)."""
+    from hpcdyn.ensemble import file_digest
+
+    source = Path(best["checkpoint"])
+    directory = out / "models" / "learned"
+    target = directory / "best.pt"
+    if not target.exists():
+        if not source.exists():
+            raise ConfigurationError(f"sweep: the best trial's checkpoint {source} is missing; rerun the pipeline")
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".best.pt.{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(source, temporary)
+        temporary.replace(target)
+    return {"run_dir": str(directory), "sha256": file_digest(target), "from_trial": best["trial"]}
+
+
+def ensemble_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble
+
+    config = EnsembleConfig(
+        models=("original", model_dir),
+        densities=preset.densities,
+        replicas=preset.replicas,
+        t_final=preset.t_final,
+        snapshot_every=preset.snapshot_every,
+        burn_in=preset.burn_in,
+        seed=preset.seed,
+    )
+    placement = Placement(address=options.address, cpus_per_actor=options.cpus_per_actor,
+                          gpus_per_actor=options.gpus_per_actor)  # fmt: skip
+    return run_ensemble(config, out / "ensemble.zarr", placement, progress=options.progress)
+
+
+def report_stage(out: Path, sweep_path: str, options: PipelineOptions) -> dict[str, Any]:
+    from analysis.report import write_report
+
+    summary = write_report(out / "ensemble.zarr", out / "report", sweep=sweep_path, overwrite=True, progress=options.progress)
+    return {"path": str(out / "report"), "report": str(out / "report" / "report.md"), "figures": summary["figures"],
+            "differences": summary.get("differences")}  # fmt: skip
+
+
+def run_pipeline(
+    preset: str | PipelinePreset,
+    out: str | Path,
+    options: PipelineOptions = PipelineOptions(),
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Run (or resume) the whole study into ``out``; returns the record also written to pipeline.json."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    out = Path(out).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    record = _read_record(out)
+    _check_same_preset(record, preset, out)
+    record.update({"preset": preset.as_dict(), "stages": record.get("stages", {})})
+    stages = record["stages"]
+    begin = time.perf_counter()
+
+    def finish(stage: str, result: dict[str, Any]) -> dict[str, Any]:
+        stages[stage] = {**result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_record(out, record)
+        log(f"{stage}: done ({time.perf_counter() - begin:.0f} s since start)")
+        return result
+
+    log("sweep: N_theta study (Mode 1 and Mode 2) on the training trajectory")
+    sweep = finish("sweep", sweep_stage(preset, out, options))
+    log(f"sweep: N* = {sweep['n_star']}; best trial {sweep['best_trial']['trial']} "
+        f"(held-out gap {sweep['best_trial']['gap_per_event']:.3g} nats/event)")  # fmt: skip
+    model = finish("model", model_stage(sweep["best_trial"], out))
+    log(f"ensemble: original and learned dynamics at densities {list(preset.densities)}")
+    finish("ensemble", ensemble_stage(preset, model["run_dir"], out, options))
+    log("report: observables and phase diagrams")
+    finish("report", report_stage(out, sweep["path"], options))
+    record["seconds_this_run"] = time.perf_counter() - begin
+    _write_record(out, record)
+    return record

@@ -1,0 +1,76 @@
+"""The whole study in one call, at a tiny size, on a real local Ray: every stage's output exists and
+is consistent, and a rerun reuses what is done instead of redoing it."""
+
+import dataclasses
+import json
+
+import pytest
+import xarray as xr
+
+from hpcdyn.pipeline import PRESETS, run_pipeline
+from hpcdyn.systems import ConfigurationError
+
+TINY = dataclasses.replace(
+    PRESETS["quick"],
+    name="tiny",
+    sweep_overrides=(("data.t_final", 8.0), ("training.epochs", 1), ("training.patience", 1)),
+    sweep_grids=(("model.n_classes", (1, 2)), ("training.seed", (0,))),
+    densities=(0.124, 0.3),
+    replicas=2,
+    t_final=4.0,
+    snapshot_every=1.0,
+    burn_in=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from hpcdyn.cluster import init_ray
+
+    ray = init_ray(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_session):
+    out = tmp_path / "study"
+    record = run_pipeline(TINY, out)
+    stages = record["stages"]
+    assert list(stages) == ["sweep", "model", "ensemble", "report"]
+    # the sweep: Mode 2 with N_theta 1, 2 and Mode 1 (3 trials), the best one by held-out U/T
+    results = xr.open_zarr(stages["sweep"]["results"], consolidated=False)
+    assert int((results["status"] == "done").sum()) == 3
+    best = stages["sweep"]["best_trial"]
+    assert best["val_U_per_T"] == pytest.approx(float(results["val_U_per_T"].max()))
+    # the model copy and the ensemble of original and learned dynamics
+    assert (out / "models" / "learned" / "best.pt").exists()
+    ensemble = xr.open_zarr(stages["ensemble"]["store"])
+    assert list(ensemble["model"].values) == ["original", "learned"]
+    assert list(ensemble["density"].values) == [0.124, 0.3]
+    assert ensemble.sizes["replica"] == 2
+    assert stages["ensemble"]["units_skipped"] == 0
+    # the report
+    report = (out / "report" / "report.md").read_text()
+    assert "learned" in report and "original" in report
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert {row["model"] for row in summary["results"]} == {"original", "learned"}
+    assert json.loads((out / "pipeline.json").read_text())["stages"].keys() == stages.keys()
+
+    again = run_pipeline(TINY, out)["stages"]
+    assert again["ensemble"]["units_run"] == 0 and again["ensemble"]["units_skipped"] == stages["ensemble"]["units"]
+    assert again["model"]["sha256"] == stages["model"]["sha256"]
+    assert again["sweep"]["best_trial"] == best
+
+
+def test_another_preset_in_the_same_directory_is_refused(tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"preset": PRESETS["paper"].as_dict(), "stages": {}}))
+    with pytest.raises(ConfigurationError, match="^out: .* preset 'paper'"):
+        run_pipeline("quick", out)
+
+
+def test_unknown_preset_lists_the_known_ones(tmp_path):
+    with pytest.raises(ConfigurationError, match="^preset: .*paper, quick"):
+        run_pipeline("huge", tmp_path / "study")
