@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    builds .venv and runs the main job on the embedded default (small preset)
+#   make run    builds .venv and runs the main job (the whole study, quick preset, local Ray)
 #   make test   builds .venv and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,10 +23,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: install
-	$(BIN)/hpcdyn simulate --system active --preset paper --t-final 200 --seed 1 \
-		--snapshot-every 10 --out $(RUN_DIR)/paper.zarr --overwrite --progress
-	$(BIN)/hpcdyn info $(RUN_DIR)/paper.zarr
-	$(BIN)/hpcdyn likelihood $(RUN_DIR)/paper.zarr
+	$(BIN)/hpcdyn pipeline --preset quick --out $(RUN_DIR)/pipeline --progress
 
 test: install
 	$(BIN)/python -m pytest -q
