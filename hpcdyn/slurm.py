@@ -48,6 +48,8 @@ PORT_OFFSETS = {  # port of each Ray service = block base + offset; workers get 
     "runtime_env_agent": 8,
 }
 FIRST_WORKER_PORT_OFFSET = 10
+# Claims on port blocks live in one place per node, whatever temp dirs the jobs use.
+CLAIM_ROOT = "/tmp"
 _TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEMORY_PATTERN = re.compile(r"^\d+[KMGT]?$")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -194,6 +196,7 @@ def render_ray_job(resources: JobResources, settings: RaySettings, driver: Seque
         "driver": shlex.join(driver),
         "port_block": str(PORT_BLOCK),
         "first_worker_port": str(FIRST_WORKER_PORT_OFFSET),
+        "claim_root": CLAIM_ROOT,
         **{f"port_{name}": str(offset) for name, offset in PORT_OFFSETS.items()},
     }
     return _fill(RAY_JOB_TEMPLATE, values)
@@ -288,14 +291,16 @@ def free_port_block(
     claim: str | os.PathLike | None = None,
     port_range: tuple[int, int] = PORT_RANGE,
     block: int = PORT_BLOCK,
+    claim_root: str | os.PathLike = CLAIM_ROOT,
 ) -> int:
     """Base port of a block whose ports are all free on this node, searched from the job's own block.
 
     Each node of a job starts from its own block (job id plus the node's index in the job, modulo
     the number of blocks) and skips blocks in use. With ``claim`` (the node's per-job Ray temp dir,
-    which exists while the job runs) the block is also claimed, by a symlink beside that dir
-    pointing to it, so a job that probes before another has bound its ports still sees them taken.
-    A claim whose dir is gone (its job ended) is stale and is taken over.
+    which exists while the job runs) the block is also claimed, by a symlink
+    ``claim_root/hpcdyn-ray-ports-<base>`` pointing to that dir, so a job that probes before another
+    has bound its ports still sees them taken. A claim whose dir is gone (its job ended) is stale
+    and is taken over.
     """
     low, high = port_range
     count = (high - low) // block
@@ -304,22 +309,17 @@ def free_port_block(
     _require(owner is None or owner.is_dir(), "claim", f"{claim} is not a directory")
     for step in range(count):
         base = low + ((job_id + node_index + step) % count) * block
-        if owner is not None and not _claim_block(base, owner):
+        link = Path(claim_root) / f"hpcdyn-ray-ports-{base}"
+        if owner is not None and not _claim_block(link, owner):
             continue
         if all(_port_free(port) for port in range(base, base + block)):
             return base
         if owner is not None:
-            claim_link(base, owner).unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
     raise ConfigurationError(f"ports: no free block of {block} ports in {low}-{high} on {socket.gethostname()}")
 
 
-def claim_link(base: int, owner: Path) -> Path:
-    """Where the claim on a port block lives: beside the claiming job's Ray temp dir."""
-    return owner.parent / f"hpcdyn-ray-ports-{base}"
-
-
-def _claim_block(base: int, owner: Path) -> bool:
-    link = claim_link(base, owner)
+def _claim_block(link: Path, owner: Path) -> bool:
     for _ in range(2):
         try:
             os.symlink(owner, link)  # atomic: of two jobs claiming at once, one wins
@@ -455,6 +455,10 @@ node_port_options() {
         "--min-worker-port=$((base + {{first_worker_port}})) --max-worker-port=$((base + {{port_block}} - 1))"
 }
 
+release_ports() {  # BASE DIR: drop the claim on a port block if DIR's job holds it
+    local link="{{claim_root}}/hpcdyn-ray-ports-$1"
+    if [ -n "$1" ] && [ "$(readlink "$link" 2>/dev/null)" = "$2" ]; then rm -f "$link"; fi
+}
 # A worker node: runs under srun, stops its `ray start` on SIGINT (forwarded by srun) or SIGTERM, cleans up.
 ray_worker() {
     local base dir="$ray_tmp-$SLURMD_NODENAME" pid
@@ -468,7 +472,8 @@ ray_worker() {
     pid=$!
     trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
     wait "$pid" || wait "$pid" || true
-    rm -rf "$dir" "$spill_dir" "$(dirname "$dir")/hpcdyn-ray-ports-$base"
+    release_ports "$base" "$dir"
+    rm -rf "$dir" "$spill_dir"
 }
 
 head_base="" head_pid="" workers_pid="" driver_pid="" reaper_pid="" signals=0 requeue_at_end=0
@@ -487,7 +492,8 @@ stop_ray() {
     stop_pid "$workers_pid" "the Ray workers" INT
     stop_pid "$head_pid" "the Ray head"
     workers_pid="" head_pid=""
-    rm -rf "$ray_tmp" "$spill_dir" "$HPCDYN_RAY_TMP_ROOT/hpcdyn-ray-ports-$head_base"
+    release_ports "$head_base" "$ray_tmp"
+    rm -rf "$ray_tmp" "$spill_dir"
 }
 stop_driver() {  # SIGINT first (Tune saves its state), SIGTERM then SIGKILL if it lingers
     signals=$((signals + 1))
@@ -518,7 +524,7 @@ ray start --head --block --node-ip-address="$head_ip" --port="$((head_base + {{p
     --disable-usage-stats &
 head_pid=$!
 if [ "$nodes" -gt 1 ]; then
-    export -f ray_worker node_cpus node_gpus node_memory_options node_port_options
+    export -f ray_worker release_ports node_cpus node_gpus node_memory_options node_port_options
     srun --nodes=$((nodes - 1)) --ntasks=$((nodes - 1)) --ntasks-per-node=1 --relative=1 --overlap \
         --kill-on-bad-exit=0 --disable-status bash -c ray_worker &
     workers_pid=$!

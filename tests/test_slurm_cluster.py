@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdyn.slurm import JobResources, OriginalEnsemble, RaySettings, render_array_job, render_ray_job, write_script
+from hpcdyn.slurm import CLAIM_ROOT, JobResources, OriginalEnsemble, RaySettings, render_array_job, render_ray_job, write_script
 
 pytestmark = pytest.mark.slow
 
@@ -163,13 +163,17 @@ def jobs(slurm, slurm_pair):
 
 
 def _ray_leftovers(slurm: Slurm, job_id: str) -> list[str]:
-    """Directories and processes of a job's Ray (head, workers, spill) that outlived it."""
+    """Directories, port-block claims and processes of a job's Ray (head, workers) that outlived it."""
     names = (f"hpcdyn-ray-{job_id}", f"hpcdyn-ray-spill-{job_id}")
     leftovers = [path.name for path in slurm.ray_root.iterdir() if path.name in names or path.name.startswith(f"hpcdyn-ray-{job_id}-")]
-    markers = [f"{slurm.ray_root}/hpcdyn-ray-{job_id}/".encode(), f"{slurm.ray_root}/hpcdyn-ray-{job_id}-".encode()]
+    markers = (f"{slurm.ray_root}/hpcdyn-ray-{job_id}/", f"{slurm.ray_root}/hpcdyn-ray-{job_id}-")  # head, worker dirs
+    for link in Path(CLAIM_ROOT).glob("hpcdyn-ray-ports-*"):
+        with contextlib.suppress(OSError):
+            if (os.readlink(link) + "/").startswith(markers):
+                leftovers.append(link.name)
     for process in Path("/proc").iterdir():
         try:
-            command = (process / "cmdline").read_bytes() if process.name.isdigit() else b""
+            command = (process / "cmdline").read_bytes().decode(errors="replace") if process.name.isdigit() else ""
         except OSError:
             continue
         if any(marker in command for marker in markers):
@@ -281,4 +285,3 @@ def test_ray_job_across_two_nodes(slurm_pair, jobs):
     assert len({unit["node"] for unit in units}) == 2, "every unit ran on one node: the worker did not serve"
     assert "sending Ctrl-C to StepId" in log  # the workers were stopped through srun, then the head
     assert _ray_leftovers(slurm_pair, job_id) == [], log
-    assert not list(slurm_pair.ray_root.glob("hpcdyn-ray-ports-*")), "port-block claims left behind"

@@ -210,13 +210,13 @@ def test_port_block_claims_keep_jobs_apart_before_they_bind(tmp_path):
     first, second, third = (tmp_path / f"hpcdyn-ray-{name}" for name in ("a", "b", "c"))
     for directory in (first, second, third):
         directory.mkdir()
-    claimed = free_port_block(77, claim=first)
+    claimed = free_port_block(77, claim=first, claim_root=tmp_path)
     # A job whose search starts at the same block sees the claim although no port is bound yet.
-    other = free_port_block(77, claim=second)
+    other = free_port_block(77, claim=second, claim_root=tmp_path)
     assert other != claimed
-    assert free_port_block(77, claim=first) == claimed  # its own claim: a requeued job keeps its block
+    assert free_port_block(77, claim=first, claim_root=tmp_path) == claimed  # its own: a requeued job keeps it
     first.rmdir()  # the claiming job ended without cleaning up: its claim is stale
-    assert free_port_block(77, claim=third) == claimed
+    assert free_port_block(77, claim=third, claim_root=tmp_path) == claimed
     assert os.readlink(tmp_path / f"hpcdyn-ray-ports-{claimed}") == str(third)
 
 
@@ -228,7 +228,7 @@ def test_port_blocks_of_jobs_on_one_node_differ(tmp_path):
     claims = [tmp_path / f"hpcdyn-ray-{job}" for job in (1001, 1002)]
     for directory in claims:
         directory.mkdir()
-    assert free_port_block(1001, claim=claims[0]) != free_port_block(1002, claim=claims[1])
+    assert free_port_block(1001, claim=claims[0], claim_root=tmp_path) != free_port_block(1002, claim=claims[1], claim_root=tmp_path)
 
 
 def test_wait_for_nodes_fails_fast_when_the_head_dies():
