@@ -46,19 +46,23 @@ def batch_start(system, replicas: int):
 
 
 def batched_rate(model, system, replicas: int, seconds: float, device: str) -> tuple[float, float]:
-    """(draws per second, fraction of draws applied) over a run of about ``seconds``."""
+    """(draws per second, fraction applied, share of a step spent in the network) over about ``seconds``."""
     positions, states, keys = batch_start(system, replicas)
     with torch.inference_mode():
         escape = float(model(torch.as_tensor(positions[:1], device=device), torch.as_tensor(states[:1], device=device)).double().exp().sum())
-    probe_steps = 8
+    probe_steps = 2
     begin = time.perf_counter()  # also the warm-up
     simulate_batched(model, system, positions, states, keys, probe_steps / escape, device=device, sync_every=probe_steps)
     per_step = (time.perf_counter() - begin) / probe_steps
-    steps = max(4, int(seconds / per_step))
+    steps = max(3, int(seconds / per_step))
     begin = time.perf_counter()
     result = simulate_batched(model, system, positions, states, keys, steps / escape, device=device)
     elapsed = time.perf_counter() - begin
-    return result.draws.sum() / elapsed, result.events.sum() / max(result.draws.sum(), 1)
+    with torch.inference_mode():  # the network alone, to show what the simulator adds around it
+        begin = time.perf_counter()
+        model(torch.as_tensor(positions, device=device), torch.as_tensor(states, device=device)).sum().item()
+        network = (time.perf_counter() - begin) / (elapsed / result.steps)
+    return result.draws.sum() / elapsed, result.events.sum() / max(result.draws.sum(), 1), network
 
 
 def compiled_rate(system, seconds: float) -> float:
@@ -91,7 +95,7 @@ def ray_overhead(seconds_per_unit: float, units: int) -> dict[str, float]:
                  "store": {"params": system.params()}}  # fmt: skip
         save_checkpoint(state, run / "best.pt")
         torch.set_num_threads(1)
-        draws_per_second, _ = batched_rate(model, system, block, 2.0, "cpu")
+        draws_per_second, _, _ = batched_rate(model, system, block, 2.0, "cpu")
         escape = 6 * system.N  # the untrained model's rates are all about 1
         t_final = seconds_per_unit * draws_per_second / block / escape
         config = EnsembleConfig(models=(str(run),), densities=(DENSITIES[112],), replicas=block * units,
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128, 1024], help="lock-step batch sizes B")
     parser.add_argument("--particles", type=int, nargs="+", default=[112, 450], choices=sorted(DENSITIES))
     parser.add_argument("--seconds", type=float, default=6.0, help="time per measurement")
+    parser.add_argument("--max-tokens", type=int, default=1 << 17, help="skip batches with B x N above this (CPU time)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the batched runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ray-units", type=int, default=4, help="units of the Ray overhead ensemble (0: skip)")
@@ -134,14 +139,17 @@ def main() -> None:
     for particles in args.particles:
         system = make_system("active", {"density": DENSITIES[particles]}, preset="paper")
         for batch in args.batches:
-            rate, applied = batched_rate(model, system, batch, args.seconds, args.device)
-            rows.append(f"| learned (transformer) | {particles} | {batch} | {rate_text(rate)} | {applied:.2f} |")
+            if batch * particles > args.max_tokens:
+                rows.append(f"| learned (transformer) | {particles} | {batch} | skipped: B x N > --max-tokens | | |")
+                continue
+            rate, applied, network = batched_rate(model, system, batch, args.seconds, args.device)
+            rows.append(f"| learned (transformer) | {particles} | {batch} | {rate_text(rate)} | {applied:.2f} | {network:.0%} |")
             print(rows[-1], flush=True)
     paper = make_system("active", {"density": DENSITIES[112]}, preset="paper")
-    true_rate, _ = batched_rate(true_rate_model(paper).to(args.device), paper, 128, args.seconds, args.device)
+    true_rate, _, network = batched_rate(true_rate_model(paper).to(args.device), paper, 128, args.seconds, args.device)
     compiled = compiled_rate(paper, args.seconds)
-    rows.append(f"| true rates (torch) | 112 | 128 | {rate_text(true_rate)} | 1.00 |")
-    rows.append(f"| compiled n-fold way (baseline) | 112 | 1 | {rate_text(compiled)} | 1.00 |")
+    rows.append(f"| true rates (torch) | 112 | 128 | {rate_text(true_rate)} | 1.00 | {network:.0%} |")
+    rows.append(f"| compiled n-fold way (baseline) | 112 | 1 | {rate_text(compiled)} | 1.00 | |")
     print("\n".join(rows[-2:]), flush=True)
     overhead = ray_overhead(args.ray_seconds_per_unit, args.ray_units) if args.ray_units else None
     body = report(args, rows, overhead)
@@ -153,7 +161,7 @@ def main() -> None:
 def report(args, rows, overhead) -> str:
     command = "python benchmarks/bench_batched.py " + " ".join(
         [f"--batches {' '.join(map(str, args.batches))}", f"--particles {' '.join(map(str, args.particles))}",
-         f"--seconds {args.seconds:g}", f"--threads {args.threads}", f"--device {args.device}",
+         f"--seconds {args.seconds:g}", f"--max-tokens {args.max_tokens}", f"--threads {args.threads}", f"--device {args.device}",
          f"--ray-units {args.ray_units}", f"--ray-seconds-per-unit {args.ray_seconds_per_unit:g}", "--write"]
     )  # fmt: skip
     load = os.getloadavg()[0]
@@ -165,11 +173,12 @@ def report(args, rows, overhead) -> str:
         f"shared), torch {torch.__version__} with {args.threads} thread(s), Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d')}. Model: d_model 64, 4 heads, 2 layers, d_ff 128 on a 30 x 30 lattice.",
         "Events per second count every draw of the chain (an applied move, or a move onto an occupied site that is",
-        "rejected: the untrained network puts rate on those); 'applied' is the fraction applied.",
+        "rejected: the untrained network puts rate on those); 'applied' is the fraction applied; 'network' is the",
+        "share of a lock-step step spent in the rate model's forward pass (the rest is the simulator).",
         "DESIGN anchor on CPU: about 4 k events/s at N = 112, B = 128.",
         "",
-        "| rate model | N | B | events/s | applied |",
-        "|---|---:|---:|---:|---:|",
+        "| rate model | N | B | events/s | applied | network |",
+        "|---|---:|---:|---:|---:|---:|",
         *rows,
     ]
     if overhead:
