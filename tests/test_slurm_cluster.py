@@ -138,8 +138,9 @@ def jobs(slurm, slurm_pair):
     ray_script = _ray_script(slurm)
     progress = [sys.executable, str(REPOSITORY / "tests" / "ray_progress_driver.py"), "--units", "4", "--seconds", "1"]
     submitted = {
-        "two_nodes": slurm_pair.submit(_ray_script(slurm_pair), *progress, "--parallel", "2",
-                                       "--out", str(slurm_pair.directory / "progress"), options=("--nodes=2",)),  # fmt: skip
+        "two_nodes": slurm_pair.submit(_ray_script(slurm_pair), *progress[:-4], "--units", "8", "--seconds", "2",
+                                       "--parallel", "2", "--out", str(slurm_pair.directory / "progress"),
+                                       options=("--nodes=2",)),  # fmt: skip
         "progress_a": slurm.submit(ray_script, *progress, "--out", str(directory / "progress-a")),
         "progress_b": slurm.submit(ray_script, *progress, "--out", str(directory / "progress-b")),
         "ensemble": slurm.submit(
@@ -273,15 +274,26 @@ def test_job_array_simulates_the_original_dynamics_without_ray(slurm, jobs):
     assert sorted(path.stat().st_mtime_ns for path in (slurm.directory / "original").rglob("*.json")) == stamps
 
 
-def test_ray_job_across_two_nodes(slurm_pair, jobs):
+def test_ray_job_across_two_nodes_requeues_itself_at_the_time_limit_signal(slurm_pair, jobs):
     job_id = jobs["two_nodes"]
+    out = slurm_pair.directory / "progress"
+    deadline = time.monotonic() + 180
+    while len(list(out.glob("unit-*.json"))) < 2:
+        assert slurm_pair.in_queue(job_id) and time.monotonic() < deadline, slurm_pair.log(job_id)
+        time.sleep(0.5)
+    # What --signal=B:USR1@N does before the time limit: SIGUSR1 to the batch shell only.
+    slurm_pair.run("scancel", "--signal=USR1", "--batch", job_id)
     record = slurm_pair.wait(job_id, timeout=240)
     log = slurm_pair.log(job_id)
-    assert record["JobState"] == "COMPLETED" and record["NodeList"] == "node[1-2]", log
-    out = slurm_pair.directory / "progress"
-    cluster = json.loads((out / "cluster-0.json").read_text())
-    assert cluster["nodes"] == 2 and cluster["resources"]["CPU"] == 2.0  # one CPU from each node's allocation
-    units = [json.loads((out / f"unit-{unit}.json").read_text()) for unit in range(4)]
-    assert len({unit["node"] for unit in units}) == 2, "every unit ran on one node: the worker did not serve"
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1" and record["NodeList"] == "node[1-2]", log
+    assert "time limit near" in log and f"requeueing job {job_id}" in log
+    units = [json.loads((out / f"unit-{unit}.json").read_text()) for unit in range(8)]
+    before = [unit for unit in units if unit["restart"] == 0]
+    assert 2 <= len(before) < 8 and f"restart 1: {len(before)} units done before, {8 - len(before)} to do" in log
+    for restart in (0, 1):
+        cluster = json.loads((out / f"cluster-{restart}.json").read_text())
+        assert cluster["nodes"] == 2 and cluster["resources"]["CPU"] == 2.0  # one CPU from each node's allocation
+    # Two units at a time, one CPU per node: the first run's units ran on both nodes.
+    assert len({unit["node"] for unit in before}) == 2, "every unit ran on one node: the worker did not serve"
     assert "sending Ctrl-C to StepId" in log  # the workers were stopped through srun, then the head
     assert _ray_leftovers(slurm_pair, job_id) == [], log
