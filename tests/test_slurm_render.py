@@ -67,6 +67,10 @@ GOLDEN_CASES = {
         "-- hpcdyn ensemble --model original --model /shared/hpcdyn/runs/mode2 --density 0.124 0.2 0.3 0.4 0.5 "
         "--replicas 32 --t-final 1000 --snapshot-every 10 --seed 1 --out /shared/hpcdyn/ensemble.zarr --gpus-per-actor 0.5"
     ),
+    "slurm/pipeline.sbatch": (
+        "ray --job-name pipeline --nodes 2 --cpus 16 --gpus 4 --time 1-00:00:00 "
+        "-- hpcdyn pipeline --preset paper --out /shared/hpcdyn/pipeline --gpus-per-trial 0.25 --gpus-per-actor 0.5"
+    ),
     "slurm/original-array.sbatch": (
         "array --density 0.1 0.2 0.3 0.4 0.5 0.6 --replicas 16 --t-final 1000 --snapshot-every 10 --seed 1 "
         "--out-dir /shared/hpcdyn/original --cpus 1 --time 02:00:00"
