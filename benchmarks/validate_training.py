@@ -39,7 +39,7 @@ def active_system(density: float = 0.124):
 
 def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, segment_events: int = 64):
     config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=segment_events, seed=seed, patience=epochs)
-    run_dir = WORK / name
+    run_dir = WORK / (name + "_rb")  # runs with the learned offset scores (the default since they were introduced)
     begin = time.perf_counter()
     result = train(config, events, run_dir, resume=True, progress=True)
     seconds = time.perf_counter() - begin
@@ -48,7 +48,7 @@ def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: f
 
 def record(part: str, figures: dict) -> None:
     model = TransformerConfig()
-    variant = {key: getattr(model, key) for key in ("d_model", "n_heads", "n_layers", "rotary", "attention_sink")}
+    variant = {key: getattr(model, key) for key in ("d_model", "n_heads", "n_layers", "rotary", "attention_sink", "relative_bias")}
     figures = {"part": part, "date": time.strftime("%Y-%m-%d"), "model": variant, **figures}
     with RUNS.open("a") as handle:
         handle.write(json.dumps(figures) + "\n")
@@ -107,7 +107,10 @@ def part_fa(args) -> None:
 
 
 def part_transfer(args) -> None:
-    run_dir = WORK / ("active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}")
+    name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
+    if (args.epochs, args.lr, args.segment_events) != (12, 3e-3, 64):
+        name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
+    run_dir = WORK / (name + "_rb")
     for density in (0.3, 0.5):
         events = simulate(active_system(density), 30.0, seed=2).events
         report = evaluate(run_dir, events)
@@ -122,7 +125,8 @@ def render_report() -> str:
     latest: dict = {}
     for record in records:
         key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"),
-               record.get("epochs"), record.get("lr"), record.get("segment_events"))  # fmt: skip
+               record.get("epochs"), record.get("lr"), record.get("segment_events"),
+               record.get("model", {}).get("relative_bias", False))  # fmt: skip
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -131,13 +135,14 @@ def render_report() -> str:
         "each part is run by `python benchmarks/validate_training.py --part PART` (2 CPU cores, 1 thread each).",
         "Gap = (U_true - U_model) / events on the held-out last 10 % of the trajectory, in nats per event.",
         "",
-        "| part | system | N_theta | epochs | lr | segment | events | val U/T | true U/T | gap / event | class rates | minutes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| part | system | offset scores | N_theta | epochs | lr | segment | events | val U/T | true U/T | gap / event | class rates | minutes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for (part, n_classes, density, *_), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
         lines.append(
-            f"| {part} | {record.get('system', f'density {density}')} | {n_classes or '-'} | {record.get('epochs', '-')} | "
+            f"| {part} | {record.get('system', f'density {density}')} | "
+            f"{'yes' if record.get('model', {}).get('relative_bias') else 'no'} | {n_classes or '-'} | {record.get('epochs', '-')} | "
             f"{record.get('lr', 0.003 if 'epochs' in record else '-')} | {record.get('segment_events', 64 if 'epochs' in record else '-')} | "
             f"{record['events']} | {record.get('val_U_per_T', record.get('U_per_T')):.2f} | "
             f"{record.get('true_val_U_per_T', record.get('true_U_per_T')):.2f} | {record['gap_per_event']:.4f} | "

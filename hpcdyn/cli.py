@@ -205,7 +205,8 @@ def _add_train(commands) -> None:
     model.add_argument("--d-ff", type=int, default=128)
     model.add_argument("--no-rotary", dest="rotary", action="store_false", help="absolute position tables only")
     model.add_argument("--no-attention-sink", dest="attention_sink", action="store_false", help="plain softmax attention")
-    model.add_argument("--relative-bias", action="store_true", help="a learned attention score per offset on the torus")
+    model.add_argument("--no-relative-bias", dest="relative_bias", action="store_false",
+                       help="no learned attention score per offset on the torus")  # fmt: skip
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=int, default=20)
     optimisation.add_argument("--lr", type=float, default=3e-3)

@@ -50,7 +50,7 @@ class TransformerConfig:
     exclusion_mask: bool = False  # opt-in: forbid hops onto occupied sites (active only)
     rotary: bool = True  # periodic 2-D rotary encoding of q and k (relative offsets on the torus)
     attention_sink: bool = True  # a learned key/value every query can attend to (add_bias_kv)
-    relative_bias: bool = False  # a learned score per head for every offset on the torus (all L^2 of them)
+    relative_bias: bool = True  # a learned score per head for every offset on the torus (all L^2 of them)
     initial_log_rate: float = 0.0  # where all log-rates start
 
     def __post_init__(self) -> None:
