@@ -307,6 +307,8 @@ def free_port_block(
     _require(count >= 1, "port_range", f"{port_range} holds no block of {block} ports")
     owner = None if claim is None else Path(os.path.abspath(claim))
     _require(owner is None or owner.is_dir(), "claim", f"{claim} is not a directory")
+    if owner is not None:  # a node holds one block per job: drop claims left by a killed earlier run
+        _release_claims(owner, Path(claim_root))
     for step in range(count):
         base = low + ((job_id + node_index + step) % count) * block
         link = Path(claim_root) / f"hpcdyn-ray-ports-{base}"
@@ -317,6 +319,15 @@ def free_port_block(
         if owner is not None:
             link.unlink(missing_ok=True)
     raise ConfigurationError(f"ports: no free block of {block} ports in {low}-{high} on {socket.gethostname()}")
+
+
+def _release_claims(owner: Path, claim_root: Path) -> None:
+    for link in claim_root.glob("hpcdyn-ray-ports-*"):
+        try:
+            if Path(os.readlink(link)) == owner:
+                link.unlink()
+        except OSError:
+            pass
 
 
 def _claim_block(link: Path, owner: Path) -> bool:
@@ -455,9 +466,16 @@ node_port_options() {
         "--min-worker-port=$((base + {{first_worker_port}})) --max-worker-port=$((base + {{port_block}} - 1))"
 }
 
+# A claim on a port block covers the moment between finding the block free and Ray binding it.
 release_ports() {  # BASE DIR: drop the claim on a port block if DIR's job holds it
     local link="{{claim_root}}/hpcdyn-ray-ports-$1"
     if [ -n "$1" ] && [ "$(readlink "$link" 2>/dev/null)" = "$2" ]; then rm -f "$link"; fi
+}
+wait_for_port() {  # PORT PID: until this node's PORT accepts connections, or PID has exited
+    while kill -0 "$2" 2>/dev/null; do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 1
+    done
 }
 # A worker node: runs under srun, stops its `ray start` on SIGINT (forwarded by srun) or SIGTERM, cleans up.
 ray_worker() {
@@ -471,8 +489,9 @@ ray_worker() {
         --disable-usage-stats &
     pid=$!
     trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
-    wait "$pid" || wait "$pid" || true
+    wait_for_port $((base + {{port_node_manager}})) "$pid" || true
     release_ports "$base" "$dir"
+    wait "$pid" || wait "$pid" || true
     rm -rf "$dir" "$spill_dir"
 }
 
@@ -524,12 +543,13 @@ ray start --head --block --node-ip-address="$head_ip" --port="$((head_base + {{p
     --disable-usage-stats &
 head_pid=$!
 if [ "$nodes" -gt 1 ]; then
-    export -f ray_worker release_ports node_cpus node_gpus node_memory_options node_port_options
+    export -f ray_worker release_ports wait_for_port node_cpus node_gpus node_memory_options node_port_options
     srun --nodes=$((nodes - 1)) --ntasks=$((nodes - 1)) --ntasks-per-node=1 --relative=1 --overlap \
         --kill-on-bad-exit=0 --disable-status bash -c ray_worker &
     workers_pid=$!
 fi
 hpcdyn slurm wait-for-nodes --address "$ray_address" --nodes "$nodes" --timeout "$HPCDYN_NODE_TIMEOUT" --pid "$head_pid"
+release_ports "$head_base" "$ray_tmp"
 
 if [ "$signals" = 0 ]; then
     log "driver: ${driver[*]} --address $ray_address"

@@ -219,6 +219,9 @@ def test_port_block_claims_keep_jobs_apart_before_they_bind(tmp_path):
     other = free_port_block(77, claim=second, claim_root=tmp_path)
     assert other != claimed
     assert free_port_block(77, claim=first, claim_root=tmp_path) == claimed  # its own: a requeued job keeps it
+    os.symlink(first, tmp_path / "hpcdyn-ray-ports-99999")  # a claim of this job from a run killed before cleanup
+    assert free_port_block(77, claim=first, claim_root=tmp_path) == claimed
+    assert not (tmp_path / "hpcdyn-ray-ports-99999").exists()  # one block per job and node
     first.rmdir()  # the claiming job ended without cleaning up: its claim is stale
     assert free_port_block(77, claim=third, claim_root=tmp_path) == claimed
     assert os.readlink(tmp_path / f"hpcdyn-ray-ports-{claimed}") == str(third)
