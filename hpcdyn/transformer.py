@@ -114,10 +114,14 @@ def rotary_angles(positions: torch.Tensor, lattice_size: int, head_width: int) -
     return functional.pad(angles, (0, padding)).unsqueeze(1)
 
 
-def relative_offsets(positions: torch.Tensor, lattice_size: int) -> torch.Tensor:
-    """Index of the offset of token j from token i on the torus, dx * L + dy, long [batch, tokens, tokens]."""
+def relative_offsets(positions: torch.Tensor, lattice_size: int, sink: bool = False) -> torch.Tensor:
+    """Index of the offset of token j from token i on the torus, dx * L + dy, long [batch, tokens, tokens].
+
+    With ``sink``, one more column holds L^2: the index of the sink's entry after the L^2 offsets.
+    """
     difference = (positions[..., None, :, :] - positions[..., :, None, :]).remainder(lattice_size)
-    return difference[..., 0] * lattice_size + difference[..., 1]
+    offsets = difference[..., 0] * lattice_size + difference[..., 1]
+    return functional.pad(offsets, (0, 1), value=lattice_size**2) if sink else offsets
 
 
 def rotate(features: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -161,21 +165,25 @@ class SelfAttention(torch.nn.Module):
         if rotation is not None:
             q, k = rotate(q, rotation), rotate(k, rotation)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        if self.sink_logit is not None:
-            # One more key/value. Its score must be the learned logit whatever the query: an extra
-            # channel, 1 in every query and logit/scale in the sink key only (0 in real keys), gives
-            # exactly that without an attention mask, which would force the slow attention kernel.
-            sink_key = functional.pad(k.new_zeros(self.n_heads, 1, k.shape[-1]), (0, 1))
-            sink_key[..., -1] = self.sink_logit.to(k.dtype).view(-1, 1) / scale
-            q = functional.pad(q, (0, 1), value=1.0)
-            k = torch.cat([functional.pad(k, (0, 1)), sink_key.expand(batch, -1, -1, -1)], dim=2)
-            v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
         bias = None
         if self.offset_bias is not None and offsets is not None:
+            # offsets index a table with the sink's logit as its last entry, so one gather gives
+            # the whole score mask, sink column included (``relative_offsets(..., sink=True)``)
             table = self.offset_bias * OFFSET_BIAS_SCALE
-            bias = table[:, offsets].transpose(0, 1).to(q.dtype)  # [batch, heads, tokens, tokens]
             if self.sink_logit is not None:
-                bias = functional.pad(bias, (0, 1))  # the sink's score is its own logit only
+                table = torch.cat([table, self.sink_logit[:, None]], dim=1)
+            bias = table.t().to(q.dtype)[offsets].permute(0, 3, 1, 2)  # [batch, heads, tokens, keys]
+        if self.sink_logit is not None:
+            # One more key/value whose score is the learned logit whatever the query.
+            v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
+            if bias is not None:  # the mask holds the logit already; the sink's key is zero
+                k = torch.cat([k, k.new_zeros(batch, self.n_heads, 1, k.shape[-1])], dim=2)
+            else:  # no mask: an extra channel, 1 in every query and logit/scale in the sink key only,
+                # keeps the efficient kernels (a mask would force the slow one)
+                sink_key = functional.pad(k.new_zeros(self.n_heads, 1, k.shape[-1]), (0, 1))
+                sink_key[..., -1] = self.sink_logit.to(q.dtype).view(-1, 1) / scale
+                q = functional.pad(q, (0, 1), value=1.0)
+                k = torch.cat([functional.pad(k, (0, 1)), sink_key.expand(batch, -1, -1, -1)], dim=2)
         attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
 
@@ -256,7 +264,9 @@ class TransformerRates(torch.nn.Module):
         if self.config.rotary:  # cos and sin once per forward, shared by every layer
             angles = rotary_angles(positions, self.config.lattice_size, self.config.d_model // self.config.n_heads)
             rotation = (angles.cos().to(h.dtype), angles.sin().to(h.dtype))
-        offsets = relative_offsets(positions, self.config.lattice_size) if self.config.relative_bias else None
+        offsets = None
+        if self.config.relative_bias:
+            offsets = relative_offsets(positions, self.config.lattice_size, sink=self.config.attention_sink)
         for block in self.blocks:
             h = block(h, rotation, offsets)
         return self.final_norm(h)
