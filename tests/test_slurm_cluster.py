@@ -10,6 +10,7 @@ stopped by PID. Skipped, with the reason, only where SLURM cannot be installed (
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -135,7 +136,9 @@ def _ray_script(slurm: Slurm) -> Path:
 
 @pytest.fixture(scope="module")
 def jobs(slurm, slurm_pair):
-    """Every job of the module, submitted at once in the order the tests need them."""
+    """Every job of the module, submitted at once in the order the tests need them, and the two
+    interruptions (a requeue, a time-limit signal), each sent from its own thread once its job is
+    part-way through, whichever test happens to be running then."""
     directory = slurm.directory
     ray_script = _ray_script(slurm)
     progress = [sys.executable, str(REPOSITORY / "tests" / "ray_progress_driver.py"), "--units", "4", "--seconds", "1"]
@@ -162,7 +165,30 @@ def jobs(slurm, slurm_pair):
     array_script = write_script(render_array_job(array_resources, ensemble), directory / "array.sbatch")
     submitted["array"] = slurm.submit(array_script)
     submitted["array_script"] = str(array_script)
-    return submitted
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as interrupter:
+        submitted["ensemble_requeued"] = interrupter.submit(
+            _when_part_done, slurm, submitted["ensemble"], directory / "ensemble.zarr" / ".manifest" / "done", "*.json",
+            lambda: slurm.run("scontrol", "requeue", submitted["ensemble"]),
+        )  # fmt: skip
+        # What --signal=B:USR1@N does before the time limit: SIGUSR1 to the batch shell only.
+        submitted["two_nodes_signalled"] = interrupter.submit(
+            _when_part_done, slurm_pair, submitted["two_nodes"], slurm_pair.directory / "progress", "unit-*.json",
+            lambda: slurm_pair.run("scancel", "--signal=USR1", "--batch", submitted["two_nodes"]),
+        )  # fmt: skip
+        yield submitted
+
+
+def _when_part_done(slurm: Slurm, job_id: str, units: Path, pattern: str, interrupt, timeout: float = 240) -> int:
+    """Once two units of the job are recorded (files ``units/pattern``) while it runs, interrupt it;
+    returns the number of units done before."""
+    deadline = time.monotonic() + timeout
+    while len(list(units.glob(pattern))) < 2:
+        assert slurm.in_queue(job_id), f"job {job_id} left the queue before it could be interrupted: {slurm.log(job_id)}"
+        assert time.monotonic() < deadline, slurm.log(job_id)
+        time.sleep(0.2)
+    done = len(list(units.glob(pattern)))
+    interrupt()
+    return done
 
 
 def _ray_leftovers(slurm: Slurm, job_id: str) -> list[str]:
@@ -216,15 +242,8 @@ def test_two_ray_jobs_share_the_node_without_meeting(slurm, jobs):
 
 def test_smoke_ensemble_requeued_while_running_resumes(slurm, jobs):
     job_id = jobs["ensemble"]
-    done = slurm.directory / "ensemble.zarr" / ".manifest" / "done"
-    deadline = time.monotonic() + 150
-    while not (done.exists() and len(list(done.glob("*.json"))) >= 2):
-        assert slurm.in_queue(job_id), f"the ensemble left the queue before it could be requeued: {slurm.log(job_id)}"
-        assert time.monotonic() < deadline, slurm.log(job_id)
-        time.sleep(0.5)
-    finished_before = len(list(done.glob("*.json")))
+    finished_before = jobs["ensemble_requeued"].result(timeout=300)
     assert finished_before < ENSEMBLE_UNITS, "the ensemble finished before the requeue; make its units longer"
-    slurm.run("scontrol", "requeue", job_id)
     record = slurm.wait(job_id, timeout=200)
     log = slurm.log(job_id)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
@@ -279,12 +298,7 @@ def test_job_array_simulates_the_original_dynamics_without_ray(slurm, jobs):
 def test_ray_job_across_two_nodes_requeues_itself_at_the_time_limit_signal(slurm_pair, jobs):
     job_id = jobs["two_nodes"]
     out = slurm_pair.directory / "progress"
-    deadline = time.monotonic() + 180
-    while len(list(out.glob("unit-*.json"))) < 2:
-        assert slurm_pair.in_queue(job_id) and time.monotonic() < deadline, slurm_pair.log(job_id)
-        time.sleep(0.5)
-    # What --signal=B:USR1@N does before the time limit: SIGUSR1 to the batch shell only.
-    slurm_pair.run("scancel", "--signal=USR1", "--batch", job_id)
+    assert 2 <= jobs["two_nodes_signalled"].result(timeout=300) < 8
     record = slurm_pair.wait(job_id, timeout=240)
     log = slurm_pair.log(job_id)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1" and record["NodeList"] == "node[1-2]", log
