@@ -42,7 +42,8 @@ def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: f
     run_dir = WORK / (name + "_rb")  # runs with the learned offset scores (the default since they were introduced)
     begin = time.perf_counter()
     result = train(config, events, run_dir, resume=True, progress=True)
-    seconds = time.perf_counter() - begin
+    # the training time of every epoch, also when the run was resumed (or only recorded) here
+    seconds = max(time.perf_counter() - begin, sum(epoch["seconds"] for epoch in result.metrics))
     return result, seconds, run_dir
 
 
@@ -151,19 +152,29 @@ def render_report() -> str:
     return "\n".join(lines) + "\n\n" + FINDINGS
 
 
-FINDINGS = """## Reading of the 2026-11-21 runs (CPU, no GPU available)
+FINDINGS = """## Reading of the runs (CPU, 2 cores shared with other jobs, no GPU available)
 
-- Mode 1 reaches a held-out gap of 0.024 nats/event on 200 k events in 12 epochs, 0.022 with
-  lr 1e-3 and 32-event segments (8 epochs) or 16 epochs of 256-event segments, and 0.020 on 400 k
-  events (6 epochs, 14 min): target 0.01 not met; more data and smaller steps help slowly. Per
-  move type (T 300 model), rotations, forward and other hops are close to the truth and forward
-  hops onto occupied sites are suppressed, but blocked *other* hops (true rate 0, exposure tiny)
-  keep a learned rate of about 0.5: most of the gap, and the reason transfer to densities 0.3 and
-  0.5 (more blocked moves) is poor (0.13 and 0.47 nats/event for the 200 k-event model; target 0.05).
-- The N_theta scan rises steeply to 3 classes and flattens after 4 (gain 3->4: 41 in U/T, 4->6: 3),
-  but the classes are not the physical ones: no class holds the blocked hops, and forward hops
-  split over two classes. The classifier cannot isolate blocked hops before the encoder has learned
-  exclusion, which Mode 1 shows is the slowest thing to learn.
+Learned offset scores (a score per head for every offset on the torus, `relative_bias`, now the
+default) changed the picture; rows with "offset scores: yes" use them.
+
+- Mode 1, 200 k events: held-out gap 0.0075 nats/event at the best epoch (7 of 16; target 0.01:
+  met), against 0.022-0.024 without offset scores on the same data. After epoch 8 the model
+  overfits (training U/T keeps rising, held-out gap back to 0.017-0.020 by epoch 16); best.pt keeps
+  the best epoch. Split by true move type on a fresh trajectory at density 0.124
+  (`hpcdyn evaluate`, `gap_by_move_type`): rotations 0.0002, forward hops 0.0021, other hops
+  0.0022, hops onto occupied sites 0.0016 nats/event; those blocked hops now get a learned rate of
+  0.04 (about 0.5 without offset scores: the heads could not single out one neighbouring site).
+- Transfer to unseen densities (the same model; targets 0.05): 0.063 at density 0.3 (0.13 before),
+  0.70 at density 0.5 (0.47 before). Not met. At 0.5 the blocked hops are fine (0.04) but the
+  allowed hops are wrong in crowded surroundings never seen at 0.124 (forward hops 10.8 instead
+  of 25, other hops 0.30 instead of 1): the model has learned a spurious dependence on crowding.
+- Mode 2, N_theta = 4, 100 k events, 10 epochs, with offset scores: gap 0.043 (0.09-0.12 before);
+  class rates 0.117, 0.944, 8.39, 25.3 against D 0.1, v_other 1, v_plus 25. Forward hops and other
+  hops each land in one class, but the blocked hops are split between the rotation class and the
+  other-hop class instead of getting a class of their own (target: a fourth class below 1e-3 D;
+  not met), and the spare class (8.4) holds a few percent of the hops.
+- The N_theta scan without offset scores rises steeply to 3 classes and flattens after 4 (gain
+  3->4: 41 in U/T, 4->6: 3); the sweeps (benchmarks/RESULTS.md) repeat it on Ray Tune.
 - Straight-through beat Gumbel-softmax: the Gumbel run on the same data became unstable after 3
   epochs (U/T 509 -> 391), the straight-through runs did not.
 - With the exclusion mask on (the learner told about volume exclusion), Mode 2 recovers D, v_other
