@@ -81,6 +81,8 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Schedule pending jobs every second or two, not every minute: tests wait on them.
+SchedulerParameters=sched_interval=2,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$((real_memory / (cpus * 2 > 2 ? cpus * 2 : 2)))
