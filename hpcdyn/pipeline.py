@@ -56,13 +56,16 @@ class PipelinePreset:
 
 
 PRESETS = {
-    # Minutes on 2 CPU cores: the smoke N_theta scan (tiny models, 12 x 12 lattice), then original
-    # and learned dynamics at the training density and at two phase-separating densities.
+    # Minutes on 2 CPU cores: the smoke N_theta scan (small models, 12 x 12 lattice; one seed, and
+    # more data and epochs than the smoke sweep alone, so the chosen model is worth simulating),
+    # then original and learned dynamics at the training density and two phase-separating ones.
     "quick": PipelinePreset(
         name="quick",
         smoke_sweep=True,
-        sweep_overrides=(),
-        sweep_grids=(),
+        sweep_overrides=(("data.t_final", 60.0), ("training.epochs", 4), ("training.patience", 4),
+                         ("training.lr", 3e-3), ("model.d_model", 32), ("model.n_heads", 2), ("model.n_layers", 2),
+                         ("model.d_ff", 64)),  # fmt: skip
+        sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5, 6)), ("training.seed", (0,))),
         densities=(0.124, 0.3, 0.5),
         # learned dynamics cost one network call per event of a replica (replicas run in lock-step,
         # so more replicas are nearly free and longer times are not)
