@@ -215,6 +215,17 @@ def test_failed_trial_is_retried_from_its_checkpoint(local_ray, tmp_path):
     assert json.loads(dataset.attrs["true_rates"]) == {"D": 0.1, "v_other": 1.0, "v_plus": 25.0}
 
 
+@pytest.mark.slow
+def test_asha_stops_a_poor_trial_after_its_first_epoch(local_ray, tmp_path):
+    # One trial at a time, the good one (Mode 1) first: when N_theta = 1 (U/T ~ 10 % of Mode 1's)
+    # reaches ASHA's first rung, it is below the rung's top quarter and is stopped there.
+    study = Study("asha", base=TINY, grids=({"model.mode": [1]}, {"model.mode": [2], "model.n_classes": [1]}))
+    outcome = run_sweep(study, tmp_path, resources=Resources(max_concurrent=1), asha=True)
+    assert not outcome.errors
+    epochs = {record.name.split("_", 2)[-1]: len(record.metrics) for record in records_from_result_grid(outcome.result_grid)}
+    assert epochs == {"mode=1,n_classes=4": 3, "mode=2,n_classes=1": 1}, epochs
+
+
 def test_gpu_request_without_gpus_is_refused(local_ray, tmp_path):
     study = Study("gpu", base=TINY)
     with pytest.raises(ConfigurationError, match="gpus_per_trial: each trial asks for 0.5 GPU, the Ray cluster has 0"):
