@@ -343,4 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module, not this __main__ copy: the command modules raise
+    # hpcdyn.cli.CommandError, which main() must recognise as its own class.
+    from hpcdyn.cli import main as package_main
+
+    sys.exit(package_main())

@@ -145,6 +145,8 @@ def sweep_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> 
         resources=Resources(options.cpus_per_trial, options.gpus_per_trial, None),
         progress=options.progress,
     )
+    if outcome.unfinished:
+        raise ConfigurationError(f"sweep: interrupted with {outcome.unfinished} trial(s) unfinished; rerun to resume")
     if outcome.errors:
         raise ConfigurationError(
             f"sweep: {len(outcome.errors)} trial(s) failed after retries; rerun the pipeline to retry them "

@@ -285,6 +285,15 @@ class SweepOutcome:
     def errors(self) -> list[BaseException]:
         return list(self.result_grid.errors)
 
+    @property
+    def unfinished(self) -> int:
+        """Trials neither finished nor failed: the sweep was interrupted (Tune returns normally on SIGINT).
+
+        Counted against the study's points: Tune creates trials lazily, so an interrupted sweep's
+        ResultGrid may lack the trials that never started.
+        """
+        return len(self.points) - self.result_grid.num_terminated - self.result_grid.num_errors
+
 
 def _entries(study: Study, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     names = coordinate_names(study.swept_keys)

@@ -108,6 +108,14 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         print(f"N* = {plateau.n_star} (held-out U/T against N_theta: "
               + ", ".join(f"{n}: {value:.4g}" for n, value in zip(plateau.n_classes, plateau.mean)) + ")",
               file=sys.stderr)  # fmt: skip
+    if outcome.unfinished:
+        from hpcdyn.cli import CommandError
+
+        print(json.dumps({**summary, "unfinished": outcome.unfinished}, indent=2, default=str))
+        raise CommandError(
+            f"interrupted with {outcome.unfinished} trial(s) unfinished; the results written to {Path(results_path)} "
+            "lack them; rerun the same command to resume"
+        )
     if outcome.errors:
         summary["errors"] = [str(error).splitlines()[0][:300] for error in outcome.errors]
         print(json.dumps(summary, indent=2, default=str))

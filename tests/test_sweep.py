@@ -292,6 +292,33 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         assert bool(dataset.restored.where(dataset.trial == name, drop=True).squeeze())
 
 
+@pytest.mark.slow
+def test_interrupted_sweep_says_so_and_exits_non_zero(tmp_path):
+    # Tune saves its state and returns normally on SIGINT; the command must not look finished.
+    storage, epochs = tmp_path / "storage", 3
+    command = ["sweep", "ntheta", "--smoke", "--storage", str(storage), "--name", "stopped", *TINY_OPTIONS,
+               f"--set=training.epochs={epochs}", f"--set=training.patience={epochs}", "--set=data.t_final=15",
+               "--grid=model.n_classes=1,2", "--grid=training.seed=0", "--max-concurrent=1", "--num-cpus=1"]  # fmt: skip
+    driver = subprocess.Popen([sys.executable, "-m", "hpcdyn.cli", *command], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(_trial_state(storage / "stopped", epochs).values()):
+            assert driver.poll() is None, "the sweep finished before it could be interrupted"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)
+        stdout, stderr = driver.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert driver.returncode == 2, stderr[-3000:]
+    assert "interrupted with" in stderr and "rerun the same command to resume" in stderr
+    assert json.loads(stdout)["unfinished"] >= 1
+
+
 def test_figures_of_other_studies(tmp_path):
     activity = [TrialRecord({"data.v_plus": v, "training.seed": seed},
                             [{"epoch": 0, "val_U_per_T": 10 * v + seed, "true_val_U_per_T": 11 * v}], "done")
