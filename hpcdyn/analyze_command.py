@@ -8,20 +8,13 @@ A thin wrapper over ``analysis.report.write_report``.
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
-
-def _burn_in(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite time >= 0, got {text}")
-    return value
 
 
 def add_parser(commands) -> None:
     """Register ``analyze`` on the CLI's sub-command set."""
-    from hpcdyn.cli import _add_progress
+    from hpcdyn.cli import _add_progress, _non_negative_time
 
     parser = commands.add_parser(
         "analyze",
@@ -46,7 +39,7 @@ def add_parser(commands) -> None:
         help="ensemble store at another activity v_plus/D for the (density, activity) maps; repeat for several",
     )
     parser.add_argument(
-        "--burn-in", type=_burn_in, help="discard snapshots before this time (default: the store's burn_in attribute)"
+        "--burn-in", type=_non_negative_time, help="discard snapshots before this time (default: the store's burn_in attribute)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing REPORT_DIR")
     _add_progress(parser)

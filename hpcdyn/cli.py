@@ -53,6 +53,13 @@ def _positive_time(text: str) -> float:
     return value
 
 
+def _non_negative_time(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite time >= 0, got {text}")
+    return value
+
+
 def _add_simulate(commands) -> None:
     parser = commands.add_parser(
         "simulate",

@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 from typing import Any
 
 
-def _non_negative_time(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite time >= 0, got {text}")
-    return value
-
 
 def add_parser(commands) -> None:
-    from hpcdyn.cli import _add_progress, _positive_time
+    from hpcdyn.cli import _add_progress, _non_negative_time, _positive_time
 
     parser = commands.add_parser(
         "ensemble",
