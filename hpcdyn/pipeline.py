@@ -9,7 +9,9 @@ Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
 2. model: the trial with the best held-out U/T; its checkpoint is copied to DIR/models/NAME so the
    ensemble keeps a stable, named copy whatever Tune later does with its own checkpoints;
 3. ensemble: original and learned dynamics at several densities (``hpcdyn.ensemble``);
-4. report: observables, phase diagrams and report.md (``analysis.report``).
+4. activity: the ``activity`` study (one model learned per v_plus at density 0.124), then original
+   and learned dynamics of each at the same densities: the (density, v_plus/D) maps;
+5. report: observables, phase diagrams and report.md (``analysis.report``).
 
 Rerunning the same call resumes: the sweep restores (finished trials are kept), the ensemble skips
 the units its manifest lists, the model copy is checked against its digest, and the report is redone
@@ -46,12 +48,16 @@ class PipelinePreset:
     snapshot_every: float
     burn_in: float
     seed: int = 1
+    # v_plus of the activity study's training trajectories (the main v_plus is already mapped by the
+    # main ensemble); empty skips the activity stage
+    activity_v_plus: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["sweep_overrides"] = dict(self.sweep_overrides)
         values["sweep_grids"] = {key: list(axis) for key, axis in self.sweep_grids}
         values["densities"] = list(self.densities)
+        values["activity_v_plus"] = list(self.activity_v_plus)
         return values
 
 
@@ -73,6 +79,7 @@ PRESETS = {
         t_final=20.0,
         snapshot_every=0.5,
         burn_in=5.0,
+        activity_v_plus=(5.0, 10.0),  # with the main 25: v_plus/D = 50, 100, 250
     ),
     # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
     # 30 x 30 lattice, ensembles from density 0.1 to 0.6.
@@ -86,6 +93,7 @@ PRESETS = {
         t_final=400.0,
         snapshot_every=2.0,
         burn_in=100.0,
+        activity_v_plus=(2.5, 5.0, 10.0, 50.0),
     ),
 }
 
@@ -128,31 +136,37 @@ def _check_same_preset(record: dict[str, Any], preset: PipelinePreset, out: Path
         )
 
 
-def sweep_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
-    """The N_theta study; returns its summary (N*, results path, the chosen trial)."""
+def _run_study(study, name: str, smoke: bool, out: Path, options: PipelineOptions):
+    """Run (or resume) one study under DIR/sweeps/NAME; its finished summary, or a clear error."""
     from hpcdyn.sweep import Resources, finish_sweep, run_sweep
-    from sweeps import get_study
 
-    study = get_study("ntheta", smoke=preset.smoke_sweep).with_overrides(
-        dict(preset.sweep_overrides), dict(preset.sweep_grids)
-    )
     outcome = run_sweep(
         study,
         storage=out / "sweeps",
-        name="ntheta",
+        name=name,
         address=options.address,
         num_cpus=options.num_cpus,
         resources=Resources(options.cpus_per_trial, options.gpus_per_trial, None),
         progress=options.progress,
     )
     if outcome.unfinished:
-        raise ConfigurationError(f"sweep: interrupted with {outcome.unfinished} trial(s) unfinished; rerun to resume")
+        raise ConfigurationError(f"sweep: {name} interrupted with {outcome.unfinished} trial(s) unfinished; rerun to resume")
     if outcome.errors:
         raise ConfigurationError(
-            f"sweep: {len(outcome.errors)} trial(s) failed after retries; rerun the pipeline to retry them "
+            f"sweep: {len(outcome.errors)} {name} trial(s) failed after retries; rerun the pipeline to retry them "
             f"(first error: {str(outcome.errors[0]).splitlines()[0][:200]})"
         )
-    finished = finish_sweep(outcome, smoke=preset.smoke_sweep)
+    return outcome, finish_sweep(outcome, smoke=smoke)
+
+
+def sweep_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """The N_theta study; returns its summary (N*, results path, the chosen trial)."""
+    from sweeps import get_study
+
+    study = get_study("ntheta", smoke=preset.smoke_sweep).with_overrides(
+        dict(preset.sweep_overrides), dict(preset.sweep_grids)
+    )
+    outcome, finished = _run_study(study, "ntheta", preset.smoke_sweep, out, options)
     best = best_trial(finished.dataset)
     plateau = finished.plateau
     return {
@@ -185,12 +199,12 @@ def best_trial(dataset) -> dict[str, Any]:
     }
 
 
-def model_stage(best: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Copy the chosen checkpoint to DIR/models/learned/best.pt (atomically; kept if already there)."""
+def model_stage(best: dict[str, Any], out: Path, name: str = "learned") -> dict[str, Any]:
+    """Copy the chosen checkpoint to DIR/models/NAME/best.pt (atomically; kept if already there)."""
     from hpcdyn.ensemble import file_digest
 
     source = Path(best["checkpoint"])
-    directory = out / "models" / "learned"
+    directory = out / "models" / name
     target = directory / "best.pt"
     if not target.exists():
         if not source.exists():
@@ -202,7 +216,8 @@ def model_stage(best: dict[str, Any], out: Path) -> dict[str, Any]:
     return {"run_dir": str(directory), "sha256": file_digest(target), "from_trial": best["trial"]}
 
 
-def ensemble_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
+def _ensemble(preset: PipelinePreset, model_dir: str, store: Path, options: PipelineOptions) -> dict[str, Any]:
+    """Original and learned dynamics at the preset's densities; system parameters from the checkpoint."""
     from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble
 
     config = EnsembleConfig(
@@ -216,13 +231,41 @@ def ensemble_stage(preset: PipelinePreset, model_dir: str, out: Path, options: P
     )
     placement = Placement(address=options.address, cpus_per_actor=options.cpus_per_actor,
                           gpus_per_actor=options.gpus_per_actor)  # fmt: skip
-    return run_ensemble(config, out / "ensemble.zarr", placement, progress=options.progress)
+    return run_ensemble(config, store, placement, progress=options.progress)
 
 
-def report_stage(out: Path, sweep_path: str, options: PipelineOptions) -> dict[str, Any]:
+def ensemble_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    return _ensemble(preset, model_dir, out / "ensemble.zarr", options)
+
+
+def activity_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """The activity study, then one ensemble store per v_plus: its original and learned dynamics."""
+    from sweeps import get_study
+
+    # the ntheta study's model and training sizes, Mode 1, one axis over v_plus
+    fixed = {key: value for key, value in preset.sweep_overrides if key not in ("model.mode", "model.n_classes")}
+    seeds = dict(preset.sweep_grids).get("training.seed", (0,))
+    study = get_study("activity", smoke=preset.smoke_sweep).with_overrides(
+        fixed, {"data.v_plus": preset.activity_v_plus, "training.seed": seeds}
+    )
+    outcome, finished = _run_study(study, "activity", preset.smoke_sweep, out, options)
+    stores = {}
+    for v_plus in preset.activity_v_plus:
+        best = best_trial(finished.dataset.sel(v_plus=v_plus))
+        model = model_stage(best, out, f"activity-vp{v_plus:g}")
+        store = out / "activity" / f"vp{v_plus:g}.zarr"
+        store.parent.mkdir(parents=True, exist_ok=True)
+        ensemble = _ensemble(preset, model["run_dir"], store, options)
+        stores[f"{v_plus:g}"] = {"store": str(store), "model": model, "gap_per_event": best["gap_per_event"],
+                                 "units_run": ensemble["units_run"], "units_skipped": ensemble["units_skipped"]}  # fmt: skip
+    return {"path": str(outcome.path), "results": str(finished.results_path), "stores": stores}
+
+
+def report_stage(out: Path, sweep_path: str, activity_stores: list[str], options: PipelineOptions) -> dict[str, Any]:
     from analysis.report import write_report
 
-    summary = write_report(out / "ensemble.zarr", out / "report", sweep=sweep_path, overwrite=True, progress=options.progress)
+    summary = write_report(out / "ensemble.zarr", out / "report", sweep=sweep_path, activity_stores=activity_stores,
+                           overwrite=True, progress=options.progress)  # fmt: skip
     return {"path": str(out / "report"), "report": str(out / "report" / "report.md"), "figures": summary["figures"],
             "differences": summary.get("differences")}  # fmt: skip
 
@@ -256,8 +299,13 @@ def run_pipeline(
     model = finish("model", model_stage(sweep["best_trial"], out))
     log(f"ensemble: original and learned dynamics at densities {list(preset.densities)}")
     finish("ensemble", ensemble_stage(preset, model["run_dir"], out, options))
+    activity_stores = []
+    if preset.activity_v_plus:
+        log(f"activity: one model learned per v_plus in {list(preset.activity_v_plus)}, original and learned dynamics of each")
+        activity = finish("activity", activity_stage(preset, out, options))
+        activity_stores = [entry["store"] for entry in activity["stores"].values()]
     log("report: observables and phase diagrams")
-    finish("report", report_stage(out, sweep["path"], options))
+    finish("report", report_stage(out, sweep["path"], activity_stores, options))
     record["seconds_this_run"] = time.perf_counter() - begin
     _write_record(out, record)
     return record

@@ -32,6 +32,8 @@ ESTIMATORS = ("straight_through", "gumbel")
 # The offset scores are stored divided by this factor: Adam's steps in them are then this much
 # larger, so a head can sharpen onto one offset among L^2 within a few epochs.
 OFFSET_BIAS_SCALE = 10.0
+# Mode 2: the initial class log-rates span this range around the log of the data's mean rate.
+CLASS_LOG_RATE_SPREAD = (-12.0, 3.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,10 @@ class TransformerConfig:
     attention_sink: bool = True  # a learned key/value every query can attend to (add_bias_kv)
     relative_bias: bool = True  # a learned score per head for every offset on the torus (all L^2 of them)
     initial_log_rate: float = 0.0  # where all log-rates start
+    # Where every offset score starts, below the sink's 0: a head attends to nothing until training
+    # raises the offsets that matter. Offsets left at a score near 0 would leak weight that grows with
+    # the number of tokens, a dependence on crowding that a model trained at one density cannot undo.
+    initial_offset_score: float = -8.0
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -77,6 +83,7 @@ class TransformerConfig:
             "only the active system has volume exclusion to mask",
         )
         require(math.isfinite(self.initial_log_rate), "initial_log_rate", "must be finite")
+        require(math.isfinite(self.initial_offset_score), "initial_offset_score", "must be finite")
 
     @property
     def n_moves(self) -> int:
@@ -139,13 +146,14 @@ class SelfAttention(torch.nn.Module):
     a linear read-out of the attention output instead of a comparison with the token itself.
     """
 
-    def __init__(self, d_model: int, n_heads: int, sink: bool = True, offsets: int = 0):
+    def __init__(self, d_model: int, n_heads: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0):
         super().__init__()
         self.n_heads = n_heads
         # A learned score for each relative offset (dx, dy) mod L, added to q . k: a head can single
         # out one offset exactly ("the site to my right"), which a few rotary frequencies only blur.
         # The table covers every offset, so no range is preferred.
-        self.offset_bias = torch.nn.Parameter(torch.zeros(n_heads, offsets)) if offsets else None
+        initial = torch.full((n_heads, offsets), offset_score / OFFSET_BIAS_SCALE)
+        self.offset_bias = torch.nn.Parameter(initial) if offsets else None
         self.qkv = torch.nn.Linear(d_model, 3 * d_model)
         self.out = torch.nn.Linear(d_model, d_model)
         head_width = d_model // n_heads
@@ -191,10 +199,10 @@ class SelfAttention(torch.nn.Module):
 class Block(torch.nn.Module):
     """Pre-norm transformer block: h + attention(norm(h)), then h + feed-forward(norm(h))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True, offsets: int = 0):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0):
         super().__init__()
         self.attention_norm = torch.nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, n_heads, sink, offsets)
+        self.attention = SelfAttention(d_model, n_heads, sink, offsets, offset_score)
         self.feed_forward_norm = torch.nn.LayerNorm(d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model)
@@ -243,7 +251,8 @@ class TransformerRates(torch.nn.Module):
                 self.embed_y.weight[:, half : 2 * half] = fourier_table(config.lattice_size, half)
         offsets = config.lattice_size**2 if config.relative_bias else 0
         self.blocks = torch.nn.ModuleList(
-            Block(width, config.n_heads, config.d_ff, config.attention_sink, offsets) for _ in range(config.n_layers)
+            Block(width, config.n_heads, config.d_ff, config.attention_sink, offsets, config.initial_offset_score)
+            for _ in range(config.n_layers)
         )
         self.final_norm = torch.nn.LayerNorm(width)
         if config.mode == 1:
@@ -252,9 +261,11 @@ class TransformerRates(torch.nn.Module):
             torch.nn.init.constant_(self.head.bias, config.initial_log_rate)
         else:
             self.classifier = torch.nn.Linear(width, config.n_moves * config.n_classes)
-            # initial class rates from 1/150 to 20 times the mean rate: distinguishable from the start,
-            # and one class already near zero, where moves that never happen (blocked hops) belong
-            spread = torch.linspace(-5.0, 3.0, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
+            # initial class rates log-spaced from e^-12 to e^3 times the mean rate: distinguishable from
+            # the start, and the lowest far below any rate that moves which do happen could have, so
+            # the moves that never happen (blocked hops) find a class of their own
+            low, high = CLASS_LOG_RATE_SPREAD
+            spread = torch.linspace(low, high, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
             self.class_log_rates = torch.nn.Parameter(config.initial_log_rate + spread)
         self.temperature = 1.0  # Gumbel-softmax temperature, annealed by the trainer
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import xarray as xr
 
+from analysis.observables import setting
 from hpcdyn.pipeline import PRESETS, run_pipeline
 from hpcdyn.systems import ConfigurationError
 
@@ -20,6 +21,7 @@ TINY = dataclasses.replace(
     t_final=4.0,
     snapshot_every=1.0,
     burn_in=1.0,
+    activity_v_plus=(5.0,),
 )
 
 
@@ -37,7 +39,7 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     out = tmp_path / "study"
     record = run_pipeline(TINY, out)
     stages = record["stages"]
-    assert list(stages) == ["sweep", "model", "ensemble", "report"]
+    assert list(stages) == ["sweep", "model", "ensemble", "activity", "report"]
     # the sweep: Mode 2 with N_theta 1, 2 and Mode 1 (3 trials), the best one by held-out U/T
     results = xr.open_zarr(stages["sweep"]["results"], consolidated=False)
     assert int((results["status"] == "done").sum()) == 3
@@ -50,7 +52,14 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert list(ensemble["density"].values) == [0.124, 0.3]
     assert ensemble.sizes["replica"] == 2
     assert stages["ensemble"]["units_skipped"] == 0
-    # the report
+    # the activity study: one Mode 1 model at v_plus 5, its own ensemble beside the main one
+    activity = xr.open_zarr(stages["activity"]["results"], consolidated=False)
+    assert activity["v_plus"].values.tolist() == [5.0] and bool((activity["status"] == "done").all())
+    activity_store = xr.open_zarr(stages["activity"]["stores"]["5"]["store"])
+    assert list(activity_store["model"].values) == ["original", "activity-vp5"]
+    assert setting(activity_store.attrs, "v_plus") == 5.0
+    # the report, with the (density, activity) maps of both stores
+    assert (out / "report" / "activity_maps.png").exists()
     report = (out / "report" / "report.md").read_text()
     assert "learned" in report and "original" in report
     summary = json.loads((out / "report" / "summary.json").read_text())
@@ -59,6 +68,7 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
 
     again = run_pipeline(TINY, out)["stages"]
     assert again["ensemble"]["units_run"] == 0 and again["ensemble"]["units_skipped"] == stages["ensemble"]["units"]
+    assert again["activity"]["stores"]["5"]["units_run"] == 0
     assert again["model"]["sha256"] == stages["model"]["sha256"]
     assert again["sweep"]["best_trial"] == best
 

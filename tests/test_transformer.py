@@ -11,7 +11,7 @@ from hpcdyn.likelihood import path_log_likelihood, segment_terms
 from hpcdyn.rates import ActiveRates, true_rate_model
 from hpcdyn.simulate import simulate
 from hpcdyn.systems import ConfigurationError, make_system
-from hpcdyn.transformer import TransformerConfig, TransformerRates, relative_offsets
+from hpcdyn.transformer import OFFSET_BIAS_SCALE, TransformerConfig, TransformerRates, relative_offsets
 
 ACTIVE = make_system("active", {"L": 6, "N": 7, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
 
@@ -32,6 +32,7 @@ def configurations(system, batch, seed=0):
         ("exclusion_mask", {"system": "fa", "exclusion_mask": True}),
         ("d_model", {"d_model": 0}),
         ("system", {"system": "ising"}),
+        ("initial_offset_score", {"initial_offset_score": float("-inf")}),
     ],
 )
 def test_invalid_configuration_is_refused_by_name(field, values):
@@ -100,6 +101,14 @@ def test_offset_table_lets_a_head_see_exactly_one_neighbour():
     out = attention(h, None, offsets) - attention.out.bias
     expected = torch.nn.functional.linear(attended[:, [1, 0, 3, 2]], attention.out.weight)
     torch.testing.assert_close(out[:, [0, 2]], expected[:, [0, 2]])  # tokens with a right neighbour
+
+
+def test_offset_scores_start_at_the_configured_score_below_the_sink():
+    config = TransformerConfig(lattice_size=6, d_model=8, n_heads=2, n_layers=2, initial_offset_score=-8.0)
+    model = TransformerRates(config)
+    for block in model.blocks:
+        torch.testing.assert_close(block.attention.offset_bias * OFFSET_BIAS_SCALE, torch.full((2, 36), -8.0))
+        assert torch.equal(block.attention.sink_logit, torch.zeros(2))
 
 
 def test_exclusion_mask_forbids_exactly_the_blocked_hops():
