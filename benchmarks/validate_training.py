@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from hpcdyn.evaluation import evaluate
+from hpcdyn.evaluation import evaluate, gap_by_move_type
 from hpcdyn.simulate import simulate
 from hpcdyn.systems import make_system
-from hpcdyn.training import TrainingConfig, train
+from hpcdyn.training import TrainingConfig, load_model, train
 from hpcdyn.transformer import TransformerConfig
 
 HERE = Path(__file__).parent
@@ -37,9 +37,17 @@ def active_system(density: float = 0.124):
     return make_system("active", {"L": 12, "density": density}, preset="paper")
 
 
+def variant_suffix(model: TransformerConfig) -> str:
+    """Run-name suffix of the attention variant: offset scores and where they start, rotary or not."""
+    suffix = "_rb" if model.relative_bias else ""
+    if model.relative_bias and model.initial_offset_score != 0.0:
+        suffix += f"{model.initial_offset_score:g}"
+    return suffix + ("" if model.rotary else "_norot")
+
+
 def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, segment_events: int = 64):
     config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=segment_events, seed=seed, patience=epochs)
-    run_dir = WORK / (name + "_rb")  # runs with the learned offset scores (the default since they were introduced)
+    run_dir = WORK / (name + variant_suffix(model))
     begin = time.perf_counter()
     result = train(config, events, run_dir, resume=True, progress=True)
     # the training time of every epoch, also when the run was resumed (or only recorded) here
@@ -47,9 +55,9 @@ def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: f
     return result, seconds, run_dir
 
 
-def record(part: str, figures: dict) -> None:
-    model = TransformerConfig()
-    variant = {key: getattr(model, key) for key in ("d_model", "n_heads", "n_layers", "rotary", "attention_sink", "relative_bias")}
+def record(part: str, figures: dict, model: TransformerConfig) -> None:
+    keys = ("d_model", "n_heads", "n_layers", "rotary", "attention_sink", "relative_bias", "initial_offset_score")
+    variant = {key: getattr(model, key) for key in keys}
     figures = {"part": part, "date": time.strftime("%Y-%m-%d"), "model": variant, **figures}
     with RUNS.open("a") as handle:
         handle.write(json.dumps(figures) + "\n")
@@ -61,20 +69,23 @@ def part_mode1(args) -> None:
     name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
     if (args.epochs, args.lr, args.segment_events) != (12, 3e-3, 64):
         name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
-    result, seconds, run_dir = run_training(name, events, TransformerConfig(mode=1), args.epochs, args.lr,
+    model = TransformerConfig(mode=1, rotary=args.rotary)
+    result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr,
                                             segment_events=args.segment_events)  # fmt: skip
     best = result.best
     record("mode1" if args.t_final == ACTIVE_T else f"mode1 T={args.t_final:g}", {
         "lr": args.lr, "segment_events": args.segment_events, "system": "active L12 density 0.124",
         "events": events.n_events, "epochs": len(result.metrics),
                      "seconds": seconds, "val_U_per_T": best["val_U_per_T"], "true_val_U_per_T": best["true_val_U_per_T"],
-                     "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)})  # fmt: skip
+                     "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)}, model)  # fmt: skip
 
 
 def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "straight_through") -> dict:
     events = simulate(active_system(), ACTIVE_T, seed=1).events
-    model = TransformerConfig(mode=2, n_classes=n_classes, estimator=estimator)
+    model = TransformerConfig(mode=2, n_classes=n_classes, estimator=estimator, rotary=args.rotary)
     name = f"active_{tag}_k{n_classes}_{estimator}"
+    if (args.epochs, args.lr) != (10, 3e-3):
+        name += f"_e{args.epochs}_lr{args.lr:g}"
     result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr)
     report = evaluate(run_dir, events)
     figures = {"system": "active L12 density 0.124", "n_classes": n_classes, "estimator": estimator,
@@ -82,7 +93,7 @@ def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "s
                "val_U_per_T": result.best["val_U_per_T"], "true_val_U_per_T": result.best["true_val_U_per_T"],
                "gap_per_event": result.best["gap_per_event"], "class_rates": report["class_rates"],
                "class_table": report["class_table"], "run_dir": str(run_dir)}  # fmt: skip
-    record(tag, figures)
+    record(tag, figures, model)
     return figures
 
 
@@ -98,26 +109,37 @@ def part_gumbel(args) -> None:
 def part_fa(args) -> None:
     system = make_system("fa", {"L": 64, "dim": 1, "c": 0.3})
     events = simulate(system, 400.0, seed=1).events
-    model = TransformerConfig(mode=1)
+    model = TransformerConfig(mode=1, rotary=args.rotary)
     result, seconds, run_dir = run_training("fa_mode1", events, model, args.epochs, args.lr)
     best = result.best
     record("fa", {"system": "fa chain L64 c0.3", "events": events.n_events, "epochs": len(result.metrics),
                   "seconds": seconds, "val_U_per_T": best["val_U_per_T"], "true_val_U_per_T": best["true_val_U_per_T"],
                   "relative_error": abs(best["val_U_per_T"] - best["true_val_U_per_T"]) / abs(best["true_val_U_per_T"]),
-                  "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)})  # fmt: skip
+                  "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)}, model)  # fmt: skip
 
 
 def part_transfer(args) -> None:
     name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
     if (args.epochs, args.lr, args.segment_events) != (12, 3e-3, 64):
         name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
-    run_dir = WORK / (name + "_rb")
+    model = TransformerConfig(mode=1, rotary=args.rotary)
+    run_dir = WORK / (name + variant_suffix(model))
+    trained = load_model(run_dir)[0].config
     for density in (0.3, 0.5):
         events = simulate(active_system(density), 30.0, seed=2).events
         report = evaluate(run_dir, events)
+        split = gap_by_move_type(load_model(run_dir)[0], events, max_events=5000)
         record("transfer", {"density": density, "trained_on": run_dir.name, "events": events.n_events, "U_per_T": report["U_per_T"],
                             "true_U_per_T": report["true_U_per_T"], "gap_per_event": report["gap_per_event"],
-                            "run_dir": str(run_dir)})  # fmt: skip
+                            "gap_by_move_type": split, "run_dir": str(run_dir)}, trained)  # fmt: skip
+
+
+def attention_variant(record: dict) -> str:
+    """How a recorded run attended: offset scores (and their start), rotary encoding."""
+    model = record.get("model", {})
+    parts = [f"offsets from {model.get('initial_offset_score', 0.0):g}"] if model.get("relative_bias") else []
+    parts += ["rotary"] if model.get("rotary", True) else []
+    return " + ".join(parts) or "-"
 
 
 def render_report() -> str:
@@ -127,7 +149,7 @@ def render_report() -> str:
     for record in records:
         key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"),
                record.get("epochs"), record.get("lr"), record.get("segment_events"),
-               record.get("model", {}).get("relative_bias", False))  # fmt: skip
+               attention_variant(record))  # fmt: skip
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -136,14 +158,14 @@ def render_report() -> str:
         "each part is run by `python benchmarks/validate_training.py --part PART` (2 CPU cores, 1 thread each).",
         "Gap = (U_true - U_model) / events on the held-out last 10 % of the trajectory, in nats per event.",
         "",
-        "| part | system | offset scores | N_theta | epochs | lr | segment | events | val U/T | true U/T | gap / event | class rates | minutes |",
+        "| part | system | attention | N_theta | epochs | lr | segment | events | val U/T | true U/T | gap / event | class rates | minutes |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for (part, n_classes, density, *_), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
         lines.append(
             f"| {part} | {record.get('system', f'density {density}')} | "
-            f"{'yes' if record.get('model', {}).get('relative_bias') else 'no'} | {n_classes or '-'} | {record.get('epochs', '-')} | "
+            f"{attention_variant(record)} | {n_classes or '-'} | {record.get('epochs', '-')} | "
             f"{record.get('lr', 0.003 if 'epochs' in record else '-')} | {record.get('segment_events', 64 if 'epochs' in record else '-')} | "
             f"{record['events']} | {record.get('val_U_per_T', record.get('U_per_T')):.2f} | "
             f"{record.get('true_val_U_per_T', record.get('true_U_per_T')):.2f} | {record['gap_per_event']:.4f} | "
@@ -195,6 +217,7 @@ def main() -> None:
     parser.add_argument("--segment-events", type=int, default=64)
     parser.add_argument("--t-final", type=float, default=ACTIVE_T, help="length of the active training trajectory")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=True, help="rotary encoding of q and k")
     parser.add_argument("--report", action="store_true", help="render benchmarks/TRAINING.md from the records")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
