@@ -176,26 +176,36 @@ def render_report() -> str:
 
 FINDINGS = """## Reading of the runs (CPU, 2 cores shared with other jobs, no GPU available)
 
-Learned offset scores (a score per head for every offset on the torus, `relative_bias`, now the
-default) changed the picture; rows with "offset scores: yes" use them.
+"attention" says how a run's heads choose what to attend to: learned offset scores (a score per head
+for every offset on the torus, `relative_bias`) and where they start, and the rotary encoding.
 
-- Mode 1, 200 k events: held-out gap 0.0075 nats/event at the best epoch (7 of 16; target 0.01:
-  met), against 0.022-0.024 without offset scores on the same data. After epoch 8 the model
-  overfits (training U/T keeps rising, held-out gap back to 0.017-0.020 by epoch 16); best.pt keeps
-  the best epoch. Split by true move type on a fresh trajectory at density 0.124
-  (`hpcdyn evaluate`, `gap_by_move_type`): rotations 0.0002, forward hops 0.0021, other hops
-  0.0022, hops onto occupied sites 0.0016 nats/event; those blocked hops now get a learned rate of
-  0.04 (about 0.5 without offset scores: the heads could not single out one neighbouring site).
-- Transfer to unseen densities (the same model; targets 0.05): 0.063 at density 0.3 (0.13 before),
-  0.70 at density 0.5 (0.47 before). Not met. At 0.5 the blocked hops are fine (0.04) but the
-  allowed hops are wrong in crowded surroundings never seen at 0.124 (forward hops 10.8 instead
-  of 25, other hops 0.30 instead of 1): the model has learned a spurious dependence on crowding.
-- Mode 2, N_theta = 4, 100 k events, 10 epochs, with offset scores: gap 0.043 (0.09-0.12 before);
-  class rates 0.117, 0.944, 8.39, 25.3 against D 0.1, v_other 1, v_plus 25. Forward hops and other
-  hops each land in one class, but the blocked hops are split between the rotation class and the
-  other-hop class instead of getting a class of their own (target: a fourth class below 1e-3 D;
-  not met), and the spare class (8.4) holds a few percent of the hops.
-- The N_theta scan without offset scores rises steeply to 3 classes and flattens after 4 (gain
+- Offset scores starting at -8 (below the sink's 0; now the default, `initial_offset_score`) against
+  starting at 0: with scores near 0 every token at an offset the model never learned about still
+  takes attention weight, and that leak grows with the number of tokens, so a model trained at one
+  density learns a dependence on crowding. Started at -8, Mode 1 on 100 k events reaches a held-out
+  gap of 0.0063 in 8 epochs (5 min), and the transfer gap falls from 0.063 to 0.038 at density 0.3
+  (target 0.05: met) and from 0.70 to 0.16 at density 0.5 (not met). At 0.5 (split by move type,
+  `gap_by_move_type`) forward hops (0.062) and other hops (0.058) carry most of it: their learned
+  rates fall in crowded surroundings. Offset scores of far offsets that rose without physical
+  reason (a few reach -0.1 to -3 on 100 k events) are occupied four times as often at 0.5 as in
+  training. A decay of the scores back to -8 (tried, then removed) kept them all near -8: the heads
+  then found neighbours through the rotary encoding instead, with the same transfer (0.039 / 0.170).
+- More data is what helps most: offsets only (no rotary encoding), 200 k events, 8 epochs (11 min):
+  held-out gap 0.0045, transfer 0.018 at density 0.3 and 0.066 at 0.5 (target 0.05: not met,
+  closest yet). At 0.5 forward hops get 20.7 instead of 25 (0.032 of the gap), other hops 0.81
+  instead of 1 (0.016), blocked hops 0.016 (0.011). On 100 k events the same model reaches 0.0054
+  at 0.124 and 0.039 / 0.166 on transfer (as with rotary), so the gain is the data, not the encoding.
+- Mode 2, N_theta = 4, with class rates starting log-spaced from e^-12 to e^3 of the mean rate
+  (was e^-5 to e^3) and lr 1e-3: the moves onto occupied sites now get a class of their own
+  (86 % of them; rate 7.2e-5 = 7e-4 D at the best epoch: target 1e-3 D met), and rotations (95 %),
+  other hops (99 %) and forward hops (99.97 %) each land in one class. The class rates at the best
+  held-out epoch (3) are 0.068, 0.991, 25.03 (D 32 % low; v_other, v_plus within 1 %); they reach
+  0.101, 1.04, 25.0 at epoch 5 (all within 5 %), but the held-out U/T is noisy from epoch to epoch
+  (gap 0.03-0.08): an allowed hop that the hard classifier puts in the near-zero class costs about
+  9 nats when it happens, so a few misassigned moves dominate the gap. With the old start (e^-5),
+  the lowest class took the rotations and the blocked hops together (rate 0.08-0.12).
+- Earlier runs (offsets from 0): Mode 1 on 200 k events 0.0075, overfitting after epoch 8; the
+  N_theta scan without offset scores rises steeply to 3 classes and flattens after 4 (gain
   3->4: 41 in U/T, 4->6: 3); the sweeps (benchmarks/RESULTS.md) repeat it on Ray Tune.
 - Straight-through beat Gumbel-softmax: the Gumbel run on the same data became unstable after 3
   epochs (U/T 509 -> 391), the straight-through runs did not.
