@@ -88,7 +88,7 @@ def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "s
         name += f"_e{args.epochs}_lr{args.lr:g}"
     result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr)
     report = evaluate(run_dir, events)
-    figures = {"system": "active L12 density 0.124", "n_classes": n_classes, "estimator": estimator,
+    figures = {"system": "active L12 density 0.124", "n_classes": n_classes, "estimator": estimator, "lr": args.lr,
                "events": events.n_events, "epochs": len(result.metrics), "seconds": seconds,
                "val_U_per_T": result.best["val_U_per_T"], "true_val_U_per_T": result.best["true_val_U_per_T"],
                "gap_per_event": result.best["gap_per_event"], "class_rates": report["class_rates"],
