@@ -79,7 +79,7 @@ PRESETS = {
         t_final=20.0,
         snapshot_every=0.5,
         burn_in=5.0,
-        activity_v_plus=(5.0, 10.0),  # with the main 25: v_plus/D = 50, 100, 250
+        activity_v_plus=(5.0,),  # with the main 25: v_plus/D = 50 and 250
     ),
     # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
     # 30 x 30 lattice, ensembles from density 0.1 to 0.6.
