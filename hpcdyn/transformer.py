@@ -34,6 +34,7 @@ ESTIMATORS = ("straight_through", "gumbel")
 OFFSET_BIAS_SCALE = 10.0
 # Mode 2: the initial class log-rates span this range around the log of the data's mean rate.
 CLASS_LOG_RATE_SPREAD = (-12.0, 3.0)
+MASKED_CLASS_LOG_RATE_SPREAD = (-5.0, 3.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +265,9 @@ class TransformerRates(torch.nn.Module):
             # initial class rates log-spaced from e^-12 to e^3 times the mean rate: distinguishable from
             # the start, and the lowest far below any rate that moves which do happen could have, so
             # the moves that never happen (blocked hops) find a class of their own
-            low, high = CLASS_LOG_RATE_SPREAD
+            # (with the exclusion mask no move needs a near-zero class: a class started there would
+            # stay unused, so the classes start over the narrower range of rates that do happen)
+            low, high = MASKED_CLASS_LOG_RATE_SPREAD if config.exclusion_mask else CLASS_LOG_RATE_SPREAD
             spread = torch.linspace(low, high, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
             self.class_log_rates = torch.nn.Parameter(config.initial_log_rate + spread)
         self.temperature = 1.0  # Gumbel-softmax temperature, annealed by the trainer
