@@ -124,14 +124,14 @@ def part_transfer(args) -> None:
         name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
     model = TransformerConfig(mode=1, rotary=args.rotary)
     run_dir = WORK / (name + variant_suffix(model))
-    trained = load_model(run_dir)[0].config
+    trained = load_model(run_dir)[0]
     for density in (0.3, 0.5):
         events = simulate(active_system(density), 30.0, seed=2).events
         report = evaluate(run_dir, events)
-        split = gap_by_move_type(load_model(run_dir)[0], events, max_events=5000)
+        split = gap_by_move_type(trained, events, max_events=5000)
         record("transfer", {"density": density, "trained_on": run_dir.name, "events": events.n_events, "U_per_T": report["U_per_T"],
                             "true_U_per_T": report["true_U_per_T"], "gap_per_event": report["gap_per_event"],
-                            "gap_by_move_type": split, "run_dir": str(run_dir)}, trained)  # fmt: skip
+                            "gap_by_move_type": split, "run_dir": str(run_dir)}, trained.config)  # fmt: skip
 
 
 def attention_variant(record: dict) -> str:

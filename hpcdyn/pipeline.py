@@ -216,7 +216,7 @@ def model_stage(best: dict[str, Any], out: Path, name: str = "learned") -> dict[
     return {"run_dir": str(directory), "sha256": file_digest(target), "from_trial": best["trial"]}
 
 
-def _ensemble(preset: PipelinePreset, model_dir: str, store: Path, options: PipelineOptions) -> dict[str, Any]:
+def ensemble_stage(preset: PipelinePreset, model_dir: str, store: Path, options: PipelineOptions) -> dict[str, Any]:
     """Original and learned dynamics at the preset's densities; system parameters from the checkpoint."""
     from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble
 
@@ -232,10 +232,6 @@ def _ensemble(preset: PipelinePreset, model_dir: str, store: Path, options: Pipe
     placement = Placement(address=options.address, cpus_per_actor=options.cpus_per_actor,
                           gpus_per_actor=options.gpus_per_actor)  # fmt: skip
     return run_ensemble(config, store, placement, progress=options.progress)
-
-
-def ensemble_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
-    return _ensemble(preset, model_dir, out / "ensemble.zarr", options)
 
 
 def activity_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
@@ -255,7 +251,7 @@ def activity_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) 
         model = model_stage(best, out, f"activity-vp{v_plus:g}")
         store = out / "activity" / f"vp{v_plus:g}.zarr"
         store.parent.mkdir(parents=True, exist_ok=True)
-        ensemble = _ensemble(preset, model["run_dir"], store, options)
+        ensemble = ensemble_stage(preset, model["run_dir"], store, options)
         stores[f"{v_plus:g}"] = {"store": str(store), "model": model, "gap_per_event": best["gap_per_event"],
                                  "units_run": ensemble["units_run"], "units_skipped": ensemble["units_skipped"]}  # fmt: skip
     return {"path": str(outcome.path), "results": str(finished.results_path), "stores": stores}
@@ -298,7 +294,7 @@ def run_pipeline(
         f"(held-out gap {sweep['best_trial']['gap_per_event']:.3g} nats/event)")  # fmt: skip
     model = finish("model", model_stage(sweep["best_trial"], out))
     log(f"ensemble: original and learned dynamics at densities {list(preset.densities)}")
-    finish("ensemble", ensemble_stage(preset, model["run_dir"], out, options))
+    finish("ensemble", ensemble_stage(preset, model["run_dir"], out / "ensemble.zarr", options))
     activity_stores = []
     if preset.activity_v_plus:
         log(f"activity: one model learned per v_plus in {list(preset.activity_v_plus)}, original and learned dynamics of each")
