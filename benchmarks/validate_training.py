@@ -45,9 +45,13 @@ def variant_suffix(model: TransformerConfig) -> str:
     return suffix + ("" if model.rotary else "_norot")
 
 
-def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, segment_events: int = 64):
-    config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=segment_events, seed=seed, patience=epochs)
-    run_dir = WORK / (name + variant_suffix(model))
+def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, segment_events: int = 64,
+                 class_rate_fit: str = "closed_form"):  # fmt: skip
+    config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=segment_events, seed=seed, patience=epochs,
+                            class_rate_fit=class_rate_fit)  # fmt: skip
+    # Mode 2 runs before closed-form class rates existed fitted them by gradient (names without _cf)
+    fit_suffix = "_cf" if model.mode == 2 and class_rate_fit == "closed_form" else ""
+    run_dir = WORK / (name + variant_suffix(model) + fit_suffix)
     begin = time.perf_counter()
     result = train(config, events, run_dir, resume=True, progress=True)
     # the training time of every epoch, also when the run was resumed (or only recorded) here
@@ -86,9 +90,10 @@ def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "s
     name = f"active_{tag}_k{n_classes}_{estimator}"
     if (args.epochs, args.lr) != (10, 3e-3):
         name += f"_e{args.epochs}_lr{args.lr:g}"
-    result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr)
+    result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr, class_rate_fit=args.class_rate_fit)
     report = evaluate(run_dir, events)
     figures = {"system": "active L12 density 0.124", "n_classes": n_classes, "estimator": estimator, "lr": args.lr,
+               "class_rate_fit": args.class_rate_fit,
                "events": events.n_events, "epochs": len(result.metrics), "seconds": seconds,
                "val_U_per_T": result.best["val_U_per_T"], "true_val_U_per_T": result.best["true_val_U_per_T"],
                "gap_per_event": result.best["gap_per_event"], "class_rates": report["class_rates"],
@@ -149,7 +154,7 @@ def render_report() -> str:
     for record in records:
         key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"),
                record.get("epochs"), record.get("lr"), record.get("segment_events"),
-               attention_variant(record))  # fmt: skip
+               attention_variant(record), record.get("class_rate_fit"))  # fmt: skip
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -163,6 +168,8 @@ def render_report() -> str:
     ]
     for (part, n_classes, density, *_), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
+        if record.get("class_rate_fit") == "closed_form":
+            rates += " (closed form)"
         lines.append(
             f"| {part} | {record.get('system', f'density {density}')} | "
             f"{attention_variant(record)} | {n_classes or '-'} | {record.get('epochs', '-')} | "
@@ -228,6 +235,8 @@ def main() -> None:
     parser.add_argument("--t-final", type=float, default=ACTIVE_T, help="length of the active training trajectory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=True, help="rotary encoding of q and k")
+    parser.add_argument("--class-rate-fit", choices=("closed_form", "gradient"), default="closed_form",
+                        help="Mode 2: how the class rates are fitted (TrainingConfig.class_rate_fit)")
     parser.add_argument("--report", action="store_true", help="render benchmarks/TRAINING.md from the records")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

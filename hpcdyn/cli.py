@@ -190,6 +190,7 @@ def _info(args: argparse.Namespace) -> dict[str, Any] | str:
 def _add_train(commands) -> None:
     from hpcdyn.optim import OPTIMIZERS
     from hpcdyn.transformer import ESTIMATORS
+    from hpcdyn.training import CLASS_RATE_FITS
 
     parser = commands.add_parser(
         "train",
@@ -205,6 +206,9 @@ def _add_train(commands) -> None:
     model.add_argument("--mode", type=int, choices=(1, 2), default=1, help="1: free rates, 2: classes (default 1)")
     model.add_argument("--n-classes", type=int, default=4, help="N_theta, the number of move classes (Mode 2)")
     model.add_argument("--estimator", choices=ESTIMATORS, default="straight_through", help="Mode 2 gradient estimator")
+    model.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="closed_form",
+                       help="Mode 2: set class rates to events / exposure after each epoch (closed_form, default) "
+                            "or leave them to the gradient (gradient)")  # fmt: skip
     model.add_argument("--exclusion-mask", action="store_true", help="tell the model hops onto occupied sites are forbidden")
     model.add_argument("--d-model", type=int, default=64)
     model.add_argument("--n-heads", type=int, default=4)
@@ -265,6 +269,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         max_train_events=args.max_train_events,
         gradient_clip=args.gradient_clip,
         patience=args.patience,
+        class_rate_fit=args.class_rate_fit,
         seed=args.seed,
         device=args.device,
         bf16=args.bf16,

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from hpcdyn.class_rates import fit_class_rates
 from hpcdyn.checkpoint import load_checkpoint, save_checkpoint, store_identity
 from hpcdyn.events import EventSource, EventWindow
 from hpcdyn.likelihood import LikelihoodResult, iter_segments, path_log_likelihood, segment_terms
@@ -33,6 +34,7 @@ from hpcdyn.systems import ConfigurationError
 from hpcdyn.transformer import TransformerConfig, TransformerRates
 
 Report = Callable[[dict[str, Any], Path], None]
+CLASS_RATE_FITS = ("closed_form", "gradient")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,9 @@ class TrainingConfig:
     gradient_clip: float = 1.0
     patience: int = 5  # epochs without a better validation U/T before stopping
     gumbel_temperature: tuple[float, float] = (1.0, 0.1)  # start, end (Mode 2, gumbel)
+    # Mode 2: after each epoch set the class rates to n_k / E_k, their best values for the classifier
+    # (hpcdyn.class_rates), or leave them to the gradient steps alone
+    class_rate_fit: str = "closed_form"
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False  # autocast the encoder to bfloat16 (CUDA); likelihood sums stay float64
@@ -73,6 +78,8 @@ class TrainingConfig:
         require(self.max_train_events is None or self.max_train_events >= 1, "max_train_events", "must be >= 1")
         require(math.isfinite(self.gradient_clip) and self.gradient_clip > 0, "gradient_clip", "must be > 0")
         require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience!r}")
+        require(self.class_rate_fit in CLASS_RATE_FITS, "class_rate_fit",
+                f"must be one of {CLASS_RATE_FITS}, got {self.class_rate_fit!r}")  # fmt: skip
         start, end = self.gumbel_temperature
         require(0 < end <= start, "gumbel_temperature", f"must be (start, end) with 0 < end <= start, got {self.gumbel_temperature!r}")
 
@@ -226,6 +233,8 @@ def train(
         _set_schedules(model, optimizer, config, epoch)
         begin = time.perf_counter()
         train_stats = _train_epoch(scored, optimizer, training, config, generator, bar)
+        if model.config.mode == 2 and config.class_rate_fit == "closed_form":
+            fit_class_rates(model, training, max(config.segment_events, 512), config.device)
         validation_result = _validate(scored, validation, config)
         epoch_metrics = _epoch_metrics(epoch, train_stats, validation_result, true_result, model, time.perf_counter() - begin)
         metrics.append(epoch_metrics)

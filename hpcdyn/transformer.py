@@ -294,6 +294,14 @@ class TransformerRates(torch.nn.Module):
         """Mode 2: the class of every move (the hard choice), long [batch, n_tokens, n_moves]."""
         return self.class_probabilities(positions, states).argmax(-1)
 
+    def move_classes(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Mode 2: the class of every move, -1 where the exclusion mask forbids it [batch, n_tokens, n_moves]."""
+        positions, states = positions.long(), states.long()
+        classes = self.classes(positions, states)
+        if self.config.exclusion_mask:
+            classes = classes.masked_fill(self._blocked(positions, states), -1)
+        return classes
+
     def forward(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         positions, states = positions.long(), states.long()
         h = self.encode(positions, states)
