@@ -129,7 +129,10 @@ def _write_record(out: Path, record: dict[str, Any]) -> None:
 
 
 def _check_same_preset(record: dict[str, Any], preset: PipelinePreset, out: Path) -> None:
-    if record and record.get("preset") != preset.as_dict():
+    """Refuse a directory run with other settings. A setting the record lacks came with a later
+    version (a new stage): the run resumes and does that stage."""
+    recorded = record.get("preset", {})
+    if record and any(recorded.get(key, value) != value for key, value in preset.as_dict().items()):
         raise ConfigurationError(
             f"out: {out} holds a pipeline run with preset {record.get('preset', {}).get('name')!r} and other "
             f"settings; resume it with the same preset or choose another --out"
@@ -305,3 +308,19 @@ def run_pipeline(
     record["seconds_this_run"] = time.perf_counter() - begin
     _write_record(out, record)
     return record
+
+
+def pipeline_summary(record: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """What `hpcdyn pipeline` prints: where every product of the study is, and the chosen model."""
+    stages = record["stages"]
+    activity = stages.get("activity", {}).get("stores", {})
+    return {
+        "out": str(out),
+        "preset": record["preset"]["name"],
+        "n_star": stages["sweep"]["n_star"],
+        "best_trial": stages["sweep"]["best_trial"],
+        "ensemble": stages["ensemble"]["store"],
+        "activity": {v_plus: entry["store"] for v_plus, entry in activity.items()},
+        "report": stages["report"]["report"],
+        "seconds": record["seconds_this_run"],
+    }

@@ -39,7 +39,7 @@ def add_parser(commands) -> None:
 
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.cli import _show_progress
-    from hpcdyn.pipeline import PipelineOptions, run_pipeline
+    from hpcdyn.pipeline import PipelineOptions, pipeline_summary, run_pipeline
     from hpcdyn.systems import ConfigurationError
 
     if args.address and args.num_cpus is not None:
@@ -60,13 +60,4 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     # Ray and Tune print notices on stdout; stdout is for the JSON summary.
     with contextlib.redirect_stdout(sys.stderr):
         record = run_pipeline(args.preset, args.out, options, log=log)
-    stages = record["stages"]
-    return {
-        "out": args.out,
-        "preset": args.preset,
-        "n_star": stages["sweep"]["n_star"],
-        "best_trial": stages["sweep"]["best_trial"],
-        "ensemble": stages["ensemble"]["store"],
-        "report": stages["report"]["report"],
-        "seconds": record["seconds_this_run"],
-    }
+    return pipeline_summary(record, args.out)

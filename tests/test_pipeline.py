@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 from analysis.observables import setting
-from hpcdyn.pipeline import PRESETS, run_pipeline
+from hpcdyn.pipeline import PRESETS, _check_same_preset, pipeline_summary, run_pipeline
 from hpcdyn.systems import ConfigurationError
 
 TINY = dataclasses.replace(
@@ -65,6 +65,9 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert {row["model"] for row in summary["results"]} == {"original", "learned"}
     assert json.loads((out / "pipeline.json").read_text())["stages"].keys() == stages.keys()
+    printed = pipeline_summary(record, out)  # what the command prints
+    assert printed["preset"] == "tiny" and printed["activity"] == {"5": stages["activity"]["stores"]["5"]["store"]}
+    assert printed["ensemble"] == stages["ensemble"]["store"] and printed["report"] == stages["report"]["report"]
 
     again = run_pipeline(TINY, out)["stages"]
     assert again["ensemble"]["units_run"] == 0 and again["ensemble"]["units_skipped"] == stages["ensemble"]["units"]
@@ -79,6 +82,15 @@ def test_another_preset_in_the_same_directory_is_refused(tmp_path):
     (out / "pipeline.json").write_text(json.dumps({"preset": PRESETS["paper"].as_dict(), "stages": {}}))
     with pytest.raises(ConfigurationError, match="^out: .* preset 'paper'"):
         run_pipeline("quick", out)
+
+
+def test_a_run_recorded_before_a_setting_existed_is_resumed_not_refused(tmp_path):
+    older = PRESETS["quick"].as_dict()
+    del older["activity_v_plus"]  # recorded before the activity stage existed
+    _check_same_preset({"preset": older, "stages": {}}, PRESETS["quick"], tmp_path)
+    older["replicas"] += 1  # a setting that differs is still refused
+    with pytest.raises(ConfigurationError, match="^out: .* preset 'quick'"):
+        _check_same_preset({"preset": older, "stages": {}}, PRESETS["quick"], tmp_path)
 
 
 def test_unknown_preset_lists_the_known_ones(tmp_path):
