@@ -5,6 +5,8 @@
     python benchmarks/validate_training.py --part scan       # N_theta = 1..6
     python benchmarks/validate_training.py --part fa         # FA chain, Mode 1
     python benchmarks/validate_training.py --part transfer   # the Mode 1 model at densities 0.3, 0.5
+    python benchmarks/validate_training.py --part refit --epochs 10 --lr 1e-3
+                                                         # a gradient-fitted Mode 2 run refitted in closed form
 
 Each part appends its figures as JSON lines to benchmarks/training_runs.jsonl; --report renders
 them into benchmarks/TRAINING.md. Sizes are chosen so each part takes minutes on 2 CPU cores.
@@ -22,7 +24,10 @@ import torch
 from hpcdyn.evaluation import evaluate, gap_by_move_type
 from hpcdyn.simulate import simulate
 from hpcdyn.systems import make_system
-from hpcdyn.training import TrainingConfig, load_model, train
+from hpcdyn.class_rates import fit_class_rates
+from hpcdyn.likelihood import path_log_likelihood
+from hpcdyn.rates import true_rate_model
+from hpcdyn.training import TrainingConfig, load_model, split, train
 from hpcdyn.transformer import TransformerConfig
 
 HERE = Path(__file__).parent
@@ -84,7 +89,8 @@ def part_mode1(args) -> None:
                      "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)}, model)  # fmt: skip
 
 
-def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "straight_through") -> dict:
+def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str | None = None) -> dict:
+    estimator = estimator or args.estimator
     events = simulate(active_system(), ACTIVE_T, seed=1).events
     model = TransformerConfig(mode=2, n_classes=n_classes, estimator=estimator, rotary=args.rotary)
     name = f"active_{tag}_k{n_classes}_{estimator}"
@@ -100,6 +106,27 @@ def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str = "s
                "class_table": report["class_table"], "run_dir": str(run_dir)}  # fmt: skip
     record(tag, figures, model)
     return figures
+
+
+def part_refit(args) -> None:
+    """The Mode 2 run whose rates were fitted by gradient, its best epoch refitted in closed form."""
+    events = simulate(active_system(), ACTIVE_T, seed=1).events
+    model = TransformerConfig(mode=2, n_classes=4, rotary=args.rotary)
+    name = f"active_mode2_k4_{args.estimator}_e{args.epochs}_lr{args.lr:g}" + variant_suffix(model)
+    trained, state = load_model(WORK / name)
+    config = TrainingConfig.from_dict(state["training_config"])
+    training, validation = split(events, config)
+    true = path_log_likelihood(validation, true_rate_model(events.system))
+    before = path_log_likelihood(validation, trained)
+    statistics = fit_class_rates(trained, training)
+    after = path_log_likelihood(validation, trained)
+    record("refit", {"system": "active L12 density 0.124", "n_classes": 4, "estimator": args.estimator, "lr": args.lr,
+                     "class_rate_fit": "gradient, then closed form", "events": events.n_events,
+                     "epochs": len(state["metrics"]), "val_U_per_T": after.per_time, "true_val_U_per_T": true.per_time,
+                     "gap_per_event": (true.log_likelihood - after.log_likelihood) / after.n_events,
+                     "gap_before_refit": (true.log_likelihood - before.log_likelihood) / before.n_events,
+                     "class_rates": trained.class_rates(), "class_events": statistics.events.tolist(),
+                     "run_dir": str(WORK / name)}, trained.config)  # fmt: skip
 
 
 def part_scan(args) -> None:
@@ -154,7 +181,7 @@ def render_report() -> str:
     for record in records:
         key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"),
                record.get("epochs"), record.get("lr"), record.get("segment_events"),
-               attention_variant(record), record.get("class_rate_fit"))  # fmt: skip
+               attention_variant(record), record.get("class_rate_fit"), record.get("estimator"))  # fmt: skip
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -168,10 +195,13 @@ def render_report() -> str:
     ]
     for (part, n_classes, density, *_), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
+        trained_on = record.get("trained_on")
         if record.get("class_rate_fit") == "closed_form":
             rates += " (closed form)"
+        if record.get("estimator", "straight_through") != "straight_through":
+            rates += f" [{record['estimator']}]"
         lines.append(
-            f"| {part} | {record.get('system', f'density {density}')} | "
+            f"| {part} | {record.get('system', f'density {density}, model {trained_on}')} | "
             f"{attention_variant(record)} | {n_classes or '-'} | {record.get('epochs', '-')} | "
             f"{record.get('lr', 0.003 if 'epochs' in record else '-')} | {record.get('segment_events', 64 if 'epochs' in record else '-')} | "
             f"{record['events']} | {record.get('val_U_per_T', record.get('U_per_T')):.2f} | "
@@ -198,10 +228,13 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
   training. A decay of the scores back to -8 (tried, then removed) kept them all near -8: the heads
   then found neighbours through the rotary encoding instead, with the same transfer (0.039 / 0.170).
 - More data is what helps most: offsets only (no rotary encoding), 200 k events, 8 epochs (11 min):
-  held-out gap 0.0045, transfer 0.018 at density 0.3 and 0.066 at 0.5 (target 0.05: not met,
-  closest yet). At 0.5 forward hops get 20.7 instead of 25 (0.032 of the gap), other hops 0.81
-  instead of 1 (0.016), blocked hops 0.016 (0.011). On 100 k events the same model reaches 0.0054
-  at 0.124 and 0.039 / 0.166 on transfer (as with rotary), so the gain is the data, not the encoding.
+  held-out gap 0.0045, transfer 0.018 at density 0.3 and 0.066 at 0.5. At 0.5 forward hops get
+  20.7 instead of 25 (0.032 of the gap), other hops 0.81 instead of 1 (0.016), blocked hops 0.016
+  (0.011). On 100 k events the same model reaches 0.0054 at 0.124 and 0.039 / 0.166 on transfer
+  (as with rotary), so the gain is the data, not the encoding. On 400 k events (T = 1200, 8 epochs,
+  15 min on one core): held-out gap 0.0023, transfer 0.011 at density 0.3 and 0.042 at 0.5 (target
+  0.05: met). At 0.5 what is left is other hops (0.71 instead of 1: 0.021 of the gap), forward hops
+  (21.9 instead of 25: 0.011) and blocked hops (0.011: 0.008).
 - Mode 2, N_theta = 4, with class rates starting log-spaced from e^-12 to e^3 of the mean rate
   (was e^-5 to e^3) and lr 1e-3: the moves onto occupied sites now get a class of their own
   (86 % of them; rate 7.2e-5 = 7e-4 D at the best epoch: target 1e-3 D met), and rotations (95 %),
@@ -211,6 +244,24 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
   (gap 0.03-0.08): an allowed hop that the hard classifier puts in the near-zero class costs about
   9 nats when it happens, so a few misassigned moves dominate the gap. With the old start (e^-5),
   the lowest class took the rotations and the blocked hops together (rate 0.08-0.12).
+- Mode 2 with the class rates set to their closed form n_k / E_k after every epoch (the default,
+  `class_rate_fit`; hpcdyn/class_rates.py), same data and settings: held-out gap 0.0091 at the best
+  epoch (4), against 0.032 with the rates left to the gradient. v_other (1.006) and v_plus (24.98)
+  within 1 %, but D is 15 % high (0.115) and the fourth class has rate 0.050: it holds 98 % of the
+  blocked hops and also 23 % of the rotations, so its closed-form rate is set by those rotations
+  (target: D within 5 % and the fourth class below 1e-3 D, not met). Without the rotary encoding
+  (one run): gap 0.0094 at epoch 2, rates 0.025, 0.117, 1.012, 24.95, the same split of the rotations.
+  Refitting the gradient run's best epoch in closed form afterwards gives D 0.1025, v_other 0.965,
+  v_plus 24.18 (all within 3.5 %) but a fourth class of 7e-3 (25 allowed events fell in it), gap
+  0.029: its near-zero rate came from drifting towards 0 while the classifier still misassigned
+  moves, which is what cost ~9 nats per misassigned move. With the rates only ever set in closed
+  form (no gradient steps on them), a class left without events keeps its rate and never comes back.
+  Every variant reaches its best held-out U/T after 2-4 epochs and then degrades while the training
+  U/T also falls: the straight-through classifier drifts. Tried and dropped: the exact gradient of
+  E[U] over independent class draws (linear in the class probabilities, so exact): it sends each
+  move to the class of the nearest rate, and from the log-spaced start all moves but the blocked
+  ones land in one class and stay (a local optimum, as in k-means); started over a narrower range,
+  rotations and other hops share a class.
 - Earlier runs (offsets from 0): Mode 1 on 200 k events 0.0075, overfitting after epoch 8; the
   N_theta scan without offset scores rises steeply to 3 classes and flattens after 4 (gain
   3->4: 41 in U/T, 4->6: 3); the sweeps (benchmarks/RESULTS.md) repeat it on Ray Tune.
@@ -223,7 +274,7 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
 
 
 PARTS = {"mode1": part_mode1, "mode2": part_mode2, "scan": part_scan, "gumbel": part_gumbel, "fa": part_fa,
-         "transfer": part_transfer}  # fmt: skip
+         "transfer": part_transfer, "refit": part_refit}  # fmt: skip
 
 
 def main() -> None:
@@ -235,6 +286,8 @@ def main() -> None:
     parser.add_argument("--t-final", type=float, default=ACTIVE_T, help="length of the active training trajectory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=True, help="rotary encoding of q and k")
+    parser.add_argument("--estimator", choices=("straight_through", "gumbel"), default="straight_through",
+                        help="Mode 2 classifier gradient (TransformerConfig.estimator); the gumbel part uses gumbel")
     parser.add_argument("--class-rate-fit", choices=("closed_form", "gradient"), default="closed_form",
                         help="Mode 2: how the class rates are fitted (TrainingConfig.class_rate_fit)")
     parser.add_argument("--report", action="store_true", help="render benchmarks/TRAINING.md from the records")
