@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from hpcdyn.class_rates import fit_class_rates
 from hpcdyn.checkpoint import load_checkpoint, save_checkpoint, store_identity
+from hpcdyn.class_rates import fit_class_rates
 from hpcdyn.events import EventSource, EventWindow
 from hpcdyn.likelihood import LikelihoodResult, iter_segments, path_log_likelihood, segment_terms
 from hpcdyn.optim import OPTIMIZERS, cosine_factor, make_optimizer
