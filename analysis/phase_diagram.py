@@ -84,7 +84,9 @@ def plot_learned_vs_original(
         axis.set_xlabel(r"density $\phi$")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes.flat[0].legend(title="model")
+    # below the panels: inside one, a long model name covers the curves
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), title="model")
     figure.suptitle(f"Learned vs original dynamics (burn-in {summary.attrs.get('burn_in', 0):g})")
     return figure
 
