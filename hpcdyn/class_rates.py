@@ -6,10 +6,12 @@ With the classifier's hard assignment held fixed, U depends on the rate w_k of c
 
 where n_k counts the events whose move is in class k and E_k = sum over configurations of
 dwell x (number of candidate moves in class k) is the class's exposure. So the best rate is
-w_k = n_k / E_k, exactly, in one pass over the data. The trainer sets the class rates to it after
-every epoch: gradient steps on the rates alone converge slowly (a rate whose moves are rare gets a
-small gradient), and the epoch chosen on the held-out data then carries rates that are right for its
-classifier rather than rates still on their way.
+w_k = n_k / E_k, exactly, in one pass over the data. With ``class_rate_fit="closed_form"`` the
+trainer sets the class rates to it after every epoch: gradient steps on the rates alone converge
+slowly (a rate whose moves are rare gets a small gradient), and the epoch chosen on the held-out
+data then carries rates that are right for its classifier rather than rates still on their way.
+It is opt-in: a rate kept at the average of the moves its class holds also weakens the push on
+misassigned moves to leave (benchmarks/TRAINING.md has runs where each way wins).
 """
 
 from __future__ import annotations

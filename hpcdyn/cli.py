@@ -206,9 +206,9 @@ def _add_train(commands) -> None:
     model.add_argument("--mode", type=int, choices=(1, 2), default=1, help="1: free rates, 2: classes (default 1)")
     model.add_argument("--n-classes", type=int, default=4, help="N_theta, the number of move classes (Mode 2)")
     model.add_argument("--estimator", choices=ESTIMATORS, default="straight_through", help="Mode 2 gradient estimator")
-    model.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="closed_form",
-                       help="Mode 2: set class rates to events / exposure after each epoch (closed_form, default) "
-                            "or leave them to the gradient (gradient)")  # fmt: skip
+    model.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
+                       help="Mode 2: leave the class rates to the gradient (default) or set them to "
+                            "events / exposure per class after each epoch (closed_form)")  # fmt: skip
     model.add_argument("--exclusion-mask", action="store_true", help="tell the model hops onto occupied sites are forbidden")
     model.add_argument("--d-model", type=int, default=64)
     model.add_argument("--n-heads", type=int, default=4)

@@ -118,7 +118,7 @@ def test_class_statistics_refuse_a_mode_1_model(events):
 
 def test_training_sets_the_class_rates_to_their_closed_form_each_epoch(events, tmp_path):
     model = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=2, n_classes=3)
-    config = TrainingConfig(model=model, epochs=2, lr=1e-2, segment_events=64)
+    config = TrainingConfig(model=model, epochs=2, lr=1e-2, segment_events=64, class_rate_fit="closed_form")
     result = train(config, events, tmp_path / "fit")
     trained = load_model(tmp_path / "fit" / "last.pt")[0]
     training_window = split(events, config)[0]

@@ -67,6 +67,16 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(events, tmp_path):
         assert torch.equal(tensor, resumed_state[name]), name
 
 
+def test_a_run_checkpointed_before_a_setting_existed_resumes_with_its_default(events, tmp_path):
+    train(quick(epochs=1), events, tmp_path / "older")
+    state = load_checkpoint(tmp_path / "older" / "last.pt")
+    del state["training_config"]["class_rate_fit"]  # as written before the setting existed
+    torch.save(state, tmp_path / "older" / "last.pt")
+    assert len(train(quick(epochs=2), events, tmp_path / "older", resume=True).metrics) == 2
+    with pytest.raises(ConfigurationError, match="class_rate_fit"):  # another value is still refused
+        train(quick(epochs=3, class_rate_fit="closed_form"), events, tmp_path / "older", resume=True)
+
+
 def test_mode_2_training_reports_class_rates(events, tmp_path):
     model = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=2, n_classes=3)
     result = train(quick(model=model, optimizer="adabelief"), events, tmp_path / "mode2")
