@@ -265,7 +265,8 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
   E[U] over independent class draws (linear in the class probabilities, so exact): it sends each
   move to the class of the nearest rate, and from the log-spaced start all moves but the blocked
   ones land in one class and stay (a local optimum, as in k-means); started over a narrower range,
-  rotations and other hops share a class.
+  rotations and other hops share a class; continuing the closed-form run's best epoch with it, the
+  blocked hops lost their class within two epochs (gap 0.009 -> 0.17).
 - Earlier runs (offsets from 0): Mode 1 on 200 k events 0.0075, overfitting after epoch 8; the
   N_theta scan without offset scores rises steeply to 3 classes and flattens after 4 (gain
   3->4: 41 in U/T, 4->6: 3); the sweeps (benchmarks/RESULTS.md) repeat it on Ray Tune.
