@@ -189,8 +189,8 @@ def _info(args: argparse.Namespace) -> dict[str, Any] | str:
 
 def _add_train(commands) -> None:
     from hpcdyn.optim import OPTIMIZERS
-    from hpcdyn.transformer import ESTIMATORS
     from hpcdyn.training import CLASS_RATE_FITS
+    from hpcdyn.transformer import ESTIMATORS
 
     parser = commands.add_parser(
         "train",
@@ -206,9 +206,6 @@ def _add_train(commands) -> None:
     model.add_argument("--mode", type=int, choices=(1, 2), default=1, help="1: free rates, 2: classes (default 1)")
     model.add_argument("--n-classes", type=int, default=4, help="N_theta, the number of move classes (Mode 2)")
     model.add_argument("--estimator", choices=ESTIMATORS, default="straight_through", help="Mode 2 gradient estimator")
-    model.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
-                       help="Mode 2: leave the class rates to the gradient (default) or set them to "
-                            "events / exposure per class after each epoch (closed_form)")  # fmt: skip
     model.add_argument("--exclusion-mask", action="store_true", help="tell the model hops onto occupied sites are forbidden")
     model.add_argument("--d-model", type=int, default=64)
     model.add_argument("--n-heads", type=int, default=4)
@@ -229,6 +226,9 @@ def _add_train(commands) -> None:
     optimisation.add_argument("--gradient-clip", type=float, default=1.0)
     optimisation.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping")
     optimisation.add_argument("--seed", type=int, default=0)
+    optimisation.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
+                              help="Mode 2: leave the class rates to the gradient (default) or set them to "
+                                   "events / exposure per class after each epoch (closed_form)")  # fmt: skip
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")

@@ -181,10 +181,12 @@ def test_too_short_a_trajectory_is_refused(tmp_path):
 def test_train_and_evaluate_from_the_command_line(tmp_path, capsys):
     store = simulate_to_store(SYSTEM, 20.0, seed=3, out=tmp_path / "run.zarr")
     arguments = ["train", str(store), "--out", str(tmp_path / "model"), "--epochs", "1", "--d-model", "16",
-                 "--n-heads", "2", "--n-layers", "1", "--segment-events", "64", "--mode", "2", "--n-classes", "3"]  # fmt: skip
+                 "--n-heads", "2", "--n-layers", "1", "--segment-events", "64", "--mode", "2", "--n-classes", "3",
+                 "--class-rate-fit", "closed_form"]  # fmt: skip
     assert main(arguments) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["epochs"] == 1 and "val_U_per_T" in trained["best"]
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["config"]["class_rate_fit"] == "closed_form"
     assert main(arguments) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "model")]) == 0
