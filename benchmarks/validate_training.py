@@ -267,6 +267,11 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
   ones land in one class and stay (a local optimum, as in k-means); started over a narrower range,
   rotations and other hops share a class; continuing the closed-form run's best epoch with it, the
   blocked hops lost their class within two epochs (gap 0.009 -> 0.17).
+- The N_theta scan with the current start (offsets from -8, classes from e^-12 of the mean rate;
+  4 epochs, lr 3e-3, gradient rates; `--part scan --epochs 4 --lr 3e-3`): held-out U/T 43.1, 481.2,
+  560.0, 567.0, 564.9, 567.0 for N_theta = 1..6 (truth 572.85): gain 3->4 +7.0, 4->6 +0.02, a
+  plateau at 4. At 3 the blocked hops and rotations share a class (0.009); at 4 the classes are
+  2e-4 (blocked hops: 2e-3 D), 0.122 (D, 22 % high), 1.017 and 25.2.
 - Earlier runs (offsets from 0): Mode 1 on 200 k events 0.0075, overfitting after epoch 8; the
   N_theta scan without offset scores rises steeply to 3 classes and flattens after 4 (gain
   3->4: 41 in U/T, 4->6: 3); the sweeps (benchmarks/RESULTS.md) repeat it on Ray Tune.
