@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from hpcdyn.evaluation import evaluate, gap_by_move_type
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import make_system
 from hpcdyn.class_rates import fit_class_rates
+from hpcdyn.evaluation import evaluate, gap_by_move_type
 from hpcdyn.likelihood import path_log_likelihood
 from hpcdyn.rates import true_rate_model
+from hpcdyn.simulate import simulate
+from hpcdyn.systems import make_system
 from hpcdyn.training import TrainingConfig, load_model, split, train
 from hpcdyn.transformer import TransformerConfig
 
