@@ -264,16 +264,25 @@ def _recorded_state(experiment: Path) -> dict[str, int]:
     return state
 
 
+def _one_trial_at_a_time(storage, name: str, epochs: int) -> list[str]:
+    """A sweep of 3 short trials run one after another, so a driver can be stopped part-way."""
+    return ["sweep", "ntheta", "--smoke", "--storage", str(storage), "--name", name, *TINY_OPTIONS,
+            f"--set=training.epochs={epochs}", f"--set=training.patience={epochs}", "--set=data.t_final=15",
+            "--grid=model.n_classes=1,2", "--grid=training.seed=0", "--max-concurrent=1", "--num-cpus=1"]  # fmt: skip
+
+
+def _start_driver(command: list[str], output) -> subprocess.Popen:
+    """The sweep command in a session of its own (so the test can kill it and its local Ray)."""
+    return subprocess.Popen([sys.executable, "-m", "hpcdyn.cli", *command], cwd=ROOT, start_new_session=True,
+                            stdout=output, stderr=output, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     storage, epochs = tmp_path / "storage", 3
-    command = ["sweep", "ntheta", "--smoke", "--storage", str(storage), "--name", "killed", *TINY_OPTIONS,
-               f"--set=training.epochs={epochs}", f"--set=training.patience={epochs}", "--set=data.t_final=15",
-               "--grid=model.n_classes=1,2", "--grid=training.seed=0", "--max-concurrent=1", "--num-cpus=1"]  # fmt: skip
+    command = _one_trial_at_a_time(storage, "killed", epochs)
     experiment = storage / "killed"
-    driver = subprocess.Popen([sys.executable, "-m", "hpcdyn.cli", *command], cwd=ROOT, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    driver = _start_driver(command, subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait for one finished trial and one part-way through
@@ -317,12 +326,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 def test_interrupted_sweep_says_so_and_exits_non_zero(tmp_path):
     # Tune saves its state and returns normally on SIGINT; the command must not look finished.
     storage, epochs = tmp_path / "storage", 3
-    command = ["sweep", "ntheta", "--smoke", "--storage", str(storage), "--name", "stopped", *TINY_OPTIONS,
-               f"--set=training.epochs={epochs}", f"--set=training.patience={epochs}", "--set=data.t_final=15",
-               "--grid=model.n_classes=1,2", "--grid=training.seed=0", "--max-concurrent=1", "--num-cpus=1"]  # fmt: skip
-    driver = subprocess.Popen([sys.executable, "-m", "hpcdyn.cli", *command], cwd=ROOT, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    driver = _start_driver(_one_trial_at_a_time(storage, "stopped", epochs), subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(_trial_state(storage / "stopped", epochs).values()):
