@@ -11,7 +11,6 @@ import argparse
 from typing import Any
 
 
-
 def add_parser(commands) -> None:
     """Register ``analyze`` on the CLI's sub-command set."""
     from hpcdyn.cli import _add_progress, _non_negative_time

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 
-
 def add_parser(commands) -> None:
     from hpcdyn.cli import _add_progress, _non_negative_time, _positive_time
 
