@@ -43,8 +43,12 @@ def active_system(density: float = 0.124):
 
 
 def variant_suffix(model: TransformerConfig) -> str:
-    """Run-name suffix of the attention variant: offset scores and where they start, rotary or not."""
-    suffix = "_rb" if model.relative_bias else ""
+    """Run-name suffix of the model: its size when not the default, offset scores and where they start, rotary or not."""
+    default = TransformerConfig()
+    suffix = ""
+    if (model.d_model, model.n_heads, model.d_ff) != (default.d_model, default.n_heads, default.d_ff):
+        suffix += f"_d{model.d_model}h{model.n_heads}f{model.d_ff}"
+    suffix += "_rb" if model.relative_bias else ""
     if model.relative_bias and model.initial_offset_score != 0.0:
         suffix += f"{model.initial_offset_score:g}"
     return suffix + ("" if model.rotary else "_norot")
@@ -78,7 +82,7 @@ def part_mode1(args) -> None:
     name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
     if (args.epochs, args.lr, args.segment_events) != (12, 3e-3, 64):
         name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
-    model = TransformerConfig(mode=1, rotary=args.rotary)
+    model = TransformerConfig(mode=1, rotary=args.rotary, **model_size(args))
     result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr,
                                             segment_events=args.segment_events)  # fmt: skip
     best = result.best
@@ -87,6 +91,12 @@ def part_mode1(args) -> None:
         "events": events.n_events, "epochs": len(result.metrics),
                      "seconds": seconds, "val_U_per_T": best["val_U_per_T"], "true_val_U_per_T": best["true_val_U_per_T"],
                      "gap_per_event": best["gap_per_event"], "run_dir": str(run_dir)}, model)  # fmt: skip
+
+
+def model_size(args) -> dict:
+    """The model size options given on the command line (the rest stay TransformerConfig's defaults)."""
+    sizes = {"d_model": args.d_model, "n_heads": args.n_heads, "d_ff": args.d_ff}
+    return {key: value for key, value in sizes.items() if value is not None}
 
 
 def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str | None = None) -> dict:
@@ -174,6 +184,11 @@ def attention_variant(record: dict) -> str:
     return " + ".join(parts) or "-"
 
 
+def model_shape(record: dict) -> str:
+    model = record.get("model", {})
+    return f"d{model.get('d_model', 64)} h{model.get('n_heads', 4)} l{model.get('n_layers', 2)}"
+
+
 def render_report() -> str:
     """benchmarks/TRAINING.md from the recorded runs (the latest record of each part and N_theta)."""
     records = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
@@ -181,7 +196,8 @@ def render_report() -> str:
     for record in records:
         key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"),
                record.get("epochs"), record.get("lr"), record.get("segment_events"),
-               attention_variant(record), record.get("class_rate_fit"), record.get("estimator"))  # fmt: skip
+               attention_variant(record), model_shape(record), record.get("class_rate_fit"),
+               record.get("estimator"))  # fmt: skip
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -190,8 +206,8 @@ def render_report() -> str:
         "each part is run by `python benchmarks/validate_training.py --part PART` (2 CPU cores, 1 thread each).",
         "Gap = (U_true - U_model) / events on the held-out last 10 % of the trajectory, in nats per event.",
         "",
-        "| part | system | attention | N_theta | epochs | lr | segment | events | val U/T | true U/T | gap / event | class rates | minutes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| part | system | model | attention | N_theta | epochs | lr | segment | events | val U/T | true U/T | gap / event | class rates | minutes |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for (part, n_classes, density, *_), record in sorted(latest.items(), key=lambda item: str(item[0])):
         rates = ", ".join(f"{rate:.3g}" for rate in sorted(record.get("class_rates", []))) or "-"
@@ -201,7 +217,7 @@ def render_report() -> str:
         if record.get("estimator", "straight_through") != "straight_through":
             rates += f" [{record['estimator']}]"
         lines.append(
-            f"| {part} | {record.get('system', f'density {density}, model {trained_on}')} | "
+            f"| {part} | {record.get('system', f'density {density}, model {trained_on}')} | {model_shape(record)} | "
             f"{attention_variant(record)} | {n_classes or '-'} | {record.get('epochs', '-')} | "
             f"{record.get('lr', 0.003 if 'epochs' in record else '-')} | {record.get('segment_events', 64 if 'epochs' in record else '-')} | "
             f"{record['events']} | {record.get('val_U_per_T', record.get('U_per_T')):.2f} | "
@@ -300,6 +316,9 @@ def main() -> None:
                         help="Mode 2 classifier gradient (TransformerConfig.estimator); the gumbel part uses gumbel")
     parser.add_argument("--class-rate-fit", choices=("gradient", "closed_form"), default="gradient",
                         help="Mode 2: how the class rates are fitted (TrainingConfig.class_rate_fit)")
+    parser.add_argument("--d-model", type=int, help="model width (Mode 1 parts; default TransformerConfig's)")
+    parser.add_argument("--n-heads", type=int, help="attention heads (Mode 1 parts)")
+    parser.add_argument("--d-ff", type=int, help="feed-forward width (Mode 1 parts)")
     parser.add_argument("--report", action="store_true", help="render benchmarks/TRAINING.md from the records")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
