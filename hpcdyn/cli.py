@@ -229,6 +229,9 @@ def _add_train(commands) -> None:
     optimisation.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
                               help="Mode 2: leave the class rates to the gradient (default) or set them to "
                                    "events / exposure per class after each epoch (closed_form)")  # fmt: skip
+    optimisation.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
+                              help="Mode 2: from this epoch on, train the classifier by the exact gradient of the "
+                                   "expected U instead of --estimator (e.g. 4 of 8 epochs; see README)")  # fmt: skip
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")
@@ -270,6 +273,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         gradient_clip=args.gradient_clip,
         patience=args.patience,
         class_rate_fit=args.class_rate_fit,
+        expected_from_epoch=args.expected_from_epoch,
         seed=args.seed,
         device=args.device,
         bf16=args.bf16,

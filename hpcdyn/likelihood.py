@@ -50,10 +50,11 @@ def segment_terms(
 ) -> SegmentTerms:
     """Score one segment; differentiable through the model, for training."""
     positions, states = replay_segment(system, start_positions, start_states, tokens, moves)
-    log_rates = model(positions, states)  # [S + 1, T, M]
+    split = getattr(model, "split_log_rates", None)  # a model may score events and exposure apart
+    event_log_rates, log_rates = split(positions, states) if split else (model(positions, states),) * 2  # [S + 1, T, M]
     escape = escape_rates(log_rates)
     index = torch.arange(tokens.shape[0], device=tokens.device)
-    taken = log_rates[index, tokens.long(), moves.long()].double()
+    taken = event_log_rates[index, tokens.long(), moves.long()].double()
     return SegmentTerms(taken, escape[:-1], dwell.double(), escape[-1])
 
 

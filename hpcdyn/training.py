@@ -56,6 +56,11 @@ class TrainingConfig:
     # Mode 2: leave the class rates to the gradient steps, or after each epoch set them to n_k / E_k,
     # their best values for the classifier (hpcdyn.class_rates). Neither wins everywhere: see README.
     class_rate_fit: str = "gradient"
+    # Mode 2: from this epoch on the classifier follows the exact gradient of the expected U
+    # (TransformerRates.split_log_rates) instead of the model's estimator; None: never. Started
+    # from scratch it leaves the classes where the initial rates put them, after a few
+    # straight-through epochs it sorts every move into the class of its rate (README, Mode 2).
+    expected_from_epoch: int | None = None
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False  # autocast the encoder to bfloat16 (CUDA); likelihood sums stay float64
@@ -80,6 +85,8 @@ class TrainingConfig:
         require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience!r}")
         require(self.class_rate_fit in CLASS_RATE_FITS, "class_rate_fit",
                 f"must be one of {CLASS_RATE_FITS}, got {self.class_rate_fit!r}")  # fmt: skip
+        require(self.expected_from_epoch is None or (isinstance(self.expected_from_epoch, int) and self.expected_from_epoch >= 0),
+                "expected_from_epoch", f"must be None or an epoch >= 0, got {self.expected_from_epoch!r}")  # fmt: skip
         start, end = self.gumbel_temperature
         require(0 < end <= start, "gumbel_temperature", f"must be (start, end) with 0 < end <= start, got {self.gumbel_temperature!r}")
 
@@ -272,6 +279,7 @@ def _set_schedules(model, optimizer, config, epoch) -> None:
         group["lr"] = config.lr * factor
     start, end = config.gumbel_temperature
     model.temperature = start * (end / start) ** (epoch / max(config.epochs - 1, 1))  # geometric annealing
+    model.expected_gradient = config.expected_from_epoch is not None and epoch >= config.expected_from_epoch
 
 
 def _epochs_since_best(metrics: list[dict[str, Any]]) -> int:

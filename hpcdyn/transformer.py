@@ -8,7 +8,8 @@ self-attention blocks (``scaled_dot_product_attention``); no locality assumed, a
 
 - Mode 1: a shared head maps each token to one log-rate per candidate move.
 - Mode 2: a classifier puts each candidate move in one of N_theta classes (hard in the forward pass,
-  straight-through gradient, or a Gumbel-softmax relaxation while training); each class has one
+  straight-through gradient, or a Gumbel-softmax relaxation while training; the trainer can switch
+  the classifier to the exact gradient of the expected U, ``split_log_rates``); each class has one
   learned rate, so the learned dynamics is read off as N_theta numbers.
 
 The position tables start as periodic Fourier features of the lattice coordinate: the attention can
@@ -271,6 +272,7 @@ class TransformerRates(torch.nn.Module):
             spread = torch.linspace(low, high, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
             self.class_log_rates = torch.nn.Parameter(config.initial_log_rate + spread)
         self.temperature = 1.0  # Gumbel-softmax temperature, annealed by the trainer
+        self.expected_gradient = False  # Mode 2: set by the trainer (TrainingConfig.expected_from_epoch)
 
     def encode(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         h = self.embed_x(positions[..., 0]) + self.embed_y(positions[..., 1]) + self.embed_state(states)
@@ -323,6 +325,34 @@ class TransformerRates(torch.nn.Module):
             hard = functional.one_hot(soft.argmax(-1), self.config.n_classes).to(soft.dtype)
             weights = hard + (soft - soft.detach())  # exactly hard forward, softmax gradient (straight-through)
         return (weights * rates).sum(-1)
+
+    def split_log_rates(self, positions: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-rates to score the moves taken and the exposure of all moves: (event, exposure).
+
+        Both equal ``forward``. While training Mode 2 with ``expected_gradient`` they differ in their
+        gradients: the classifier then follows the exact gradient of the U expected when every move
+        draws its class from the softmax, whose terms are linear in the class probabilities: the
+        event term through sum_k p_k ln(lambda_k), the exposure through sum_k p_k lambda_k. Summed
+        over the moves of one kind (n events, exposure E) this prefers the class whose rate maximises
+        n ln(lambda) - E lambda, the nearest one; the straight-through gradient of ln(lambda) alone
+        pushes a move towards the largest or the smallest rate, by the sign of n - E lambda.
+        """
+        if not (self.training and self.config.mode == 2 and self.expected_gradient):
+            log_rates = self(positions, states)
+            return log_rates, log_rates
+        positions, states = positions.long(), states.long()
+        logits = self.classifier(self.encode(positions, states)).unflatten(-1, (self.n_moves, self.config.n_classes))
+        soft = logits.softmax(-1)
+        hard = functional.one_hot(soft.argmax(-1), self.config.n_classes).to(soft.dtype)
+        weights = hard + (soft - soft.detach())  # hard forward, gradient of the class probabilities
+        rates = self.class_log_rates.to(soft.dtype)
+        top = rates.detach().max()
+        event = (weights * rates).sum(-1)
+        exposure = (weights * (rates - top).exp()).sum(-1).log() + top
+        if self.config.exclusion_mask:
+            blocked = self._blocked(positions, states)
+            event, exposure = event.masked_fill(blocked, -math.inf), exposure.masked_fill(blocked, -math.inf)
+        return event, exposure
 
     def _blocked(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         from hpcdyn.rates import ActiveRates

@@ -13,7 +13,7 @@ from hpcdyn.evaluation import evaluate
 from hpcdyn.simulate import simulate, simulate_to_store
 from hpcdyn.systems import ConfigurationError, make_system
 from hpcdyn.training import TrainingConfig, load_model, train
-from hpcdyn.transformer import TransformerConfig
+from hpcdyn.transformer import TransformerConfig, TransformerRates
 
 SYSTEM = make_system("active", {"L": 6, "N": 5, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
 SMALL = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32)
@@ -165,6 +165,8 @@ def test_corrupt_and_foreign_checkpoints_get_clear_errors(events, tmp_path):
         ("segment_events", {"segment_events": 0}),
         ("validation_fraction", {"validation_fraction": 1.0}),
         ("gumbel_temperature", {"gumbel_temperature": (0.1, 1.0)}),
+        ("expected_from_epoch", {"expected_from_epoch": -1}),
+        ("expected_from_epoch", {"expected_from_epoch": 1.5}),
     ],
 )
 def test_bad_training_configuration_is_refused_by_name(field, changes):
@@ -182,11 +184,12 @@ def test_train_and_evaluate_from_the_command_line(tmp_path, capsys):
     store = simulate_to_store(SYSTEM, 20.0, seed=3, out=tmp_path / "run.zarr")
     arguments = ["train", str(store), "--out", str(tmp_path / "model"), "--epochs", "1", "--d-model", "16",
                  "--n-heads", "2", "--n-layers", "1", "--segment-events", "64", "--mode", "2", "--n-classes", "3",
-                 "--class-rate-fit", "closed_form"]  # fmt: skip
+                 "--class-rate-fit", "closed_form", "--expected-from-epoch", "0"]  # fmt: skip
     assert main(arguments) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["epochs"] == 1 and "val_U_per_T" in trained["best"]
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["config"]["class_rate_fit"] == "closed_form"
+    recorded = json.loads((tmp_path / "model" / "config.json").read_text())["config"]
+    assert recorded["class_rate_fit"] == "closed_form" and recorded["expected_from_epoch"] == 0
     assert main(arguments) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "model")]) == 0
@@ -216,3 +219,23 @@ def test_mode_2_with_the_exclusion_mask_recovers_the_three_rates(tmp_path):
     rates = sorted(result.best["class_rates"])
     assert rates == pytest.approx([0.5, 1.0, 5.0], rel=0.10), rates
     assert result.best["gap_per_event"] < 0.01
+
+
+def test_the_classifier_switches_to_the_expected_gradient_at_the_chosen_epoch(tmp_path, monkeypatch):
+    events = simulate(SYSTEM, 20.0, seed=3).events
+    model = TransformerConfig(mode=2, n_classes=3, d_model=16, n_heads=2, n_layers=1, d_ff=16)
+    config = TrainingConfig(model=model, epochs=3, lr=1e-2, segment_events=64, expected_from_epoch=1)
+    seen = []
+    original = TransformerRates.split_log_rates
+
+    def spy(self, positions, states):
+        seen.append(self.expected_gradient)
+        return original(self, positions, states)
+
+    monkeypatch.setattr(TransformerRates, "split_log_rates", spy)
+    result = train(config, events, tmp_path / "run", report=lambda metrics, folder: seen.append(metrics["epoch"]))
+    epochs = [i for i, value in enumerate(seen) if not isinstance(value, bool)]
+    first, second = seen[: epochs[0]], seen[epochs[0] + 1 : epochs[1]]
+    assert first and not any(first) and second and all(second)
+    assert all(seen[epochs[1] + 1 : epochs[2]])
+    assert len(result.metrics) == 3 and all(math.isfinite(m["val_U_per_T"]) for m in result.metrics)

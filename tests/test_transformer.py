@@ -216,3 +216,66 @@ def test_gumbel_relaxation_is_soft_in_training_and_hard_in_evaluation():
     model.eval()
     hard = model(positions, states)
     assert (hard.unsqueeze(-1) - model.class_log_rates).abs().min(-1).values.max() == 0
+
+
+def test_expected_gradient_is_the_exact_gradient_of_the_expected_likelihood():
+    """With expected_gradient the classifier's gradient is that of U averaged over independent class
+    draws from the softmax (linear in the probabilities), and the class rates' gradient is that of U
+    with the hard classes; the values stay those of the hard model."""
+    system = make_system("active", {"L": 5, "N": 4, "D": 0.3, "v_plus": 2.0, "v_other": 0.5})
+    events = simulate(system, 2.0, seed=1).events
+    torch.manual_seed(0)
+    model = TransformerRates(TransformerConfig(lattice_size=5, d_model=8, n_heads=2, d_ff=8, mode=2, n_classes=3)).double()
+    for parameter in model.parameters():
+        parameter.data.add_(0.3 * torch.randn_like(parameter))
+    segment = (torch.as_tensor(events.initial_positions), torch.as_tensor(events.initial_states).long(),
+               torch.as_tensor(events.tokens[:30]), torch.as_tensor(events.moves[:30]), torch.as_tensor(events.dwell[:30]))  # fmt: skip
+    model.train()
+    model.expected_gradient = True
+    surrogate = segment_terms(model, system, *segment).log_likelihood()
+    model.zero_grad()
+    surrogate.backward()
+    got = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+
+    model.expected_gradient = False
+    hard_value = segment_terms(model, system, *segment).log_likelihood()
+    assert surrogate.item() == pytest.approx(hard_value.item(), rel=1e-12)
+
+    # the reference, written out: every move draws its class k with probability p_k
+    from hpcdyn.replay import replay_segment
+
+    positions, states = replay_segment(system, *segment[:2], segment[2], segment[3])
+    logits = model.classifier(model.encode(positions.long(), states.long())).unflatten(-1, (model.n_moves, 3))
+    probabilities = logits.softmax(-1)
+    rates = model.class_log_rates
+    index = torch.arange(len(segment[2]))
+    taken = (probabilities[index, segment[2].long(), segment[3].long()] * rates).sum(-1)
+    escape = (probabilities * rates.exp()).sum((-1, -2, -3))
+    expected = (taken - segment[4].double() * escape[:-1]).sum()
+    model.zero_grad()
+    expected.backward()
+    for name, parameter in model.named_parameters():
+        if name != "class_log_rates" and name in got:
+            torch.testing.assert_close(got[name], parameter.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert model.classifier.weight.grad.abs().sum() > 0
+
+    # the class rates: the gradient of U with every move in its argmax class
+    classes = probabilities.argmax(-1)
+    model.zero_grad()
+    hard_rates = model.class_log_rates[classes]
+    hard = (hard_rates[index, segment[2].long(), segment[3].long()] - segment[4].double() * hard_rates.exp().sum((-1, -2))[:-1]).sum()
+    hard.backward()
+    torch.testing.assert_close(got["class_log_rates"], model.class_log_rates.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_expected_gradient_keeps_the_exclusion_mask():
+    model = TransformerRates(TransformerConfig(lattice_size=6, mode=2, n_classes=3, exclusion_mask=True)).double()
+    positions, states = configurations(ACTIVE, 2)
+    model.train()
+    model.expected_gradient = True
+    event, exposure = model.split_log_rates(positions, states)
+    model.eval()
+    reference = model(positions, states)
+    torch.testing.assert_close(event, reference)
+    torch.testing.assert_close(exposure, reference)
+    assert torch.isinf(reference).any()
