@@ -27,7 +27,7 @@ from hpcdyn.likelihood import path_log_likelihood
 from hpcdyn.rates import true_rate_model
 from hpcdyn.simulate import simulate
 from hpcdyn.systems import make_system
-from hpcdyn.training import TrainingConfig, load_model, split, train
+from hpcdyn.training import CLASS_RATE_FITS, TrainingConfig, load_model, split, train
 from hpcdyn.transformer import TransformerConfig
 
 HERE = Path(__file__).parent
@@ -55,11 +55,12 @@ def variant_suffix(model: TransformerConfig) -> str:
 
 
 def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: float, seed: int = 0, segment_events: int = 64,
-                 class_rate_fit: str = "gradient"):  # fmt: skip
+                 class_rate_fit: str = "gradient", expected_from_epoch: int | None = None):  # fmt: skip
     config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=segment_events, seed=seed, patience=epochs,
-                            class_rate_fit=class_rate_fit)  # fmt: skip
+                            class_rate_fit=class_rate_fit, expected_from_epoch=expected_from_epoch)  # fmt: skip
     # Mode 2 runs before closed-form class rates existed fitted them by gradient (names without _cf)
     fit_suffix = "_cf" if model.mode == 2 and class_rate_fit == "closed_form" else ""
+    fit_suffix += f"_x{expected_from_epoch}" if model.mode == 2 and expected_from_epoch is not None else ""
     run_dir = WORK / (name + variant_suffix(model) + fit_suffix)
     begin = time.perf_counter()
     result = train(config, events, run_dir, resume=True, progress=True)
@@ -106,10 +107,11 @@ def part_mode2(args, n_classes: int = 4, tag: str = "mode2", estimator: str | No
     name = f"active_{tag}_k{n_classes}_{estimator}"
     if (args.epochs, args.lr) != (10, 3e-3):
         name += f"_e{args.epochs}_lr{args.lr:g}"
-    result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr, class_rate_fit=args.class_rate_fit)
+    result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr, class_rate_fit=args.class_rate_fit,
+                                            expected_from_epoch=args.expected_from_epoch)  # fmt: skip
     report = evaluate(run_dir, events)
     figures = {"system": "active L12 density 0.124", "n_classes": n_classes, "estimator": estimator, "lr": args.lr,
-               "class_rate_fit": args.class_rate_fit,
+               "class_rate_fit": args.class_rate_fit, "expected_from_epoch": args.expected_from_epoch,
                "events": events.n_events, "epochs": len(result.metrics), "seconds": seconds,
                "val_U_per_T": result.best["val_U_per_T"], "true_val_U_per_T": result.best["true_val_U_per_T"],
                "gap_per_event": result.best["gap_per_event"], "class_rates": report["class_rates"],
@@ -197,7 +199,7 @@ def render_report() -> str:
         key = (record["part"], record.get("n_classes"), record.get("density"), record.get("trained_on"),
                record.get("epochs"), record.get("lr"), record.get("segment_events"),
                attention_variant(record), model_shape(record), record.get("class_rate_fit"),
-               record.get("estimator"))  # fmt: skip
+               record.get("estimator"), record.get("expected_from_epoch"))  # fmt: skip
         latest[key] = record
     lines = [
         "# Learning the dynamics from one trajectory: validation runs",
@@ -216,6 +218,8 @@ def render_report() -> str:
             rates += " (closed form)"
         if record.get("estimator", "straight_through") != "straight_through":
             rates += f" [{record['estimator']}]"
+        if record.get("expected_from_epoch") is not None:
+            rates += f" [expected-U gradient from epoch {record['expected_from_epoch']}]"
         lines.append(
             f"| {part} | {record.get('system', f'density {density}, model {trained_on}')} | {model_shape(record)} | "
             f"{attention_variant(record)} | {n_classes or '-'} | {record.get('epochs', '-')} | "
@@ -314,8 +318,10 @@ def main() -> None:
     parser.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=True, help="rotary encoding of q and k")
     parser.add_argument("--estimator", choices=("straight_through", "gumbel"), default="straight_through",
                         help="Mode 2 classifier gradient (TransformerConfig.estimator); the gumbel part uses gumbel")
-    parser.add_argument("--class-rate-fit", choices=("gradient", "closed_form"), default="gradient",
+    parser.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
                         help="Mode 2: how the class rates are fitted (TrainingConfig.class_rate_fit)")
+    parser.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
+                        help="Mode 2: the classifier follows the expected-U gradient from this epoch on")
     parser.add_argument("--d-model", type=int, help="model width (Mode 1 parts; default TransformerConfig's)")
     parser.add_argument("--n-heads", type=int, help="attention heads (Mode 1 parts)")
     parser.add_argument("--d-ff", type=int, help="feed-forward width (Mode 1 parts)")
