@@ -228,8 +228,8 @@ def _add_train(commands) -> None:
     optimisation.add_argument("--seed", type=int, default=0)
     optimisation.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
                               help="Mode 2: leave the class rates to the gradient (default), set them to "
-                                   "events / exposure per class after each epoch (closed_form), or after each "
-                                   "epoch from --expected-from-epoch on (closed_form_expected)")  # fmt: skip
+                                   "events / exposure per class after each epoch (closed_form) or after the last "
+                                   "one only (closed_form_last)")  # fmt: skip
     optimisation.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
                               help="Mode 2: from this epoch on, train the classifier by the exact gradient of the "
                                    "expected U instead of --estimator (e.g. 4 of 8 epochs; see README)")  # fmt: skip

@@ -34,9 +34,9 @@ from hpcdyn.systems import ConfigurationError
 from hpcdyn.transformer import TransformerConfig, TransformerRates
 
 Report = Callable[[dict[str, Any], Path], None]
-# closed_form_expected: by gradient while the classifier follows its estimator, in closed form in
-# the epochs of the expected-U gradient (expected_from_epoch), once every move sits in its class
-CLASS_RATE_FITS = ("gradient", "closed_form", "closed_form_expected")
+# closed_form_last: by gradient, then once in closed form after the last epoch, when the classifier
+# has settled (a fit while moves still sit in the wrong class lifts the near-zero class for good)
+CLASS_RATE_FITS = ("gradient", "closed_form", "closed_form_last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,6 @@ class TrainingConfig:
         require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience!r}")
         require(self.class_rate_fit in CLASS_RATE_FITS, "class_rate_fit",
                 f"must be one of {CLASS_RATE_FITS}, got {self.class_rate_fit!r}")  # fmt: skip
-        require(self.class_rate_fit != "closed_form_expected" or self.expected_from_epoch is not None, "class_rate_fit",
-                "closed_form_expected needs expected_from_epoch (the epochs whose class rates it fits)")
         require(self.expected_from_epoch is None or (isinstance(self.expected_from_epoch, int) and self.expected_from_epoch >= 0),
                 "expected_from_epoch", f"must be None or an epoch >= 0, got {self.expected_from_epoch!r}")  # fmt: skip
         start, end = self.gumbel_temperature
@@ -244,7 +242,7 @@ def train(
         _set_schedules(model, optimizer, config, epoch)
         begin = time.perf_counter()
         train_stats = _train_epoch(scored, optimizer, training, config, generator, bar)
-        if model.config.mode == 2 and _closed_form_epoch(config, model):
+        if model.config.mode == 2 and _closed_form_epoch(config, epoch):
             fit_class_rates(model, training, max(config.segment_events, 512), config.device)
         validation_result = _validate(scored, validation, config)
         epoch_metrics = _epoch_metrics(epoch, train_stats, validation_result, true_result, model, time.perf_counter() - begin)
@@ -286,8 +284,8 @@ def _set_schedules(model, optimizer, config, epoch) -> None:
     model.expected_gradient = config.expected_from_epoch is not None and epoch >= config.expected_from_epoch
 
 
-def _closed_form_epoch(config: TrainingConfig, model) -> bool:
-    return config.class_rate_fit == "closed_form" or (config.class_rate_fit == "closed_form_expected" and model.expected_gradient)
+def _closed_form_epoch(config: TrainingConfig, epoch: int) -> bool:
+    return config.class_rate_fit == "closed_form" or (config.class_rate_fit == "closed_form_last" and epoch == config.epochs - 1)
 
 
 def _epochs_since_best(metrics: list[dict[str, Any]]) -> int:

@@ -131,10 +131,9 @@ def test_training_sets_the_class_rates_to_their_closed_form_each_epoch(events, t
         TrainingConfig(class_rate_fit="bayes")
 
 
-def test_closed_form_expected_fits_only_the_epochs_of_the_expected_gradient(events, tmp_path):
+def test_closed_form_last_fits_only_after_the_last_epoch(events, tmp_path):
     model = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=2, n_classes=3)
-    config = TrainingConfig(model=model, epochs=2, lr=1e-2, segment_events=64, expected_from_epoch=1,
-                            class_rate_fit="closed_form_expected")  # fmt: skip
+    config = TrainingConfig(model=model, epochs=2, lr=1e-2, segment_events=64, class_rate_fit="closed_form_last")
     at_closed_form = []
 
     def check(metrics, folder):  # after each epoch: are the rates n_k / E_k of the classifier saved?
@@ -145,6 +144,4 @@ def test_closed_form_expected_fits_only_the_epochs_of_the_expected_gradient(even
         at_closed_form.append(bool(torch.allclose(learned[has_events], expected[has_events], rtol=1e-6)))
 
     train(config, events, tmp_path / "run", report=check)
-    assert at_closed_form == [False, True]  # epoch 0: straight-through and gradient rates; epoch 1: closed form
-    with pytest.raises(ConfigurationError, match="^class_rate_fit: closed_form_expected needs expected_from_epoch"):
-        TrainingConfig(class_rate_fit="closed_form_expected")
+    assert at_closed_form == [False, True]  # epoch 0: gradient rates; epoch 1, the last: closed form
