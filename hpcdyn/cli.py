@@ -232,7 +232,8 @@ def _add_train(commands) -> None:
                                    "one only (closed_form_last)")  # fmt: skip
     optimisation.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
                               help="Mode 2: from this epoch on, train the classifier by the exact gradient of the "
-                                   "expected U instead of --estimator (e.g. 4 of 8 epochs; see README)")  # fmt: skip
+                                   "expected U instead of --estimator (e.g. 4 of 10 epochs, with --class-rate-fit "
+                                   "closed_form_last; README)")  # fmt: skip
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")

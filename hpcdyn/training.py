@@ -55,8 +55,8 @@ class TrainingConfig:
     gradient_clip: float = 1.0
     patience: int = 5  # epochs without a better validation U/T before stopping
     gumbel_temperature: tuple[float, float] = (1.0, 0.1)  # start, end (Mode 2, gumbel)
-    # Mode 2: leave the class rates to the gradient steps, or after each epoch set them to n_k / E_k,
-    # their best values for the classifier (hpcdyn.class_rates). Neither wins everywhere: see README.
+    # Mode 2: leave the class rates to the gradient steps, or set them to n_k / E_k, their best values
+    # for the classifier (hpcdyn.class_rates), after each epoch or after the last one (CLASS_RATE_FITS)
     class_rate_fit: str = "gradient"
     # Mode 2: from this epoch on the classifier follows the exact gradient of the expected U
     # (TransformerRates.split_log_rates) instead of the model's estimator; None: never. Started
