@@ -59,7 +59,7 @@ def run_training(name: str, events, model: TransformerConfig, epochs: int, lr: f
     config = TrainingConfig(model=model, epochs=epochs, lr=lr, segment_events=segment_events, seed=seed, patience=epochs,
                             class_rate_fit=class_rate_fit, expected_from_epoch=expected_from_epoch)  # fmt: skip
     # Mode 2 runs before closed-form class rates existed fitted them by gradient (names without _cf)
-    fit_suffix = "_cf" if model.mode == 2 and class_rate_fit == "closed_form" else ""
+    fit_suffix = {"closed_form": "_cf", "closed_form_last": "_cfl"}.get(class_rate_fit, "") if model.mode == 2 else ""
     fit_suffix += f"_x{expected_from_epoch}" if model.mode == 2 and expected_from_epoch is not None else ""
     run_dir = WORK / (name + variant_suffix(model) + fit_suffix)
     begin = time.perf_counter()
@@ -142,7 +142,7 @@ def part_refit(args) -> None:
 
 
 def part_scan(args) -> None:
-    for n_classes in range(1, 7):
+    for n_classes in args.classes:
         part_mode2(args, n_classes, tag="scan")
 
 
@@ -345,6 +345,8 @@ def main() -> None:
                         help="Mode 2: how the class rates are fitted (TrainingConfig.class_rate_fit)")
     parser.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
                         help="Mode 2: the classifier follows the expected-U gradient from this epoch on")
+    parser.add_argument("--classes", type=int, nargs="+", default=list(range(1, 7)), metavar="N_THETA",
+                        help="the N_theta values of --part scan (default 1..6)")
     parser.add_argument("--d-model", type=int, help="model width (Mode 1 parts; default TransformerConfig's)")
     parser.add_argument("--n-heads", type=int, help="attention heads (Mode 1 parts)")
     parser.add_argument("--d-ff", type=int, help="feed-forward width (Mode 1 parts)")

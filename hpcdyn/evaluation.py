@@ -35,7 +35,8 @@ def _check_compatible(model, source: EventSource) -> None:
 def class_table(model, source: EventSource, max_events: int = 20_000, device: str = "cpu") -> dict[str, list[int]]:
     """Mode 2: for each true move type, how many candidate moves land in each learned class.
 
-    Counted over the configurations before the first ``max_events`` events.
+    Counted over the configurations before the first ``max_events`` events. Moves the exclusion
+    mask forbids have no class and are not counted.
     """
     truth = true_rate_model(source.system)
     counts = torch.zeros(len(truth.type_names), model.config.n_classes, dtype=torch.long)
@@ -44,8 +45,9 @@ def class_table(model, source: EventSource, max_events: int = 20_000, device: st
         configurations = replay_segment(source.system, positions, states, tokens, moves)
         configurations = tuple(part[:-1] for part in configurations)
         types = truth.move_types(*configurations).flatten().cpu()
-        classes = model.classes(*configurations).flatten().cpu()
-        counts.index_put_((types, classes), torch.ones_like(types), accumulate=True)
+        classes = model.move_classes(*configurations).flatten().cpu()
+        kept = classes >= 0
+        counts.index_put_((types[kept], classes[kept]), torch.ones_like(types[kept]), accumulate=True)
         seen += len(tokens)
         if seen >= max_events:
             break

@@ -89,6 +89,14 @@ def test_mode_2_training_reports_class_rates(events, tmp_path):
     assert sum(map(sum, table.values())) == pytest.approx(counted * SYSTEM.N * 6, rel=0.01)
 
 
+def test_the_class_table_leaves_out_the_moves_the_exclusion_mask_forbids(events, tmp_path):
+    model = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=2, n_classes=3, exclusion_mask=True)
+    train(quick(model=model, epochs=1), events, tmp_path / "masked")
+    table = evaluate(tmp_path / "masked", events)["class_table"]
+    assert sum(table["blocked_hop"]) == 0
+    assert sum(table["rotation"]) == min(events.n_events, 20_000) * SYSTEM.N * 2  # two rotations per particle
+
+
 def test_gumbel_training_anneals_the_temperature(events, tmp_path):
     model = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=2, n_classes=3, estimator="gumbel")
     temperatures = []
