@@ -2,17 +2,19 @@
 
 U/T rises with N_theta up to the number of distinct processes of the dynamics and then flattens:
 N* = 4 for the active model (rotations D, forward hops v_plus, other hops v_other, blocked hops 0).
-Every trial learns from the same trajectory, so the seed spread is the spread of training.
+Every trial learns from the same trajectory, so the seed spread is the spread of training. The full
+study trains Mode 2 with the expected-U gradient from epoch 4 (``CLASS_RECIPE``), which puts every
+kind of move in a class of its own; the smoke study keeps the plain straight-through gradient.
 """
 
 from hpcdyn.sweep import Study
-from sweeps.common import ACTIVE_DATA, SMOKE_DATA, SMOKE_TRAINING, TINY_MODEL, VALIDATED_TRAINING
+from sweeps.common import ACTIVE_DATA, CLASS_RECIPE, SMOKE_DATA, SMOKE_TRAINING, TINY_MODEL, VALIDATED_TRAINING
 
 NAME = "ntheta"
 
 FULL = Study(
     NAME,
-    base={**ACTIVE_DATA, **VALIDATED_TRAINING},
+    base={**ACTIVE_DATA, **VALIDATED_TRAINING, **CLASS_RECIPE},
     grids=(
         {"model.mode": [2], "model.n_classes": list(range(1, 9)), "training.seed": [0, 1, 2]},
         {"model.mode": [1], "training.seed": [0, 1, 2]},
