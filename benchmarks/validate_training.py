@@ -5,6 +5,7 @@
     python benchmarks/validate_training.py --part scan       # N_theta = 1..6
     python benchmarks/validate_training.py --part fa         # FA chain, Mode 1
     python benchmarks/validate_training.py --part transfer   # the Mode 1 model at densities 0.3, 0.5
+                                                         # (--transfer-run NAME: any run, e.g. Mode 2)
     python benchmarks/validate_training.py --part refit --epochs 10 --lr 1e-3
                                                          # a gradient-fitted Mode 2 run refitted in closed form
 
@@ -78,11 +79,17 @@ def record(part: str, figures: dict, model: TransformerConfig) -> None:
     print(json.dumps(figures, indent=2))
 
 
-def part_mode1(args) -> None:
-    events = simulate(active_system(), args.t_final, seed=1).events
+def mode1_name(args) -> str:
+    """The run name of the Mode 1 part with these options (before the model's variant suffix)."""
     name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
     if (args.epochs, args.lr, args.segment_events) != (12, 3e-3, 64):
         name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
+    return name
+
+
+def part_mode1(args) -> None:
+    events = simulate(active_system(), args.t_final, seed=1).events
+    name = mode1_name(args)
     model = TransformerConfig(mode=1, rotary=args.rotary, **model_size(args))
     result, seconds, run_dir = run_training(name, events, model, args.epochs, args.lr,
                                             segment_events=args.segment_events)  # fmt: skip
@@ -163,11 +170,8 @@ def part_fa(args) -> None:
 
 
 def part_transfer(args) -> None:
-    name = "active_mode1" if args.t_final == ACTIVE_T else f"active_mode1_T{args.t_final:g}"
-    if (args.epochs, args.lr, args.segment_events) != (12, 3e-3, 64):
-        name += f"_e{args.epochs}_lr{args.lr:g}_s{args.segment_events}"
-    model = TransformerConfig(mode=1, rotary=args.rotary)
-    run_dir = WORK / (name + variant_suffix(model))
+    default = mode1_name(args) + variant_suffix(TransformerConfig(mode=1, rotary=args.rotary))
+    run_dir = WORK / (args.transfer_run or default)
     trained = load_model(run_dir)[0]
     for density in (0.3, 0.5):
         events = simulate(active_system(density), 30.0, seed=2).events
@@ -310,6 +314,22 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
   near-zero class, lifts it to 0.04 and it becomes an ordinary class: gap 0.005 -> 0.020 over 4
   epochs); an 8-epoch schedule switching at 4 (gap 0.012 after the switch, 0.004 at the end, 2 % of
   the other hops left in the rotations' class: the lower learning rate at the switch leaves them).
+- The same recipe across N_theta (`--part scan --classes 1 2 3 5 6 --epochs 10 --lr 1e-3
+  --expected-from-epoch 4 --class-rate-fit closed_form_last`; N_theta = 4 is the run above): held-out
+  U/T 43.7, 547.9, 569.4, 572.85, 572.2, 569.9 for N_theta = 1..6 (truth 572.85), the maximum at 4:
+  gain 3->4 +3.5 (about 100 nats over the 30 time units held out), 4->5 -0.7, 4->6 -2.9. Every
+  allowed kind of move lands in one class from N_theta = 3 on; what differs is the blocked hops: with
+  3 classes 86 % of them share the rotations' class, with 5 one class stays empty and 7 % sit with the
+  other hops, with 6 they spread over two near-zero classes and those of the rotations and other hops.
+- The recipe at lr 3e-3 (the sweeps' rate; `--lr 3e-3`): gap 0.0025, rates 0.0996, 0.988, 24.99, but
+  5 % of the blocked hops stay with the other hops, so the fourth class is 1.2e-3 (1.2e-2 D). Mode 1
+  at lr 1e-3 (10 epochs, 100 k events) ends at 0.0115 against 0.0051 at 3e-3 in 4 epochs, so the full
+  N_theta study (sweeps/common.py, CLASS_RECIPE) keeps 3e-3 for both modes.
+- The recipe's Mode 2 model (N_theta 4, lr 1e-3) on the unseen densities 0.3 and 0.5
+  (`--part transfer --transfer-run active_mode2_k4_straight_through_e10_lr0.001_rb-8_cfl_x4`): gap
+  1e-5 and 6e-5 nats/event. Four classes with the true rates and a classifier that only has to read
+  the site a hop goes to carry over to any crowding, where Mode 1's per-move rates (0.011 / 0.042 at
+  best) had learned their surroundings at one density.
 - The N_theta scan with the current start (offsets from -8, classes from e^-12 of the mean rate;
   4 epochs, lr 3e-3, gradient rates; `--part scan --epochs 4 --lr 3e-3`): held-out U/T 43.1, 481.2,
   560.0, 567.0, 564.9, 567.0 for N_theta = 1..6 (truth 572.85): gain 3->4 +7.0, 4->6 +0.02, a
@@ -345,6 +365,8 @@ def main() -> None:
                         help="Mode 2: how the class rates are fitted (TrainingConfig.class_rate_fit)")
     parser.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
                         help="Mode 2: the classifier follows the expected-U gradient from this epoch on")
+    parser.add_argument("--transfer-run", metavar="NAME",
+                        help="--part transfer: the run (a directory of runs/validation) to evaluate; default the Mode 1 run of these options")
     parser.add_argument("--classes", type=int, nargs="+", default=list(range(1, 7)), metavar="N_THETA",
                         help="the N_theta values of --part scan (default 1..6)")
     parser.add_argument("--d-model", type=int, help="model width (Mode 1 parts; default TransformerConfig's)")
