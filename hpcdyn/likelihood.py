@@ -50,8 +50,12 @@ def segment_terms(
 ) -> SegmentTerms:
     """Score one segment; differentiable through the model, for training."""
     positions, states = replay_segment(system, start_positions, start_states, tokens, moves)
-    split = getattr(model, "split_log_rates", None)  # a model may score events and exposure apart
-    event_log_rates, log_rates = split(positions, states) if split else (model(positions, states),) * 2  # [S + 1, T, M]
+    # A model may score the events taken and the exposure apart (Mode 2's expected-U gradient); only
+    # then is its own method called, so a compiled model's forward stays compiled otherwise.
+    if getattr(model, "scores_events_apart", False):
+        event_log_rates, log_rates = model.split_log_rates(positions, states)  # [S + 1, T, M]
+    else:
+        event_log_rates = log_rates = model(positions, states)
     escape = escape_rates(log_rates)
     index = torch.arange(tokens.shape[0], device=tokens.device)
     taken = event_log_rates[index, tokens.long(), moves.long()].double()

@@ -326,6 +326,11 @@ class TransformerRates(torch.nn.Module):
             weights = hard + (soft - soft.detach())  # exactly hard forward, softmax gradient (straight-through)
         return (weights * rates).sum(-1)
 
+    @property
+    def scores_events_apart(self) -> bool:
+        """Whether ``split_log_rates`` differs from ``forward`` now: Mode 2, training, expected gradient."""
+        return self.training and self.config.mode == 2 and self.expected_gradient
+
     def split_log_rates(self, positions: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-rates to score the moves taken and the exposure of all moves: (event, exposure).
 
@@ -337,7 +342,7 @@ class TransformerRates(torch.nn.Module):
         n ln(lambda) - E lambda, the nearest one; the straight-through gradient of ln(lambda) alone
         pushes a move towards the largest or the smallest rate, by the sign of n - E lambda.
         """
-        if not (self.training and self.config.mode == 2 and self.expected_gradient):
+        if not self.scores_events_apart:
             log_rates = self(positions, states)
             return log_rates, log_rates
         positions, states = positions.long(), states.long()

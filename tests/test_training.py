@@ -233,17 +233,22 @@ def test_the_classifier_switches_to_the_expected_gradient_at_the_chosen_epoch(tm
     events = simulate(SYSTEM, 20.0, seed=3).events
     model = TransformerConfig(mode=2, n_classes=3, d_model=16, n_heads=2, n_layers=1, d_ff=16)
     config = TrainingConfig(model=model, epochs=3, lr=1e-2, segment_events=64, expected_from_epoch=1)
-    seen = []
-    original = TransformerRates.split_log_rates
+    seen = []  # per training step, whether the events were scored apart; the epoch after each epoch
+    original_split, original_forward = TransformerRates.split_log_rates, TransformerRates.forward
 
-    def spy(self, positions, states):
-        seen.append(self.expected_gradient)
-        return original(self, positions, states)
+    def split(self, positions, states):
+        seen.append(True)
+        return original_split(self, positions, states)
 
-    monkeypatch.setattr(TransformerRates, "split_log_rates", spy)
+    def forward(self, positions, states):
+        if self.training and not self.scores_events_apart:
+            seen.append(False)
+        return original_forward(self, positions, states)
+
+    monkeypatch.setattr(TransformerRates, "split_log_rates", split)
+    monkeypatch.setattr(TransformerRates, "forward", forward)
     result = train(config, events, tmp_path / "run", report=lambda metrics, folder: seen.append(metrics["epoch"]))
     epochs = [i for i, value in enumerate(seen) if not isinstance(value, bool)]
-    first, second = seen[: epochs[0]], seen[epochs[0] + 1 : epochs[1]]
-    assert first and not any(first) and second and all(second)
-    assert all(seen[epochs[1] + 1 : epochs[2]])
+    first, second, third = seen[: epochs[0]], seen[epochs[0] + 1 : epochs[1]], seen[epochs[1] + 1 : epochs[2]]
+    assert first and not any(first) and second and all(second) and third and all(third)
     assert len(result.metrics) == 3 and all(math.isfinite(m["val_U_per_T"]) for m in result.metrics)

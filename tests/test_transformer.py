@@ -268,6 +268,26 @@ def test_expected_gradient_is_the_exact_gradient_of_the_expected_likelihood():
     torch.testing.assert_close(got["class_log_rates"], model.class_log_rates.grad, rtol=1e-9, atol=1e-12)
 
 
+def test_a_compiled_model_scores_segments_through_its_compiled_forward():
+    """torch.compile wraps the module: segment_terms must call the wrapper, not a method of the
+    module inside it, or training with --compile would run uncompiled."""
+    graphs = []
+
+    def backend(graph, example_inputs):  # records what dynamo compiled, runs it as traced
+        graphs.append(graph)
+        return graph.forward
+
+    events = simulate(ACTIVE, 2.0, seed=1).events
+    segment = (torch.as_tensor(events.initial_positions), torch.as_tensor(events.initial_states).long(),
+               torch.as_tensor(events.tokens[:20]), torch.as_tensor(events.moves[:20]), torch.as_tensor(events.dwell[:20]))  # fmt: skip
+    model = TransformerRates(TransformerConfig(lattice_size=6, d_model=8, n_heads=2, d_ff=8, mode=2, n_classes=3))
+    model.train()
+    eager = segment_terms(model, ACTIVE, *segment).log_likelihood()
+    compiled = torch.compile(model, backend=backend)
+    assert segment_terms(compiled, ACTIVE, *segment).log_likelihood().item() == pytest.approx(eager.item(), rel=1e-5)
+    assert graphs, "the compiled forward was not called"
+
+
 def test_expected_gradient_keeps_the_exclusion_mask():
     model = TransformerRates(TransformerConfig(lattice_size=6, mode=2, n_classes=3, exclusion_mask=True)).double()
     positions, states = configurations(ACTIVE, 2)
