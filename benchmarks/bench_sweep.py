@@ -83,7 +83,7 @@ rates {truth:.1f}{f", Mode 1 {float(mode1.mean()):.1f}" if mode1 is not None els
 |---:|---:|---:|---:|
 {rows}
 
-**N* = {plateau.n_star}** (plateau threshold {plateau.threshold:.1f}: 5 % of the rise below the best mean, or the seed spread).
+**N* = {plateau.n_star}** (plateau threshold {plateau.threshold:.1f}: 0.002 nats per held-out event, or the seed spread, below the best mean).
 
 {" ".join(names)}
 """

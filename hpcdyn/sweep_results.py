@@ -28,7 +28,11 @@ import xarray as xr
 
 RESULTS_NAME = "results.zarr"
 SCALARS = ("val_U_per_T", "train_U_per_T", "true_val_U_per_T", "gap_per_event", "val_U_per_event")
-TOLERANCE = 0.05  # a gain below 5 % of the whole rise (or below the seed spread) is no gain
+# A gain of held-out likelihood below this many nats per event (about the gap of a well-trained
+# model), or below the seed spread, is no gain; where the sweep lacks the held-out event count,
+# a gain below TOLERANCE of the whole rise is none.
+TOLERANCE_PER_EVENT = 0.002
+TOLERANCE = 0.05
 
 
 @dataclasses.dataclass
@@ -187,12 +191,16 @@ def _mode2(dataset: xr.Dataset) -> xr.Dataset:
     return dataset.sel(mode=2) if "mode" in dataset.dims else dataset
 
 
-def find_plateau(dataset: xr.Dataset, variable: str = "val_U_per_T", tolerance: float = TOLERANCE) -> Plateau:
+def find_plateau(dataset: xr.Dataset, variable: str = "val_U_per_T", tolerance: float = TOLERANCE,
+                 per_event: float = TOLERANCE_PER_EVENT) -> Plateau:  # fmt: skip
     """N*: the smallest N_theta whose mean U/T is within reach of the best one.
 
-    Reach = max(tolerance x (best - worst mean), spread of the best point over seeds): beyond N*,
-    adding classes gains less than a small fraction of what the first classes gained, or less
-    than the noise between seeds.
+    Reach = max(per_event x held-out events per unit time, spread of the best point over seeds):
+    beyond N*, adding classes gains less than ``per_event`` nats per event, or less than the noise
+    between seeds. A fraction of the whole rise would not do: one class cannot tell forward hops
+    from the rest, so the first gains are hundreds of times the last real one (the blocked hops'
+    class, ~0.01 nats per event for the active model). Without val_U_per_event the reach is
+    ``tolerance`` x (best - worst mean).
     """
     if "n_classes" not in dataset.dims:
         raise ValueError("n_classes: the sweep does not scan N_theta (model.n_classes), so it has no plateau")
@@ -207,9 +215,20 @@ def find_plateau(dataset: xr.Dataset, variable: str = "val_U_per_T", tolerance: 
     if len(mean) == 0:
         return Plateau(None, [], [], [], [], math.nan)
     best = int(np.argmax(mean))
-    threshold = mean[best] - max(tolerance * (mean[best] - mean.min()), float(np.nan_to_num(spread[best])))
+    rate = _events_per_time(_mode2(dataset), variable)
+    gain = per_event * rate if math.isfinite(rate) else tolerance * (mean[best] - mean.min())
+    threshold = mean[best] - max(gain, float(np.nan_to_num(spread[best])))
     n_star = next(n for n, value in zip(n_classes, mean) if value >= threshold)
     return Plateau(n_star, n_classes, mean.tolist(), np.nan_to_num(spread).tolist(), np.diff(mean).tolist(), float(threshold))
+
+
+def _events_per_time(dataset: xr.Dataset, variable: str) -> float:
+    """Held-out events per unit time (U/T over U per event, the same for every trial), NaN if unknown."""
+    if variable != "val_U_per_T" or "val_U_per_event" not in dataset:
+        return math.nan
+    ratio = (dataset["val_U_per_T"] / dataset["val_U_per_event"]).values
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    return float(np.median(ratio)) if ratio.size else math.nan
 
 
 def _replicas(values: xr.DataArray, keep: str) -> np.ndarray:

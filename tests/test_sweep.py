@@ -114,14 +114,17 @@ def test_racing_trials_simulate_a_trajectory_once(tmp_path):
 VALIDATION_U_PER_T = {1: 43.1, 2: 407.8, 3: 501.5, 4: 542.9, 5: 547.2, 6: 546.4}  # benchmarks/TRAINING.md scan
 
 
-def _records(means: dict[int, float], offsets=(-2.0, 0.0, 2.0)) -> list[TrialRecord]:
-    """Mode-2 records at the given mean U/T per N_theta, three seeds spread by ``offsets``, and Mode 1."""
+def _records(means: dict[int, float], offsets=(-2.0, 0.0, 2.0), events_per_time=None) -> list[TrialRecord]:
+    """Mode-2 records at the given mean U/T per N_theta, three seeds spread by ``offsets``, and Mode 1;
+    with ``events_per_time`` they also hold U per held-out event."""
     records = []
     for n, mean in means.items():
         for seed, offset in enumerate(offsets):
             metrics = [{"epoch": 0, "val_U_per_T": mean + offset - 50, "class_rates": [1.0] * n},
                        {"epoch": 1, "val_U_per_T": mean + offset, "true_val_U_per_T": 572.9, "gap_per_event": 0.1,
                         "class_rates": sorted(np.geomspace(0.1, 25, n).tolist(), reverse=True)}]  # fmt: skip
+            if events_per_time:
+                metrics[1]["val_U_per_event"] = (mean + offset) / events_per_time
             records.append(TrialRecord({"model.mode": 2, "model.n_classes": n, "training.seed": seed}, metrics, "done"))
     records.append(TrialRecord({"model.mode": 1, "model.n_classes": 4, "training.seed": 0},
                                [{"epoch": 0, "val_U_per_T": 560.0, "true_val_U_per_T": 572.9}], "done"))  # fmt: skip
@@ -143,6 +146,17 @@ def test_plateau_is_where_gains_stop():
     assert find_plateau(results_dataset(_records(early), SWEPT)).n_star == 3
     noisy = {1: 43.0, 2: 400.0, 3: 520.0, 4: 541.0, 5: 541.5}  # 3 -> 4 gains less than the seed spread
     assert find_plateau(results_dataset(_records(noisy, offsets=(-30.0, 0.0, 30.0)), SWEPT)).n_star == 3
+
+
+def test_plateau_in_nats_per_event_finds_the_blocked_hops_class():
+    # The expected-U scan (benchmarks/TRAINING.md; 333 held-out events per unit time): 3 -> 4 gains
+    # 3.5 (0.010 nats per event, the blocked hops' own class), under 1 % of the rise from N_theta 1.
+    recipe = {1: 43.7, 2: 547.9, 3: 569.4, 4: 572.85, 5: 572.2, 6: 569.9}
+    plateau = find_plateau(results_dataset(_records(recipe, events_per_time=333.0), SWEPT))
+    assert plateau.n_star == 4 and plateau.threshold == pytest.approx(572.85 - 1.633, abs=0.01)  # the seed spread
+    quiet = find_plateau(results_dataset(_records(recipe, offsets=(0.0,), events_per_time=333.0), SWEPT))
+    assert quiet.n_star == 4 and quiet.threshold == pytest.approx(572.85 - 0.002 * 333.0)
+    assert find_plateau(results_dataset(_records(recipe), SWEPT)).n_star == 2  # 5 % of the rise (26) hides two classes
 
 
 def test_results_dataset_roundtrip_without_ray(tmp_path):
