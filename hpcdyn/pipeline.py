@@ -65,7 +65,7 @@ PRESETS = {
     # Minutes on 2 CPU cores: the smoke N_theta scan (small models, 12 x 12 lattice; one seed), then
     # original and learned dynamics at the training density and two phase-separating ones. The
     # training trajectory (T = 300, about 100 k events) and the model (4 heads: with 2 the gap stays
-    # 4 x larger) are sized so the chosen model's dynamics agree with the original at 0.124 within
+    # 3 x larger) are sized so the chosen model's dynamics agree with the original at 0.124 within
     # the ensemble's standard errors (held-out gap about 0.005 nats/event; benchmarks/RESULTS.md).
     "quick": PipelinePreset(
         name="quick",

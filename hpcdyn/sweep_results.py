@@ -204,7 +204,8 @@ def find_plateau(dataset: xr.Dataset, variable: str = "val_U_per_T", tolerance: 
     """
     if "n_classes" not in dataset.dims:
         raise ValueError("n_classes: the sweep does not scan N_theta (model.n_classes), so it has no plateau")
-    values = _mode2(dataset)[variable]
+    mode2 = _mode2(dataset)
+    values = mode2[variable]
     replicas = [dim for dim in values.dims if dim != "n_classes"]
     stacked = values.stack(replica=replicas) if replicas else values.expand_dims("replica")
     counts = stacked.count("replica")
@@ -215,7 +216,7 @@ def find_plateau(dataset: xr.Dataset, variable: str = "val_U_per_T", tolerance: 
     if len(mean) == 0:
         return Plateau(None, [], [], [], [], math.nan)
     best = int(np.argmax(mean))
-    rate = _events_per_time(_mode2(dataset), variable)
+    rate = _events_per_time(mode2, variable)
     gain = per_event * rate if math.isfinite(rate) else tolerance * (mean[best] - mean.min())
     threshold = mean[best] - max(gain, float(np.nan_to_num(spread[best])))
     n_star = next(n for n, value in zip(n_classes, mean) if value >= threshold)

@@ -289,8 +289,7 @@ class TransformerRates(torch.nn.Module):
 
     def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Mode 2: softmax over classes of every move, [batch, n_tokens, n_moves, n_classes]."""
-        logits = self.classifier(self.encode(positions, states))
-        return logits.unflatten(-1, (self.n_moves, self.config.n_classes)).float().softmax(-1)
+        return self._class_logits(self.encode(positions, states)).float().softmax(-1)
 
     def classes(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Mode 2: the class of every move (the hard choice), long [batch, n_tokens, n_moves]."""
@@ -311,19 +310,30 @@ class TransformerRates(torch.nn.Module):
             log_rates = self.head(h)
         else:
             log_rates = self._class_log_rates(h)
+        return self._masked(log_rates, positions, states)
+
+    def _masked(self, log_rates: torch.Tensor, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """-inf for the moves the exclusion mask forbids, when it is on."""
         if self.config.exclusion_mask:
             log_rates = log_rates.masked_fill(self._blocked(positions, states), -math.inf)
         return log_rates
 
+    def _class_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(h).unflatten(-1, (self.n_moves, self.config.n_classes))
+
+    def _straight_through(self, logits: torch.Tensor) -> torch.Tensor:
+        """One-hot argmax class weights in the forward pass, the softmax's gradient in the backward."""
+        soft = logits.softmax(-1)
+        hard = functional.one_hot(soft.argmax(-1), self.config.n_classes).to(soft.dtype)
+        return hard + (soft - soft.detach())
+
     def _class_log_rates(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(h).unflatten(-1, (self.n_moves, self.config.n_classes))
+        logits = self._class_logits(h)
         rates = self.class_log_rates.to(logits.dtype)
         if self.training and self.config.estimator == "gumbel":
             weights = functional.gumbel_softmax(logits, tau=self.temperature, hard=False)
         else:
-            soft = logits.softmax(-1)
-            hard = functional.one_hot(soft.argmax(-1), self.config.n_classes).to(soft.dtype)
-            weights = hard + (soft - soft.detach())  # exactly hard forward, softmax gradient (straight-through)
+            weights = self._straight_through(logits)
         return (weights * rates).sum(-1)
 
     @property
@@ -346,18 +356,12 @@ class TransformerRates(torch.nn.Module):
             log_rates = self(positions, states)
             return log_rates, log_rates
         positions, states = positions.long(), states.long()
-        logits = self.classifier(self.encode(positions, states)).unflatten(-1, (self.n_moves, self.config.n_classes))
-        soft = logits.softmax(-1)
-        hard = functional.one_hot(soft.argmax(-1), self.config.n_classes).to(soft.dtype)
-        weights = hard + (soft - soft.detach())  # hard forward, gradient of the class probabilities
-        rates = self.class_log_rates.to(soft.dtype)
+        weights = self._straight_through(self._class_logits(self.encode(positions, states)))
+        rates = self.class_log_rates.to(weights.dtype)
         top = rates.detach().max()
         event = (weights * rates).sum(-1)
         exposure = (weights * (rates - top).exp()).sum(-1).log() + top
-        if self.config.exclusion_mask:
-            blocked = self._blocked(positions, states)
-            event, exposure = event.masked_fill(blocked, -math.inf), exposure.masked_fill(blocked, -math.inf)
-        return event, exposure
+        return self._masked(event, positions, states), self._masked(exposure, positions, states)
 
     def _blocked(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         from hpcdyn.rates import ActiveRates

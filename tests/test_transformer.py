@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdyn.likelihood import path_log_likelihood, segment_terms
+from hpcdyn.likelihood import iter_segments, path_log_likelihood, segment_terms
 from hpcdyn.rates import ActiveRates, true_rate_model
 from hpcdyn.simulate import simulate
 from hpcdyn.systems import ConfigurationError, make_system
@@ -228,8 +228,7 @@ def test_expected_gradient_is_the_exact_gradient_of_the_expected_likelihood():
     model = TransformerRates(TransformerConfig(lattice_size=5, d_model=8, n_heads=2, d_ff=8, mode=2, n_classes=3)).double()
     for parameter in model.parameters():
         parameter.data.add_(0.3 * torch.randn_like(parameter))
-    segment = (torch.as_tensor(events.initial_positions), torch.as_tensor(events.initial_states).long(),
-               torch.as_tensor(events.tokens[:30]), torch.as_tensor(events.moves[:30]), torch.as_tensor(events.dwell[:30]))  # fmt: skip
+    segment = next(iter_segments(events, 30))
     model.train()
     model.expected_gradient = True
     surrogate = segment_terms(model, system, *segment).log_likelihood()
@@ -278,8 +277,7 @@ def test_a_compiled_model_scores_segments_through_its_compiled_forward():
         return graph.forward
 
     events = simulate(ACTIVE, 2.0, seed=1).events
-    segment = (torch.as_tensor(events.initial_positions), torch.as_tensor(events.initial_states).long(),
-               torch.as_tensor(events.tokens[:20]), torch.as_tensor(events.moves[:20]), torch.as_tensor(events.dwell[:20]))  # fmt: skip
+    segment = next(iter_segments(events, 20))
     model = TransformerRates(TransformerConfig(lattice_size=6, d_model=8, n_heads=2, d_ff=8, mode=2, n_classes=3))
     model.train()
     eager = segment_terms(model, ACTIVE, *segment).log_likelihood()
