@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.lattice import SNAPSHOT_OBSERVABLES, snapshot_observables
-from hpcdyn.systems import ConfigurationError
+from hpcdyn.physics.systems import ConfigurationError
 
 ENSEMBLE_DIMS = ("model", "density", "replica", "time", "y", "x")
 REFERENCE_MODEL = "original"

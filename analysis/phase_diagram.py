@@ -32,7 +32,7 @@ from analysis.observables import (
     setting,
     summarize,
 )
-from hpcdyn.systems import ConfigurationError
+from hpcdyn.physics.systems import ConfigurationError
 
 # The four observables of the phase diagrams (DESIGN 1.5), with axis labels.
 PANELS = {

@@ -1,7 +1,7 @@
 """The N_theta plateau and learned class rates from sweep results.
 
 Results written by ``hpcdyn sweep`` (a sweep directory or its ``results.zarr``, variables
-``val_U_per_T``, ``true_val_U_per_T``, ``class_rate``) are read and drawn by ``hpcdyn.sweep_results``
+``val_U_per_T``, ``true_val_U_per_T``, ``class_rate``) are read and drawn by ``hpcdyn.distributed.sweep_results``
 itself (``load_sweep_results``, ``find_plateau``, ``write_figures``: PNG). Any other xarray Dataset
 (NetCDF or Zarr) is accepted with this minimal schema and drawn here (PNG and PDF):
 
@@ -24,13 +24,13 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hpcdyn.systems import ConfigurationError
+from hpcdyn.physics.systems import ConfigurationError
 
 REQUIRED = "validation_U_per_T"
 PLATEAU_TOLERANCE = 0.05  # a gain below 5 % of the whole rise (or below the seed spread) is no gain
 
 
-SWEEP_MODULE_VARIABLE = "val_U_per_T"  # marks results in the format of hpcdyn.sweep_results
+SWEEP_MODULE_VARIABLE = "val_U_per_T"  # marks results in the format of hpcdyn.distributed.sweep_results
 
 
 def open_sweep(path: str | Path) -> xr.Dataset:
@@ -53,7 +53,7 @@ def open_sweep(path: str | Path) -> xr.Dataset:
 
 
 def is_sweep_module_format(results: xr.Dataset) -> bool:
-    return SWEEP_MODULE_VARIABLE in results and importlib.util.find_spec("hpcdyn.sweep_results") is not None
+    return SWEEP_MODULE_VARIABLE in results and importlib.util.find_spec("hpcdyn.distributed.sweep_results") is not None
 
 
 def check_sweep(results: xr.Dataset, name: str = "sweep") -> None:
@@ -127,7 +127,7 @@ def sweep_figures(path: str | Path, out_stem: str | Path) -> dict[str, Any]:
 
         files, found = sweep_results.write_figures(results, Path(out_stem).parent)
         n_star = None if found is None else found.n_star
-        return {"plateau_n_classes": n_star, "figures": [str(file) for file in files], "source": "hpcdyn.sweep_results"}
+        return {"plateau_n_classes": n_star, "figures": [str(file) for file in files], "source": "hpcdyn.distributed.sweep_results"}
     from analysis.phase_diagram import save_figure
 
     files = save_figure(plot_sweep(results), out_stem)

@@ -59,8 +59,8 @@ def build_store(args: argparse.Namespace) -> float:
     import zarr
     from tqdm.auto import tqdm
 
-    from hpcdyn.simulate import simulate
-    from hpcdyn.systems import make_system
+    from hpcdyn.simulation.drivers import simulate
+    from hpcdyn.physics.systems import make_system
 
     shape = (len(MODELS), len(args.densities), args.replicas, args.snapshots, args.L, args.L)
     chunks = (1, 1, 1, args.time_chunk, args.L, args.L)

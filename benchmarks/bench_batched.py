@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from results import write_section
 
-from hpcdyn.batched import replica_streams, simulate_batched
-from hpcdyn.rates import true_rate_model
-from hpcdyn.simulate import start
-from hpcdyn.systems import make_system
-from hpcdyn.transformer import TransformerConfig, TransformerRates
+from hpcdyn.simulation.batched import replica_streams, simulate_batched
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.simulation.drivers import start
+from hpcdyn.physics.systems import make_system
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 
 MODEL = TransformerConfig(lattice_size=30, d_model=64, n_heads=4, n_layers=2, d_ff=128)
 DENSITIES = {112: 0.124, 450: 0.5}
@@ -79,10 +79,10 @@ def compiled_rate(system, seconds: float) -> float:
 
 def ray_overhead(seconds_per_unit: float, units: int) -> dict[str, float]:
     """Wall time of one learned ensemble on 2 Ray actors and in one process with 2 threads."""
-    from hpcdyn.checkpoint import save_checkpoint
-    from hpcdyn.cluster import init_ray
-    from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble
-    from hpcdyn.training import TrainingConfig
+    from hpcdyn.learning.checkpoint import save_checkpoint
+    from hpcdyn.distributed.cluster import init_ray
+    from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
+    from hpcdyn.learning.training import TrainingConfig
 
     system = make_system("active", {"density": DENSITIES[112]}, preset="paper")
     model = TransformerRates(MODEL).eval()

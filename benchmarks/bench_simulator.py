@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from results import write_section
 
-from hpcdyn.reference import simulate_reference
-from hpcdyn.simulate import start
-from hpcdyn.systems import make_system
+from hpcdyn.simulation.reference import simulate_reference
+from hpcdyn.simulation.drivers import start
+from hpcdyn.physics.systems import make_system
 
 CASES = [
     ("active L30 N112 (paper)", "active", {"density": 0.124}, "paper"),
@@ -65,9 +65,9 @@ def streamed_run_memory(events: int) -> dict:
     t_final = 1.05 * events / per_time  # a little over, so the run holds at least ``events``
     code = (
         "import resource, json, time, sys\n"
-        "from hpcdyn.systems import make_system\n"
-        "from hpcdyn.simulate import simulate_to_store\n"
-        "from hpcdyn.store import open_trajectory\n"
+        "from hpcdyn.physics.systems import make_system\n"
+        "from hpcdyn.simulation.drivers import simulate_to_store\n"
+        "from hpcdyn.storage.trajectory_store import open_trajectory\n"
         "system = make_system('active', preset='paper')\n"
         "baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "begin = time.perf_counter()\n"

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from results import write_section
 
-from hpcdyn.store import open_trajectory
-from hpcdyn.sweep import Resources, check_study, prepare_trajectory, run_sweep, trial_setup
-from hpcdyn.training import train
+from hpcdyn.storage.trajectory_store import open_trajectory
+from hpcdyn.distributed.sweep import Resources, check_study, prepare_trajectory, run_sweep, trial_setup
+from hpcdyn.learning.training import train
 from sweeps import get_study
 
 COMMAND = "python benchmarks/bench_sweep.py --write"
@@ -43,7 +43,7 @@ def sequential(points, storage: Path) -> tuple[float, float]:
 
 def swept(study, storage: Path, cpus: int) -> tuple[float, float]:
     """Wall time of the Tune sweep including starting Ray, and Ray's start alone."""
-    from hpcdyn.cluster import init_ray
+    from hpcdyn.distributed.cluster import init_ray
 
     begin = time.perf_counter()
     init_ray(num_cpus=cpus, log_to_driver=False)
@@ -56,7 +56,7 @@ def swept(study, storage: Path, cpus: int) -> tuple[float, float]:
 
 def record_sweep(directory: Path, command: str) -> None:
     """Write a finished sweep's N_theta scan (table, N*, figures) into benchmarks/RESULTS.md."""
-    from hpcdyn.sweep_results import find_plateau, load_sweep_results
+    from hpcdyn.distributed.sweep_results import find_plateau, load_sweep_results
 
     dataset = load_sweep_results(directory)
     plateau = find_plateau(dataset)

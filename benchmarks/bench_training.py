@@ -20,10 +20,10 @@ import time
 import torch
 from results import write_section
 
-from hpcdyn.likelihood import iter_segments, segment_terms
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import make_system
-from hpcdyn.transformer import TransformerConfig, TransformerRates
+from hpcdyn.learning.likelihood import iter_segments, segment_terms
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import make_system
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 
 
 # attention variants (TransformerConfig switches): what each costs

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from hpcdyn.class_rates import fit_class_rates
-from hpcdyn.evaluation import evaluate, gap_by_move_type
-from hpcdyn.likelihood import path_log_likelihood
-from hpcdyn.rates import true_rate_model
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import make_system
-from hpcdyn.training import CLASS_RATE_FITS, TrainingConfig, load_model, split, train
-from hpcdyn.transformer import TransformerConfig
+from hpcdyn.learning.class_rates import fit_class_rates
+from hpcdyn.learning.evaluation import evaluate, gap_by_move_type
+from hpcdyn.learning.likelihood import path_log_likelihood
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import make_system
+from hpcdyn.learning.training import CLASS_RATE_FITS, TrainingConfig, load_model, split, train
+from hpcdyn.learning.transformer import TransformerConfig
 
 HERE = Path(__file__).parent
 RUNS = HERE / "training_runs.jsonl"
@@ -277,7 +277,7 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
   9 nats when it happens, so a few misassigned moves dominate the gap. With the old start (e^-5),
   the lowest class took the rotations and the blocked hops together (rate 0.08-0.12).
 - Mode 2 with the class rates set to their closed form n_k / E_k after every epoch (opt-in,
-  `--class-rate-fit closed_form`; hpcdyn/class_rates.py), same data and settings: held-out gap 0.0091 at the best
+  `--class-rate-fit closed_form`; hpcdyn/learning/class_rates.py), same data and settings: held-out gap 0.0091 at the best
   epoch (4), against 0.032 with the rates left to the gradient. v_other (1.006) and v_plus (24.98)
   within 1 %, but D is 15 % high (0.115) and the fourth class has rate 0.050: it holds 98 % of the
   blocked hops and also 23 % of the rotations, so its closed-form rate is set by those rotations

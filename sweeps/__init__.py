@@ -1,16 +1,16 @@
 """Ray Tune studies, one module per study, each with a full size and a ``smoke`` size.
 
     from sweeps import get_study
-    study = get_study("ntheta", smoke=True)     # an hpcdyn.sweep.Study: base parameters and grids
+    study = get_study("ntheta", smoke=True)     # an hpcdyn.distributed.sweep.Study: base parameters and grids
 
 Run them with ``hpcdyn sweep STUDY [--smoke]``. A study is plain data (dotted keys ``data.*``,
-``model.*``, ``training.*``); ``hpcdyn.sweep.valid_keys()`` lists every key.
+``model.*``, ``training.*``); ``hpcdyn.distributed.sweep.valid_keys()`` lists every key.
 """
 
 from __future__ import annotations
 
-from hpcdyn.sweep import Study
-from hpcdyn.systems import ConfigurationError
+from hpcdyn.distributed.sweep import Study
+from hpcdyn.physics.systems import ConfigurationError
 from sweeps import activity, hparams, ntheta
 
 STUDIES = {module.NAME: module for module in (ntheta, hparams, activity)}

@@ -4,7 +4,7 @@ The input of a learned phase diagram: each trained model is later forward-simula
 densities and compared with the original model there. Mode 1 (free rates), 2 seeds per activity.
 """
 
-from hpcdyn.sweep import Study
+from hpcdyn.distributed.sweep import Study
 from sweeps.common import ACTIVE_DATA, SMOKE_DATA, SMOKE_TRAINING, TINY_MODEL, VALIDATED_TRAINING
 
 NAME = "activity"

@@ -1,6 +1,6 @@
 """Hyper-parameter grid for Mode 2 at N_theta = 4: learning rate x d_model x n_layers x n_heads x segment length."""
 
-from hpcdyn.sweep import Study
+from hpcdyn.distributed.sweep import Study
 from sweeps.common import ACTIVE_DATA, SMOKE_DATA, SMOKE_TRAINING, TINY_MODEL, VALIDATED_TRAINING
 
 NAME = "hparams"

@@ -7,7 +7,7 @@ study trains Mode 2 with the expected-U gradient from epoch 4 (``CLASS_RECIPE``)
 kind of move in a class of its own; the smoke study keeps the plain straight-through gradient.
 """
 
-from hpcdyn.sweep import Study
+from hpcdyn.distributed.sweep import Study
 from sweeps.common import ACTIVE_DATA, CLASS_RECIPE, SMOKE_DATA, SMOKE_TRAINING, TINY_MODEL, VALIDATED_TRAINING
 
 NAME = "ntheta"

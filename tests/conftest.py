@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdyn.rates import true_rate_model
-from hpcdyn.systems import ActiveSystem, FASystem, System
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.physics.systems import ActiveSystem, FASystem, System
 
 # The tests' models are tiny: one thread is faster than two fighting over small kernels, and it
 # keeps floating-point reductions in one order.
@@ -60,6 +60,6 @@ def dense_generator(system: System) -> tuple[np.ndarray, dict[tuple, int], np.nd
 
 @pytest.fixture(scope="session")
 def paper_system() -> ActiveSystem:
-    from hpcdyn.systems import make_system
+    from hpcdyn.physics.systems import make_system
 
     return make_system("active", preset="paper")

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from hpcdyn.cluster import init_ray
+from hpcdyn.distributed.cluster import init_ray
 
 
 def write_json(path: Path, payload: dict) -> None:

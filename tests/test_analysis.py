@@ -23,8 +23,8 @@ from analysis.phase_diagram import (
 from analysis.report import write_report
 from analysis.sweep_plots import plateau, plot_sweep
 from hpcdyn.cli import main
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import ConfigurationError, make_system
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import ConfigurationError, make_system
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "analysis" / "notebooks"
 DENSITIES = (0.1, 0.3, 0.5)
@@ -156,7 +156,7 @@ def test_sweep_plateau_and_figure(tmp_path):
 
 
 def test_results_of_the_sweep_module_are_drawn_by_it(stores, tmp_path):
-    sweep_results = pytest.importorskip("hpcdyn.sweep_results")
+    sweep_results = pytest.importorskip("hpcdyn.distributed.sweep_results")
     levels = {1: -3.0, 2: -2.0, 3: -1.2, 4: -1.0, 5: -0.995}
     records = [
         sweep_results.TrialRecord(
@@ -179,7 +179,7 @@ def test_results_of_the_sweep_module_are_drawn_by_it(stores, tmp_path):
     directory.mkdir()
     sweep_results.save_results(dataset, directory)
     summary = write_report(stores["main"], tmp_path / "report", sweep=directory)
-    assert summary["sweep_results"]["source"] == "hpcdyn.sweep_results"
+    assert summary["sweep_results"]["source"] == "hpcdyn.distributed.sweep_results"
     assert summary["sweep_results"]["plateau_n_classes"] == 4
     assert {"u_per_t_vs_ntheta.png", "class_rates.png"} <= set(summary["figures"])
     assert "N* = 4" in (tmp_path / "report" / "report.md").read_text()
@@ -249,8 +249,8 @@ def test_notebooks_run_end_to_end(name, stores, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_store_written_by_the_ensemble_driver(stores, tmp_path):
-    """The real writer (hpcdyn.ensemble, in this process, no Ray) plugs into the analysis unchanged."""
-    from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble
+    """The real writer (hpcdyn.distributed.ensemble, in this process, no Ray) plugs into the analysis unchanged."""
+    from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
 
     config = EnsembleConfig(
         models=("original",), densities=DENSITIES, replicas=REPLICAS, t_final=T_FINAL,

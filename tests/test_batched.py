@@ -13,13 +13,13 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from hpcdyn.batched import replica_streams, simulate_batched, snapshot_grid, uniforms
-from hpcdyn.likelihood import iter_segments
-from hpcdyn.rates import true_rate_model
-from hpcdyn.replay import replay_segment
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import ConfigurationError, make_system
-from hpcdyn.transformer import TransformerConfig, TransformerRates
+from hpcdyn.simulation.batched import replica_streams, simulate_batched, snapshot_grid, uniforms
+from hpcdyn.learning.likelihood import iter_segments
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.physics.replay import replay_segment
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import ConfigurationError, make_system
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 
 from conftest import dense_generator, state_key
 from test_simulator import TINY, TINY_IDS, distribution_p_values, tiny_start

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from hpcdyn.class_rates import class_statistics, fit_class_rates
-from hpcdyn.likelihood import path_log_likelihood
-from hpcdyn.rates import ActiveRates
-from hpcdyn.replay import advance
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import ConfigurationError, make_system
-from hpcdyn.training import TrainingConfig, load_model, split, train
-from hpcdyn.transformer import TransformerConfig, TransformerRates
+from hpcdyn.learning.class_rates import class_statistics, fit_class_rates
+from hpcdyn.learning.likelihood import path_log_likelihood
+from hpcdyn.physics.rates import ActiveRates
+from hpcdyn.physics.replay import advance
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import ConfigurationError, make_system
+from hpcdyn.learning.training import TrainingConfig, load_model, split, train
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 
 SYSTEM = make_system("active", {"L": 6, "N": 5, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
 

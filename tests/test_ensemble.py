@@ -17,15 +17,15 @@ import pytest
 import torch
 import zarr
 
-from hpcdyn.checkpoint import save_checkpoint, store_identity
+from hpcdyn.learning.checkpoint import save_checkpoint, store_identity
 from hpcdyn.cli import main
-from hpcdyn.cluster import init_ray
-from hpcdyn.ensemble import EnsembleConfig, Placement, run_ensemble
-from hpcdyn.ensemble_store import MANIFEST, finished_units, open_ensemble, running_units
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import make_system
-from hpcdyn.training import TrainingConfig
-from hpcdyn.transformer import TransformerConfig, TransformerRates
+from hpcdyn.distributed.cluster import init_ray
+from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
+from hpcdyn.storage.ensemble_store import MANIFEST, finished_units, open_ensemble, running_units
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import make_system
+from hpcdyn.learning.training import TrainingConfig
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 
 ARRAYS = ("occupancy", "overlap", "events", "draws", "rejected", "overlap_events", "rejected_mass", "move_count")
 TRAINED_ON = make_system("active", {"L": 10, "N": 20, "D": 0.1, "v_plus": 5.0, "v_other": 1.0})

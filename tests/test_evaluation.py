@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from hpcdyn.evaluation import gap_by_move_type
-from hpcdyn.rates import true_rate_model
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import make_system
+from hpcdyn.learning.evaluation import gap_by_move_type
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import make_system
 
 SYSTEM = make_system("active", {"L": 8, "N": 16, "D": 0.2, "v_plus": 5.0, "v_other": 1.0})
 

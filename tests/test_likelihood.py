@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from hpcdyn import reference
-from hpcdyn.events import EventLog
-from hpcdyn.likelihood import iter_segments, path_log_likelihood
-from hpcdyn.rates import ActiveRates, true_rate_model
-from hpcdyn.replay import replay_segment
-from hpcdyn.simulate import simulate, simulate_to_store
-from hpcdyn.store import open_trajectory
-from hpcdyn.systems import make_system
+from hpcdyn.storage.events import EventLog
+from hpcdyn.learning.likelihood import iter_segments, path_log_likelihood
+from hpcdyn.physics.rates import ActiveRates, true_rate_model
+from hpcdyn.physics.replay import replay_segment
+from hpcdyn.simulation.drivers import simulate, simulate_to_store
+from hpcdyn.storage.trajectory_store import open_trajectory
+from hpcdyn.physics.systems import make_system
 
 
 def test_hand_built_trajectory_matches_the_formula():

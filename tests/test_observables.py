@@ -24,7 +24,7 @@ from analysis.observables import (
     snapshot_dataset,
     summarize,
 )
-from hpcdyn.systems import ConfigurationError
+from hpcdyn.physics.systems import ConfigurationError
 
 
 def reference_clusters(grid: np.ndarray) -> list[frozenset]:

@@ -8,8 +8,8 @@ import pytest
 import xarray as xr
 
 from analysis.observables import setting
-from hpcdyn.pipeline import PRESETS, _check_same_preset, pipeline_summary, run_pipeline
-from hpcdyn.systems import ConfigurationError
+from hpcdyn.distributed.pipeline import PRESETS, _check_same_preset, pipeline_summary, run_pipeline
+from hpcdyn.physics.systems import ConfigurationError
 
 TINY = dataclasses.replace(
     PRESETS["quick"],
@@ -27,7 +27,7 @@ TINY = dataclasses.replace(
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from hpcdyn.cluster import init_ray
+    from hpcdyn.distributed.cluster import init_ray
 
     ray = init_ray(num_cpus=2, log_to_driver=False)
     yield

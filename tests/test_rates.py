@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hpcdyn import reference
-from hpcdyn.rates import ActiveRates, true_rate_model
-from hpcdyn.replay import advance, replay_segment
-from hpcdyn.systems import make_system
+from hpcdyn.physics.rates import ActiveRates, true_rate_model
+from hpcdyn.physics.replay import advance, replay_segment
+from hpcdyn.physics.systems import make_system
 
 SYSTEMS = [
     make_system("active", {"L": 6, "N": 11, "D": 0.3, "v_plus": 2.0, "v_other": 0.7}),

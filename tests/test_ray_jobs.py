@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdyn.slurm import FIRST_WORKER_PORT_OFFSET, PORT_BLOCK, PORT_OFFSETS, free_port_block
+from hpcdyn.distributed.slurm import FIRST_WORKER_PORT_OFFSET, PORT_BLOCK, PORT_OFFSETS, free_port_block
 
 pytest.importorskip("ray.dashboard", reason="ray job submit needs ray[default]: pip install 'hpcdyn[distributed]'")
 
@@ -125,7 +125,7 @@ def test_ray_job_submit_runs_the_smoke_sweep(ray_head, tmp_path):
                                      headers={"Authorization": f"Bearer {ray_head['token']}"})  # fmt: skip
     with urllib.request.urlopen(request, timeout=10) as response:
         assert json.load(response)["status"] == "SUCCEEDED"
-    from hpcdyn.sweep_results import load_sweep_results
+    from hpcdyn.distributed.sweep_results import load_sweep_results
 
     results = load_sweep_results(storage / "jobs")
     assert int((results["status"] == "done").sum()) == 3  # Mode 2 with N_theta 1 and 2, Mode 1; seed 0

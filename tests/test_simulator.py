@@ -10,13 +10,13 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from hpcdyn.compiled import CompiledSimulator
-from hpcdyn.likelihood import iter_segments, path_log_likelihood, segment_terms
-from hpcdyn.replay import replay_segment
-from hpcdyn.rates import ActiveRates, true_rate_model
-from hpcdyn.reference import simulate_reference
-from hpcdyn.simulate import simulate, start
-from hpcdyn.systems import make_system
+from hpcdyn.simulation.compiled import CompiledSimulator
+from hpcdyn.learning.likelihood import iter_segments, path_log_likelihood, segment_terms
+from hpcdyn.physics.replay import replay_segment
+from hpcdyn.physics.rates import ActiveRates, true_rate_model
+from hpcdyn.simulation.reference import simulate_reference
+from hpcdyn.simulation.drivers import simulate, start
+from hpcdyn.physics.systems import make_system
 
 from conftest import dense_generator, state_key
 

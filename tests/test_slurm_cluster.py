@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdyn.slurm import CLAIM_ROOT, JobResources, OriginalEnsemble, RaySettings, render_array_job, render_ray_job, write_script
+from hpcdyn.distributed.slurm import CLAIM_ROOT, JobResources, OriginalEnsemble, RaySettings, render_array_job, render_ray_job, write_script
 
 pytestmark = pytest.mark.slow
 
@@ -250,7 +250,7 @@ def test_smoke_ensemble_requeued_while_running_resumes(slurm, jobs):
     assert "(restart 0)" in log and "(restart 1)" in log and "SIGTERM" in log
     import numpy as np
 
-    from hpcdyn.ensemble_store import finished_units, open_ensemble
+    from hpcdyn.storage.ensemble_store import finished_units, open_ensemble
 
     assert len(finished_units(slurm.directory / "ensemble.zarr")) == ENSEMBLE_UNITS
     dataset = open_ensemble(slurm.directory / "ensemble.zarr")  # refuses an incomplete store
@@ -268,7 +268,7 @@ def test_smoke_sweep_runs_through_ray_on_slurm(slurm, jobs):
     assert record["JobState"] == "COMPLETED", log
     assert re.search(r"driver: hpcdyn sweep ntheta .* --address [\d.]+:\d+", log)
     assert "N* = " in log
-    from hpcdyn.sweep_results import load_sweep_results
+    from hpcdyn.distributed.sweep_results import load_sweep_results
 
     results = load_sweep_results(slurm.directory / "sweeps" / "ntheta-slurm")
     assert int((results["status"] == "done").sum()) == 3  # Mode 2 with N_theta 1 and 2, Mode 1; seed 0
@@ -276,7 +276,7 @@ def test_smoke_sweep_runs_through_ray_on_slurm(slurm, jobs):
 
 
 def test_job_array_simulates_the_original_dynamics_without_ray(slurm, jobs):
-    from hpcdyn.store import open_trajectory
+    from hpcdyn.storage.trajectory_store import open_trajectory
 
     job_id = jobs["array"]
     slurm.wait(job_id, timeout=180)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from hpcdyn.cli import main
-from hpcdyn.slurm import (
+from hpcdyn.distributed.slurm import (
     PORT_BLOCK,
     JobResources,
     OriginalEnsemble,
@@ -32,7 +32,7 @@ from hpcdyn.slurm import (
     time_limit_seconds,
     wait_for_nodes,
 )
-from hpcdyn.systems import ConfigurationError
+from hpcdyn.physics.systems import ConfigurationError
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -58,19 +58,6 @@ GOLDEN_CASES = {
         "--partition cpu --setup 'source /shared/hpcdyn/.venv/bin/activate'"
     ),
     "slurm/ray.sbatch": "ray --cpus 8 --time 04:00:00",
-    "slurm/sweep-ntheta.sbatch": (
-        "ray --job-name sweep-ntheta --nodes 2 --cpus 16 --gpus 4 --time 12:00:00 "
-        "-- hpcdyn sweep ntheta --storage /shared/hpcdyn/sweeps --name ntheta --gpus-per-trial 0.5 --cpus-per-trial 2"
-    ),
-    "slurm/ensemble.sbatch": (
-        "ray --job-name ensemble --nodes 2 --cpus 16 --gpus 1 --time 08:00:00 "
-        "-- hpcdyn ensemble --model original --model /shared/hpcdyn/runs/mode2 --density 0.124 0.2 0.3 0.4 0.5 "
-        "--replicas 32 --t-final 1000 --snapshot-every 10 --seed 1 --out /shared/hpcdyn/ensemble.zarr --gpus-per-actor 0.5"
-    ),
-    "slurm/pipeline.sbatch": (
-        "ray --job-name pipeline --nodes 2 --cpus 16 --gpus 4 --time 1-00:00:00 "
-        "-- hpcdyn pipeline --preset paper --out /shared/hpcdyn/pipeline --gpus-per-trial 0.25 --gpus-per-actor 0.5"
-    ),
     "slurm/original-array.sbatch": (
         "array --density 0.1 0.2 0.3 0.4 0.5 0.6 --replicas 16 --t-final 1000 --snapshot-every 10 --seed 1 "
         "--out-dir /shared/hpcdyn/original --cpus 1 --time 02:00:00"

@@ -8,9 +8,9 @@ import pytest
 import xarray
 import zarr
 
-from hpcdyn.simulate import simulate, simulate_to_store
-from hpcdyn.store import SCHEMA, StoreError, TrajectoryWriter, open_trajectory
-from hpcdyn.systems import make_system
+from hpcdyn.simulation.drivers import simulate, simulate_to_store
+from hpcdyn.storage.trajectory_store import SCHEMA, StoreError, TrajectoryWriter, open_trajectory
+from hpcdyn.physics.systems import make_system
 
 SYSTEM = make_system("active", {"L": 12, "density": 0.3})
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcdyn.sweep import Resources, Study, check_study, prepare_trajectory, results_attrs, run_sweep, train_trial
-from hpcdyn.sweep_results import (
+from hpcdyn.distributed.sweep import Resources, Study, check_study, prepare_trajectory, results_attrs, run_sweep, train_trial
+from hpcdyn.distributed.sweep_results import (
     TrialRecord,
     find_plateau,
     load_sweep_results,
@@ -25,7 +25,7 @@ from hpcdyn.sweep_results import (
     save_results,
     write_figures,
 )
-from hpcdyn.systems import ConfigurationError, make_system
+from hpcdyn.physics.systems import ConfigurationError, make_system
 from sweeps import get_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_invalid_value_and_other_sweep_under_same_name_are_refused(tmp_path):
 
 
 def test_racing_trials_simulate_a_trajectory_once(tmp_path):
-    from hpcdyn.store import open_trajectory
+    from hpcdyn.storage.trajectory_store import open_trajectory
 
     system = make_system("active", {"L": 8, "density": 0.2}, preset="paper")
     paths = []
@@ -169,7 +169,7 @@ def test_results_dataset_roundtrip_without_ray(tmp_path):
     save_results(dataset, tmp_path)
     save_results(dataset, tmp_path)  # replaced atomically
     script = ("import sys; sys.modules['ray'] = None\n"  # any import of ray would fail
-              "from hpcdyn.sweep_results import load_sweep_results\n"
+              "from hpcdyn.distributed.sweep_results import load_sweep_results\n"
               f"d = load_sweep_results({str(tmp_path)!r}); print(float(d.val_U_per_T.sel(mode=2, n_classes=4).mean()))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -184,7 +184,7 @@ def test_results_dataset_roundtrip_without_ray(tmp_path):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from hpcdyn.cluster import init_ray
+    from hpcdyn.distributed.cluster import init_ray
 
     ray = init_ray(num_cpus=2, log_to_driver=False)
     from ray import cloudpickle

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hpcdyn.systems import ActiveSystem, ConfigurationError, FASystem, make_system
+from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, FASystem, make_system
 
 
 def test_paper_preset_matches_the_design():

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from hpcdyn import training as training_module
-from hpcdyn.checkpoint import load_checkpoint
+from hpcdyn.learning.checkpoint import load_checkpoint
 from hpcdyn.cli import main
-from hpcdyn.evaluation import evaluate
-from hpcdyn.simulate import simulate, simulate_to_store
-from hpcdyn.systems import ConfigurationError, make_system
-from hpcdyn.training import TrainingConfig, load_model, train
-from hpcdyn.transformer import TransformerConfig, TransformerRates
+from hpcdyn.learning.evaluation import evaluate
+from hpcdyn.simulation.drivers import simulate, simulate_to_store
+from hpcdyn.physics.systems import ConfigurationError, make_system
+from hpcdyn.learning.training import TrainingConfig, load_model, train
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 
 SYSTEM = make_system("active", {"L": 6, "N": 5, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
 SMALL = TransformerConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32)

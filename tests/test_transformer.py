@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdyn.likelihood import iter_segments, path_log_likelihood, segment_terms
-from hpcdyn.rates import ActiveRates, true_rate_model
-from hpcdyn.simulate import simulate
-from hpcdyn.systems import ConfigurationError, make_system
-from hpcdyn.transformer import OFFSET_BIAS_SCALE, TransformerConfig, TransformerRates, relative_offsets
+from hpcdyn.learning.likelihood import iter_segments, path_log_likelihood, segment_terms
+from hpcdyn.physics.rates import ActiveRates, true_rate_model
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.physics.systems import ConfigurationError, make_system
+from hpcdyn.learning.transformer import OFFSET_BIAS_SCALE, TransformerConfig, TransformerRates, relative_offsets
 
 ACTIVE = make_system("active", {"L": 6, "N": 7, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
 
@@ -241,7 +241,7 @@ def test_expected_gradient_is_the_exact_gradient_of_the_expected_likelihood():
     assert surrogate.item() == pytest.approx(hard_value.item(), rel=1e-12)
 
     # the reference, written out: every move draws its class k with probability p_k
-    from hpcdyn.replay import replay_segment
+    from hpcdyn.physics.replay import replay_segment
 
     positions, states = replay_segment(system, *segment[:2], segment[2], segment[3])
     logits = model.classifier(model.encode(positions.long(), states.long())).unflatten(-1, (model.n_moves, 3))

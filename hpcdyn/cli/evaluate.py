@@ -1,0 +1,37 @@
+"""``hpcdyn evaluate``: a trained model scored on a trajectory store."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hpcdyn.cli.options import CommandError
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="U/T of a trained model on a trajectory, and its gap to the true dynamics",
+        description="Score a trained model (run directory or checkpoint file) on a trajectory store: U, U/T, "
+        "the gap to the generating rates in nats per event, and for Mode 2 the learned class rates and "
+        "which true move types land in which class. Without STORE, the training store is used.",
+    )
+    parser.add_argument("run", help="run directory (uses best.pt) or checkpoint file")
+    parser.add_argument("store", nargs="?", help="trajectory store (default: the one the model was trained on)")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(handler=_evaluate)
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from hpcdyn.learning.checkpoint import load_checkpoint
+    from hpcdyn.learning.evaluation import evaluate
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    store = args.store
+    if store is None:
+        checkpoint = Path(args.run) / "best.pt" if Path(args.run).is_dir() else Path(args.run)
+        store = load_checkpoint(checkpoint)["store"]["path"]
+        if store == "<memory>":
+            raise CommandError("store: this model was trained on an in-memory trajectory; name a STORE to evaluate on")
+    return evaluate(args.run, open_trajectory(store), device=args.device)

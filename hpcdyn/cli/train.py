@@ -1,0 +1,106 @@
+"""``hpcdyn train``: a transformer rate model trained on one trajectory store."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hpcdyn.cli.options import add_progress, show_progress
+
+
+def add_parser(commands) -> None:
+    from hpcdyn.learning.optim import OPTIMIZERS
+    from hpcdyn.learning.training import CLASS_RATE_FITS
+    from hpcdyn.learning.transformer import ESTIMATORS
+
+    parser = commands.add_parser(
+        "train",
+        help="train a transformer on one trajectory by maximising its path log-likelihood",
+        description="Train a transformer rate model on a trajectory store. Mode 1: free rates per move; "
+        "Mode 2: N_theta classes of move with one learned rate each. The last --validation-fraction of "
+        "the events is held out; best.pt, last.pt, metrics.jsonl and config.json go to --out.",
+    )
+    parser.add_argument("store", help="trajectory store to learn from")
+    parser.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    model = parser.add_argument_group("model")
+    model.add_argument("--mode", type=int, choices=(1, 2), default=1, help="1: free rates, 2: classes (default 1)")
+    model.add_argument("--n-classes", type=int, default=4, help="N_theta, the number of move classes (Mode 2)")
+    model.add_argument("--estimator", choices=ESTIMATORS, default="straight_through", help="Mode 2 gradient estimator")
+    model.add_argument("--exclusion-mask", action="store_true", help="tell the model hops onto occupied sites are forbidden")
+    model.add_argument("--d-model", type=int, default=64)
+    model.add_argument("--n-heads", type=int, default=4)
+    model.add_argument("--n-layers", type=int, default=2)
+    model.add_argument("--d-ff", type=int, default=128)
+    model.add_argument("--no-rotary", dest="rotary", action="store_false", help="absolute position tables only")
+    model.add_argument("--no-attention-sink", dest="attention_sink", action="store_false", help="plain softmax attention")
+    model.add_argument("--no-relative-bias", dest="relative_bias", action="store_false",
+                       help="no learned attention score per offset on the torus")  # fmt: skip
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=int, default=20)
+    optimisation.add_argument("--lr", type=float, default=3e-3)
+    optimisation.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
+    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    optimisation.add_argument("--segment-events", type=int, default=256, help="consecutive events per gradient step")
+    optimisation.add_argument("--validation-fraction", type=float, default=0.1)
+    optimisation.add_argument("--max-train-events", type=int, help="use only the first events for training")
+    optimisation.add_argument("--gradient-clip", type=float, default=1.0)
+    optimisation.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping")
+    optimisation.add_argument("--seed", type=int, default=0)
+    optimisation.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
+                              help="Mode 2: leave the class rates to the gradient (default), set them to "
+                                   "events / exposure per class after each epoch (closed_form) or after the last "
+                                   "one only (closed_form_last)")  # fmt: skip
+    optimisation.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
+                              help="Mode 2: from this epoch on, train the classifier by the exact gradient of the "
+                                   "expected U instead of --estimator (e.g. 4 of 10 epochs, with --class-rate-fit "
+                                   "closed_form_last; README)")  # fmt: skip
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")
+    hardware.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    add_progress(parser)
+    parser.set_defaults(handler=_train)
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from hpcdyn.storage.trajectory_store import open_trajectory
+    from hpcdyn.learning.training import TrainingConfig, train
+    from hpcdyn.learning.transformer import TransformerConfig
+
+    trajectory = open_trajectory(args.store)
+    model = TransformerConfig(
+        system=trajectory.system.name,
+        lattice_size=max(trajectory.system.shape),
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_layers=args.n_layers,
+        d_ff=args.d_ff,
+        mode=args.mode,
+        n_classes=args.n_classes,
+        estimator=args.estimator,
+        exclusion_mask=args.exclusion_mask,
+        rotary=args.rotary,
+        attention_sink=args.attention_sink,
+        relative_bias=args.relative_bias,
+    )
+    config = TrainingConfig(
+        model=model,
+        epochs=args.epochs,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        optimizer=args.optimizer,
+        segment_events=args.segment_events,
+        validation_fraction=args.validation_fraction,
+        max_train_events=args.max_train_events,
+        gradient_clip=args.gradient_clip,
+        patience=args.patience,
+        class_rate_fit=args.class_rate_fit,
+        expected_from_epoch=args.expected_from_epoch,
+        seed=args.seed,
+        device=args.device,
+        bf16=args.bf16,
+        compile=args.compile,
+    )
+    result = train(config, trajectory, args.out, resume=args.resume, progress=show_progress(args))
+    return {"run_dir": str(result.run_dir), "epochs": len(result.metrics), "stopped_early": result.stopped_early,
+            "best": result.best}  # fmt: skip

@@ -1,0 +1,72 @@
+"""Connecting to Ray: a local cluster by default, a running one with an address.
+
+This is the only place that starts Ray, so every command (sweep, ensemble, pipeline) sets the
+authentication mode and dashboard binding the same way. Ray 2.60 switches token authentication on
+when a token file exists; a driver or worker that lacks the token then fails to connect, so the mode
+is always set explicitly (``disabled`` unless the environment or the caller asks for ``token``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hpcdyn.physics.systems import ConfigurationError
+
+AUTH_MODES = ("disabled", "token")
+PRIVATE_HOST = "127.0.0.1"
+
+
+def resolve_auth_mode(auth_mode: str | None = None) -> str:
+    """The Ray authentication mode to use, written to RAY_AUTH_MODE so Ray's children inherit it."""
+    mode = auth_mode or os.environ.get("RAY_AUTH_MODE") or "disabled"
+    if mode not in AUTH_MODES:
+        raise ConfigurationError(f"auth_mode: {mode!r} is not a Ray authentication mode; use one of {list(AUTH_MODES)}")
+    os.environ["RAY_AUTH_MODE"] = mode
+    return mode
+
+
+def import_ray():
+    """ray, or a clear error naming the extra to install."""
+    try:
+        import ray
+    except ImportError as error:
+        raise ConfigurationError(
+            "ray: not installed; install the distributed extra: pip install 'hpcdyn[distributed]'"
+        ) from error
+    return ray
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: float | None = None,
+    auth_mode: str | None = None,
+    dashboard_host: str = PRIVATE_HOST,
+    include_dashboard: bool = False,
+    log_to_driver: bool = True,
+) -> Any:
+    """Start a local Ray (no address) or join the cluster at ``address``; returns the ray module.
+
+    A local Ray binds its dashboard (when included) to 127.0.0.1 unless ``dashboard_host`` says
+    otherwise. ``num_cpus``/``num_gpus`` size a local Ray only; a cluster reports its own resources.
+    An already initialised Ray is reused as it is.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    resolve_auth_mode(auth_mode)
+    if address:
+        if num_cpus is not None or num_gpus is not None:
+            raise ConfigurationError("num_cpus: resources are set when a cluster starts, not when joining one at --address")
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=include_dashboard,
+            dashboard_host=dashboard_host,
+            log_to_driver=log_to_driver,
+        )
+    return ray

@@ -1,0 +1,328 @@
+"""The whole study in one call: learn the dynamics from one trajectory, then predict at other densities.
+
+    run_pipeline("quick", "runs/pipeline")
+
+Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
+
+1. sweep: the N_theta study (Mode 1 and Mode 2) on a trajectory simulated at density 0.124;
+   results.zarr, figures and the plateau N* (``hpcdyn.distributed.sweep``);
+2. model: the trial with the best held-out U/T; its checkpoint is copied to DIR/models/NAME so the
+   ensemble keeps a stable, named copy whatever Tune later does with its own checkpoints;
+3. ensemble: original and learned dynamics at several densities (``hpcdyn.distributed.ensemble``);
+4. activity: the ``activity`` study (one model learned per v_plus at density 0.124), then original
+   and learned dynamics of each at the same densities: the (density, v_plus/D) maps;
+5. report: observables, phase diagrams and report.md (``analysis.report``).
+
+Rerunning the same call resumes: the sweep restores (finished trials are kept), the ensemble skips
+the units its manifest lists, the model copy is checked against its digest, and the report is redone
+(it is cheap). DIR/pipeline.json records the preset and each finished stage; a different preset in
+the same directory is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from hpcdyn.physics.systems import ConfigurationError
+
+RECORD = "pipeline.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePreset:
+    """Sizes of every stage of one pipeline run."""
+
+    name: str
+    smoke_sweep: bool  # the ntheta study's smoke size, else its full size
+    sweep_overrides: tuple[tuple[str, Any], ...]  # dotted keys fixed for every trial
+    sweep_grids: tuple[tuple[str, tuple[Any, ...]], ...]  # grid axes replaced (hpcdyn.distributed.sweep.Study.with_overrides)
+    densities: tuple[float, ...]
+    replicas: int
+    t_final: float
+    snapshot_every: float
+    burn_in: float
+    seed: int = 1
+    # v_plus of the activity study's training trajectories (the main v_plus is already mapped by the
+    # main ensemble); empty skips the activity stage
+    activity_v_plus: tuple[float, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["sweep_overrides"] = dict(self.sweep_overrides)
+        values["sweep_grids"] = {key: list(axis) for key, axis in self.sweep_grids}
+        values["densities"] = list(self.densities)
+        values["activity_v_plus"] = list(self.activity_v_plus)
+        return values
+
+
+PRESETS = {
+    # Minutes on 2 CPU cores: the smoke N_theta scan (small models, 12 x 12 lattice; one seed), then
+    # original and learned dynamics at the training density and two phase-separating ones. The
+    # training trajectory (T = 300, about 100 k events) and the model (4 heads: with 2 the gap stays
+    # 3 x larger) are sized so the chosen model's dynamics agree with the original at 0.124 within
+    # the ensemble's standard errors (held-out gap about 0.005 nats/event; benchmarks/RESULTS.md).
+    "quick": PipelinePreset(
+        name="quick",
+        smoke_sweep=True,
+        sweep_overrides=(("data.t_final", 300.0), ("training.epochs", 4), ("training.patience", 4),
+                         ("training.lr", 3e-3), ("model.d_model", 32), ("model.n_heads", 4), ("model.n_layers", 2),
+                         ("model.d_ff", 64)),  # fmt: skip
+        sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5)), ("training.seed", (0,))),  # 6 trials: 3 rounds on 2 cores
+        densities=(0.124, 0.3, 0.5),
+        # learned dynamics cost one network call per event of a replica (replicas run in lock-step,
+        # so more replicas are nearly free and longer times are not)
+        replicas=16,
+        t_final=20.0,
+        snapshot_every=0.5,
+        burn_in=5.0,
+        activity_v_plus=(5.0,),  # with the main 25: v_plus/D = 50 and 250
+    ),
+    # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
+    # 30 x 30 lattice, ensembles from density 0.1 to 0.6.
+    "paper": PipelinePreset(
+        name="paper",
+        smoke_sweep=False,
+        sweep_overrides=(("data.L", 30), ("data.t_final", 300.0)),
+        sweep_grids=(),
+        densities=(0.1, 0.124, 0.2, 0.3, 0.4, 0.5, 0.6),
+        replicas=64,
+        t_final=400.0,
+        snapshot_every=2.0,
+        burn_in=100.0,
+        activity_v_plus=(2.5, 5.0, 10.0, 50.0),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """Where and how the stages run."""
+
+    address: str | None = None  # a Ray cluster; None starts a local Ray
+    num_cpus: int | None = None  # size of a local Ray
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    progress: bool = False
+
+
+def get_preset(name: str) -> PipelinePreset:
+    if name not in PRESETS:
+        raise ConfigurationError(f"preset: no preset named {name!r}; the presets are {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _read_record(out: Path) -> dict[str, Any]:
+    path = out / RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    temporary = out / f".{RECORD}.{uuid.uuid4().hex[:8]}"
+    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    temporary.replace(out / RECORD)
+
+
+def _check_same_preset(record: dict[str, Any], preset: PipelinePreset, out: Path) -> None:
+    """Refuse a directory run with other settings. A setting the record lacks came with a later
+    version (a new stage): the run resumes and does that stage."""
+    recorded = record.get("preset", {})
+    if record and any(recorded.get(key, value) != value for key, value in preset.as_dict().items()):
+        raise ConfigurationError(
+            f"out: {out} holds a pipeline run with preset {record.get('preset', {}).get('name')!r} and other "
+            f"settings; resume it with the same preset or choose another --out"
+        )
+
+
+def _run_study(study, name: str, smoke: bool, out: Path, options: PipelineOptions):
+    """Run (or resume) one study under DIR/sweeps/NAME; its finished summary, or a clear error."""
+    from hpcdyn.distributed.sweep import Resources, finish_sweep, run_sweep
+
+    outcome = run_sweep(
+        study,
+        storage=out / "sweeps",
+        name=name,
+        address=options.address,
+        num_cpus=options.num_cpus,
+        resources=Resources(options.cpus_per_trial, options.gpus_per_trial, None),
+        progress=options.progress,
+    )
+    if outcome.unfinished:
+        raise ConfigurationError(f"sweep: {name} interrupted with {outcome.unfinished} trial(s) unfinished; rerun to resume")
+    if outcome.errors:
+        raise ConfigurationError(
+            f"sweep: {len(outcome.errors)} {name} trial(s) failed after retries; rerun the pipeline to retry them "
+            f"(first error: {str(outcome.errors[0]).splitlines()[0][:200]})"
+        )
+    return outcome, finish_sweep(outcome, smoke=smoke)
+
+
+def sweep_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """The N_theta study; returns its summary (N*, results path, the chosen trial)."""
+    from sweeps import get_study
+
+    study = get_study("ntheta", smoke=preset.smoke_sweep).with_overrides(
+        dict(preset.sweep_overrides), dict(preset.sweep_grids)
+    )
+    outcome, finished = _run_study(study, "ntheta", preset.smoke_sweep, out, options)
+    best = best_trial(finished.dataset)
+    plateau = finished.plateau
+    return {
+        "path": str(outcome.path),
+        "results": str(finished.results_path),
+        "figures": [str(path) for path in finished.figures],
+        "n_star": None if plateau is None else plateau.n_star,
+        "best_trial": best,
+    }
+
+
+def best_trial(dataset) -> dict[str, Any]:
+    """The finished trial with the highest held-out U/T: its coordinates, figures and checkpoint."""
+    import numpy as np
+
+    scores = dataset["val_U_per_T"].where(dataset["status"] == "done")
+    if int(scores.notnull().sum()) == 0:
+        raise ConfigurationError("sweep: no trial finished; nothing to simulate")
+    flat = scores.stack(trial_index=scores.dims)
+    chosen = flat.isel(trial_index=int(np.nanargmax(flat.values)))
+    coordinates = {name: chosen[name].item() for name in scores.dims}
+    location = dataset.sel(coordinates)
+    return {
+        "coordinates": {name: (value if not isinstance(value, float) or value == value else None) for name, value in coordinates.items()},
+        "trial": str(location["trial"].item()),
+        "checkpoint": str(location["checkpoint"].item()),
+        "val_U_per_T": float(location["val_U_per_T"].item()),
+        "true_val_U_per_T": float(location["true_val_U_per_T"].item()),
+        "gap_per_event": float(location["gap_per_event"].item()),
+    }
+
+
+def model_stage(best: dict[str, Any], out: Path, name: str = "learned") -> dict[str, Any]:
+    """Copy the chosen checkpoint to DIR/models/NAME/best.pt (atomically; kept if already there)."""
+    from hpcdyn.distributed.ensemble import file_digest
+
+    source = Path(best["checkpoint"])
+    directory = out / "models" / name
+    target = directory / "best.pt"
+    if not target.exists():
+        if not source.exists():
+            raise ConfigurationError(f"sweep: the best trial's checkpoint {source} is missing; rerun the pipeline")
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".best.pt.{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(source, temporary)
+        temporary.replace(target)
+    return {"run_dir": str(directory), "sha256": file_digest(target), "from_trial": best["trial"]}
+
+
+def ensemble_stage(preset: PipelinePreset, model_dir: str, store: Path, options: PipelineOptions) -> dict[str, Any]:
+    """Original and learned dynamics at the preset's densities; system parameters from the checkpoint."""
+    from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
+
+    config = EnsembleConfig(
+        models=("original", model_dir),
+        densities=preset.densities,
+        replicas=preset.replicas,
+        t_final=preset.t_final,
+        snapshot_every=preset.snapshot_every,
+        burn_in=preset.burn_in,
+        seed=preset.seed,
+    )
+    placement = Placement(address=options.address, cpus_per_actor=options.cpus_per_actor,
+                          gpus_per_actor=options.gpus_per_actor)  # fmt: skip
+    return run_ensemble(config, store, placement, progress=options.progress)
+
+
+def activity_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """The activity study, then one ensemble store per v_plus: its original and learned dynamics."""
+    from sweeps import get_study
+
+    # the ntheta study's model and training sizes, Mode 1, one axis over v_plus
+    fixed = {key: value for key, value in preset.sweep_overrides if key not in ("model.mode", "model.n_classes")}
+    seeds = dict(preset.sweep_grids).get("training.seed", (0,))
+    study = get_study("activity", smoke=preset.smoke_sweep).with_overrides(
+        fixed, {"data.v_plus": preset.activity_v_plus, "training.seed": seeds}
+    )
+    outcome, finished = _run_study(study, "activity", preset.smoke_sweep, out, options)
+    stores = {}
+    for v_plus in preset.activity_v_plus:
+        best = best_trial(finished.dataset.sel(v_plus=v_plus))
+        model = model_stage(best, out, f"activity-vp{v_plus:g}")
+        store = out / "activity" / f"vp{v_plus:g}.zarr"
+        store.parent.mkdir(parents=True, exist_ok=True)
+        ensemble = ensemble_stage(preset, model["run_dir"], store, options)
+        stores[f"{v_plus:g}"] = {"store": str(store), "model": model, "gap_per_event": best["gap_per_event"],
+                                 "units_run": ensemble["units_run"], "units_skipped": ensemble["units_skipped"]}  # fmt: skip
+    return {"path": str(outcome.path), "results": str(finished.results_path), "stores": stores}
+
+
+def report_stage(out: Path, sweep_path: str, activity_stores: list[str], options: PipelineOptions) -> dict[str, Any]:
+    from analysis.report import write_report
+
+    summary = write_report(out / "ensemble.zarr", out / "report", sweep=sweep_path, activity_stores=activity_stores,
+                           overwrite=True, progress=options.progress)  # fmt: skip
+    return {"path": str(out / "report"), "report": str(out / "report" / "report.md"), "figures": summary["figures"],
+            "differences": summary.get("differences")}  # fmt: skip
+
+
+def run_pipeline(
+    preset: str | PipelinePreset,
+    out: str | Path,
+    options: PipelineOptions = PipelineOptions(),
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Run (or resume) the whole study into ``out``; returns the record also written to pipeline.json."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    out = Path(out).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    record = _read_record(out)
+    _check_same_preset(record, preset, out)
+    record.update({"preset": preset.as_dict(), "stages": record.get("stages", {})})
+    stages = record["stages"]
+    begin = time.perf_counter()
+
+    def finish(stage: str, result: dict[str, Any]) -> dict[str, Any]:
+        stages[stage] = {**result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_record(out, record)
+        log(f"{stage}: done ({time.perf_counter() - begin:.0f} s since start)")
+        return result
+
+    log("sweep: N_theta study (Mode 1 and Mode 2) on the training trajectory")
+    sweep = finish("sweep", sweep_stage(preset, out, options))
+    log(f"sweep: N* = {sweep['n_star']}; best trial {sweep['best_trial']['trial']} "
+        f"(held-out gap {sweep['best_trial']['gap_per_event']:.3g} nats/event)")  # fmt: skip
+    model = finish("model", model_stage(sweep["best_trial"], out))
+    log(f"ensemble: original and learned dynamics at densities {list(preset.densities)}")
+    finish("ensemble", ensemble_stage(preset, model["run_dir"], out / "ensemble.zarr", options))
+    activity_stores = []
+    if preset.activity_v_plus:
+        log(f"activity: one model learned per v_plus in {list(preset.activity_v_plus)}, original and learned dynamics of each")
+        activity = finish("activity", activity_stage(preset, out, options))
+        activity_stores = [entry["store"] for entry in activity["stores"].values()]
+    log("report: observables and phase diagrams")
+    finish("report", report_stage(out, sweep["path"], activity_stores, options))
+    record["seconds_this_run"] = time.perf_counter() - begin
+    _write_record(out, record)
+    return record
+
+
+def pipeline_summary(record: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """What `hpcdyn pipeline` prints: where every product of the study is, and the chosen model."""
+    stages = record["stages"]
+    activity = stages.get("activity", {}).get("stores", {})
+    return {
+        "out": str(out),
+        "preset": record["preset"]["name"],
+        "n_star": stages["sweep"]["n_star"],
+        "best_trial": stages["sweep"]["best_trial"],
+        "ensemble": stages["ensemble"]["store"],
+        "activity": {v_plus: entry["store"] for v_plus, entry in activity.items()},
+        "report": stages["report"]["report"],
+        "seconds": record["seconds_this_run"],
+    }

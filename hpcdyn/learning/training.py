@@ -1,0 +1,358 @@
+"""Training: maximise the path log-likelihood of one trajectory (DESIGN 1.3-1.4).
+
+    result = train(TrainingConfig(store="run.zarr", out="runs/mode2", model=TransformerConfig(mode=2)))
+
+The trajectory is cut into segments of consecutive events; each step rebuilds one segment's
+configurations on the device, scores them with the model, and takes a gradient step on
+loss = -U(segment) / time(segment). The last ``validation_fraction`` of the events (with the
+censored tail) is held out; its U/T, against the U/T of the generating rates when the store knows
+them, drives early stopping and is the figure of merit.
+
+``train`` is the one entry point: the CLI calls it, and so does a Ray Tune trial through the
+``report`` hook. Runs resume from their last checkpoint with identical continuation: every random
+stream is reseeded from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hpcdyn.learning.checkpoint import load_checkpoint, save_checkpoint, store_identity
+from hpcdyn.learning.class_rates import fit_class_rates
+from hpcdyn.storage.events import EventSource, EventWindow
+from hpcdyn.learning.likelihood import LikelihoodResult, iter_segments, path_log_likelihood, segment_terms
+from hpcdyn.learning.optim import OPTIMIZERS, cosine_factor, make_optimizer
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.physics.systems import ConfigurationError
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
+
+Report = Callable[[dict[str, Any], Path], None]
+# closed_form_last: by gradient, then once in closed form after the last epoch, when the classifier
+# has settled (a fit while moves still sit in the wrong class lifts the near-zero class for good)
+CLASS_RATE_FITS = ("gradient", "closed_form", "closed_form_last")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Everything a training run needs besides the trajectory; frozen, validated, checkpointed."""
+
+    model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+    epochs: int = 20
+    lr: float = 3e-3
+    lr_schedule: str = "cosine"  # cosine (down to 5 % at the last epoch) or constant
+    optimizer: str = "adam"
+    segment_events: int = 256
+    shuffle_segments: int = 64  # segments read ahead and visited in random order
+    max_train_events: int | None = None  # use only the first events of the training part
+    validation_fraction: float = 0.1
+    gradient_clip: float = 1.0
+    patience: int = 5  # epochs without a better validation U/T before stopping
+    gumbel_temperature: tuple[float, float] = (1.0, 0.1)  # start, end (Mode 2, gumbel)
+    # Mode 2: leave the class rates to the gradient steps, or set them to n_k / E_k, their best values
+    # for the classifier (hpcdyn.learning.class_rates), after each epoch or after the last one (CLASS_RATE_FITS)
+    class_rate_fit: str = "gradient"
+    # Mode 2: from this epoch on the classifier follows the exact gradient of the expected U
+    # (TransformerRates.split_log_rates) instead of the model's estimator; None: never. Started
+    # from scratch it leaves the classes where the initial rates put them, after a few
+    # straight-through epochs it sorts every move into the class of its rate (README, Mode 2).
+    expected_from_epoch: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False  # autocast the encoder to bfloat16 (CUDA); likelihood sums stay float64
+    compile: bool = False  # torch.compile the model (CUDA)
+
+    def __post_init__(self) -> None:
+        def require(condition: bool, field: str, message: str) -> None:
+            if not condition:
+                raise ConfigurationError(f"{field}: {message}")
+
+        require(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", f"must be an integer >= 1, got {self.epochs!r}")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a finite learning rate > 0, got {self.lr!r}")
+        require(self.lr_schedule in ("cosine", "constant"), "lr_schedule", f"must be cosine or constant, got {self.lr_schedule!r}")
+        require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        require(isinstance(self.segment_events, int) and self.segment_events >= 1,
+                "segment_events", f"must be an integer >= 1, got {self.segment_events!r}")  # fmt: skip
+        require(self.shuffle_segments >= 1, "shuffle_segments", f"must be >= 1, got {self.shuffle_segments!r}")
+        require(0 < self.validation_fraction < 1, "validation_fraction",
+                f"must be in (0, 1), got {self.validation_fraction!r}")  # fmt: skip
+        require(self.max_train_events is None or self.max_train_events >= 1, "max_train_events", "must be >= 1")
+        require(math.isfinite(self.gradient_clip) and self.gradient_clip > 0, "gradient_clip", "must be > 0")
+        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience!r}")
+        require(self.class_rate_fit in CLASS_RATE_FITS, "class_rate_fit",
+                f"must be one of {CLASS_RATE_FITS}, got {self.class_rate_fit!r}")  # fmt: skip
+        require(self.expected_from_epoch is None or (isinstance(self.expected_from_epoch, int) and self.expected_from_epoch >= 0),
+                "expected_from_epoch", f"must be None or an epoch >= 0, got {self.expected_from_epoch!r}")  # fmt: skip
+        start, end = self.gumbel_temperature
+        require(0 < end <= start, "gumbel_temperature", f"must be (start, end) with 0 < end <= start, got {self.gumbel_temperature!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["gumbel_temperature"] = list(self.gumbel_temperature)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+        values = dict(values)
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigurationError(f"{unknown[0]}: unknown training parameter; known: {sorted(known)}")
+        model = values.pop("model", {})
+        if "gumbel_temperature" in values:
+            values["gumbel_temperature"] = tuple(values["gumbel_temperature"])
+        return cls(model=model if isinstance(model, TransformerConfig) else TransformerConfig.from_dict(model), **values)
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    best: dict[str, Any]
+    stopped_early: bool
+
+
+def split(source: EventSource, config: TrainingConfig) -> tuple[EventWindow, EventWindow]:
+    """Training events first, the held-out validation tail last."""
+    n_validation = max(1, int(round(source.n_events * config.validation_fraction)))
+    boundary = source.n_events - n_validation
+    if boundary < config.segment_events:
+        raise ConfigurationError(
+            f"segment_events: the trajectory has {source.n_events} events, too few for training segments of "
+            f"{config.segment_events} after holding out {n_validation}; simulate longer or lower --segment-events"
+        )
+    train_stop = boundary if config.max_train_events is None else min(boundary, config.max_train_events)
+    return EventWindow(source, 0, train_stop), EventWindow(source, boundary, source.n_events)
+
+
+def build_model(config: TrainingConfig, source: EventSource) -> TransformerRates:
+    """A model sized for the source's lattice, its rates starting at the data's mean rate."""
+    system = source.system
+    model_config = config.model
+    if model_config.system != system.name or model_config.lattice_size != max(system.shape):
+        model_config = dataclasses.replace(model_config, system=system.name, lattice_size=max(system.shape))
+    if model_config.initial_log_rate == 0.0 and source.n_events:
+        mean_rate = source.n_events / source.t_final / (system.n_tokens * system.n_moves)
+        model_config = dataclasses.replace(model_config, initial_log_rate=math.log(mean_rate))
+    return TransformerRates(model_config)
+
+
+def _segments_in_shuffled_blocks(window: EventWindow, config: TrainingConfig, generator: torch.Generator):
+    """Segments in order of blocks, each block of ``shuffle_segments`` visited in random order."""
+    pending = []
+    for segment in iter_segments(window, config.segment_events, config.device):
+        pending.append(segment)
+        if len(pending) == config.shuffle_segments:
+            yield from (pending[i] for i in torch.randperm(len(pending), generator=generator).tolist())
+            pending = []
+    yield from (pending[i] for i in torch.randperm(len(pending), generator=generator).tolist())
+
+
+def _train_epoch(model, optimizer, window, config, generator, progress) -> dict[str, float]:
+    model.train()
+    system = window.system
+    total_u, total_time, total_events = 0.0, 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and config.device.startswith("cuda"))
+    for positions, states, tokens, moves, dwell in _segments_in_shuffled_blocks(window, config, generator):
+        with autocast:
+            terms = segment_terms(model, system, positions, states, tokens, moves, dwell)
+        u = terms.log_likelihood()
+        elapsed = terms.dwell.sum()
+        loss = -u / elapsed
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
+        optimizer.step()
+        total_u += float(u.detach())
+        total_time += float(elapsed)
+        total_events += len(tokens)
+        progress.update(len(tokens))
+    return {"train_U_per_T": total_u / total_time, "train_events": total_events}
+
+
+def _validate(model, validation, config) -> LikelihoodResult:
+    model.eval()
+    return path_log_likelihood(validation, model, segment_events=max(config.segment_events, 512), device=config.device)
+
+
+def _epoch_metrics(epoch, train_stats, validation_result, true_result, model, seconds) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"epoch": epoch, **train_stats, "val_U_per_T": validation_result.per_time}
+    metrics["val_U_per_event"] = validation_result.per_event
+    if true_result is not None:
+        metrics["true_val_U_per_T"] = true_result.per_time
+        metrics["gap_per_event"] = (true_result.log_likelihood - validation_result.log_likelihood) / max(
+            validation_result.n_events, 1
+        )
+    if model.config.mode == 2:
+        metrics["class_rates"] = model.class_rates()
+    metrics["seconds"] = seconds
+    metrics["train_events_per_second"] = train_stats["train_events"] / max(seconds, 1e-9)
+    return metrics
+
+
+def train(
+    config: TrainingConfig,
+    source: EventSource,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    report: Report | None = None,
+    progress: bool = False,
+) -> TrainingResult:
+    """Train a transformer on one trajectory; checkpoints and metrics go to ``run_dir``.
+
+    ``report(metrics, run_dir)`` is called after every epoch, once its checkpoint is on disk.
+    """
+    run_dir = Path(run_dir).absolute()
+    last_path = run_dir / "last.pt"
+    if not resume and last_path.exists():
+        raise FileExistsError(f"{run_dir} holds a run already; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    training, validation = split(source, config)
+    model = build_model(config, source).to(config.device)
+    config = dataclasses.replace(config, model=model.config)  # resolved: lattice, system, initial rate
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    metrics: list[dict[str, Any]] = []
+    identity = store_identity(source)
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        _check_resumable(state, config, identity)
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        metrics = state["metrics"]
+    scored = compiled_model(model, config)
+    true_result = _true_validation(source, validation, config)
+    best = max(metrics, key=lambda m: m["val_U_per_T"]) if metrics else None
+    since_best = _epochs_since_best(metrics)
+    bar = _progress_bar(config.epochs * training.n_events, len(metrics) * training.n_events, progress)
+    stopped_early = False
+    for epoch in range(len(metrics), config.epochs):
+        if since_best >= config.patience:
+            stopped_early = True
+            break
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        torch.manual_seed(config.seed * 100_003 + epoch)  # Gumbel noise
+        _set_schedules(model, optimizer, config, epoch)
+        begin = time.perf_counter()
+        train_stats = _train_epoch(scored, optimizer, training, config, generator, bar)
+        if model.config.mode == 2 and _closed_form_epoch(config, epoch):
+            fit_class_rates(model, training, max(config.segment_events, 512), config.device)
+        validation_result = _validate(scored, validation, config)
+        epoch_metrics = _epoch_metrics(epoch, train_stats, validation_result, true_result, model, time.perf_counter() - begin)
+        metrics.append(epoch_metrics)
+        improved = best is None or epoch_metrics["val_U_per_T"] > best["val_U_per_T"]
+        best, since_best = (epoch_metrics, 0) if improved else (best, since_best + 1)
+        state = _checkpoint_state(model, optimizer, config, metrics, identity)
+        if improved:
+            save_checkpoint(state, run_dir / "best.pt")
+        save_checkpoint(state, last_path)
+        _write_metrics(run_dir, metrics, config, identity)
+        bar.set_postfix(val_U_per_T=f"{epoch_metrics['val_U_per_T']:.4g}", refresh=False)
+        if report is not None:
+            report(epoch_metrics, run_dir)
+    bar.close()
+    return TrainingResult(run_dir, metrics, best or {}, stopped_early)
+
+
+def compiled_model(model: TransformerRates, config: TrainingConfig):
+    if config.compile:
+        return torch.compile(model, dynamic=True)
+    return model
+
+
+def _true_validation(source, validation, config) -> LikelihoodResult | None:
+    try:
+        model = true_rate_model(source.system)
+    except TypeError:
+        return None
+    return path_log_likelihood(validation, model, segment_events=max(config.segment_events, 512), device=config.device)
+
+
+def _set_schedules(model, optimizer, config, epoch) -> None:
+    factor = cosine_factor(epoch, config.epochs) if config.lr_schedule == "cosine" else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * factor
+    start, end = config.gumbel_temperature
+    model.temperature = start * (end / start) ** (epoch / max(config.epochs - 1, 1))  # geometric annealing
+    model.expected_gradient = config.expected_from_epoch is not None and epoch >= config.expected_from_epoch
+
+
+def _closed_form_epoch(config: TrainingConfig, epoch: int) -> bool:
+    return config.class_rate_fit == "closed_form" or (config.class_rate_fit == "closed_form_last" and epoch == config.epochs - 1)
+
+
+def _epochs_since_best(metrics: list[dict[str, Any]]) -> int:
+    if not metrics:
+        return 0
+    best_epoch = max(range(len(metrics)), key=lambda i: metrics[i]["val_U_per_T"])
+    return len(metrics) - 1 - best_epoch
+
+
+def _checkpoint_state(model, optimizer, config, metrics, identity) -> dict[str, Any]:
+    return {
+        "format": "hpcdyn.checkpoint/1",
+        "model_config": model.config.as_dict(),
+        "training_config": config.as_dict(),
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "metrics": metrics,
+        "store": identity,
+    }
+
+
+RESUMABLE_CHANGES = ("epochs", "device", "patience")  # what may differ when a run is continued
+
+
+def _check_resumable(state, config, identity) -> None:
+    if state["store"]["fingerprint"] != identity["fingerprint"]:
+        raise ConfigurationError(
+            f"store: the run was trained on {state['store']['path']}, not on this trajectory; resume with the same store"
+        )
+    saved, current = state["training_config"], config.as_dict()
+    # a setting the checkpoint lacks was added later: the run had its default
+    defaults = TrainingConfig(model=config.model).as_dict()
+    differing = sorted(key for key in current
+                       if key not in RESUMABLE_CHANGES and current[key] != saved.get(key, defaults[key]))  # fmt: skip
+    if differing:
+        raise ConfigurationError(
+            f"resume: the training configuration differs from the checkpoint's in {differing}; "
+            f"only {list(RESUMABLE_CHANGES)} may change"
+        )
+
+
+def _write_metrics(run_dir: Path, metrics, config, identity) -> None:
+    lines = "".join(json.dumps(row) + "\n" for row in metrics)
+    temporary = run_dir / ".metrics.jsonl.tmp"
+    temporary.write_text(lines)
+    temporary.replace(run_dir / "metrics.jsonl")
+    summary = {"config": config.as_dict(), "store": identity, "epochs_done": len(metrics)}
+    (run_dir / ".config.json.tmp").write_text(json.dumps(summary, indent=2))
+    (run_dir / ".config.json.tmp").replace(run_dir / "config.json")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="event", desc="train", unit_scale=True)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[TransformerRates, dict[str, Any]]:
+    """A trained model from a checkpoint file or a run directory (its best.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    state = load_checkpoint(path)
+    model = TransformerRates(TransformerConfig.from_dict(state["model_config"]))
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as error:
+        raise ConfigurationError(f"checkpoint: {path} does not match its own model configuration ({error})") from error
+    return model.to(device).eval(), state
+
