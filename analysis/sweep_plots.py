@@ -123,7 +123,7 @@ def sweep_figures(path: str | Path, out_stem: str | Path) -> dict[str, Any]:
     """Figures from sweep results at ``path`` beside ``out_stem``; returns N* and the figure paths."""
     results = open_sweep(path)
     if is_sweep_module_format(results):
-        from hpcdyn import sweep_results
+        from hpcdyn.distributed import sweep_results
 
         files, found = sweep_results.write_figures(results, Path(out_stem).parent)
         n_star = None if found is None else found.n_star

@@ -1,8 +1,9 @@
 """hpcdyn: learn the stochastic dynamics of lattice many-body systems from one trajectory.
 
-Layers (DESIGN 2): systems and rates (numpy/torch) -> compiled simulator (numba) -> trajectory
-store (zarr) -> likelihood -> learning -> distributed sweeps and ensembles (ray) -> analysis.
-The core imports only numpy and torch, so it runs where ray or zarr are absent.
+One subpackage per stage, imports flowing one way (DESIGN 2; checked by import-linter):
+cli -> distributed (ray) -> learning (torch) | simulation (numba, torch) -> storage (zarr) -> physics.
+Everything below ``distributed`` runs where ray is absent, and physics, simulation and learning
+run without zarr.
 """
 
 from importlib import metadata as _metadata

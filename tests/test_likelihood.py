@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdyn import reference
+from hpcdyn.simulation import reference
 from hpcdyn.storage.events import EventLog
 from hpcdyn.learning.likelihood import iter_segments, path_log_likelihood
 from hpcdyn.physics.rates import ActiveRates, true_rate_model

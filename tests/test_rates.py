@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdyn import reference
+from hpcdyn.simulation import reference
 from hpcdyn.physics.rates import ActiveRates, true_rate_model
 from hpcdyn.physics.replay import advance, replay_segment
 from hpcdyn.physics.systems import make_system

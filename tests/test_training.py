@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hpcdyn import training as training_module
+from hpcdyn.learning import training as training_module
 from hpcdyn.learning.checkpoint import load_checkpoint
 from hpcdyn.cli import main
 from hpcdyn.learning.evaluation import evaluate
