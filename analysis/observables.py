@@ -45,6 +45,7 @@ def open_ensemble(path: str | Path, chunks: Any = None) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise ConfigurationError(f"store: no ensemble store at {path}; give the path that `hpcdyn ensemble --out` wrote")
+    _check_hpcdyn_store(path)
     try:
         with warnings.catch_warnings():  # consolidated metadata is not in the Zarr v3 spec; xarray says so
             warnings.filterwarnings("ignore", message="Consolidated metadata")
@@ -56,6 +57,18 @@ def open_ensemble(path: str | Path, chunks: Any = None) -> xr.Dataset:
     if ensemble.attrs.get("complete") is False:
         raise ConfigurationError(f"store: {path} is incomplete; rerun the `hpcdyn ensemble` command that writes it")
     return ensemble
+
+
+def _check_hpcdyn_store(path: Path) -> None:
+    """A complete store written by `hpcdyn ensemble`: every array, shape and chunk file checked (cheap)."""
+    from hpcdyn.storage.ensemble_store import SCHEMA, check_ensemble_files
+    from hpcdyn.storage.trajectory_store import store_schema
+
+    if path.is_dir() and store_schema(path) == SCHEMA:
+        import zarr
+
+        if zarr.open_group(str(path), mode="r").attrs.get("complete"):
+            check_ensemble_files(path)
 
 
 def check_ensemble(ensemble: xr.Dataset, name: str = "ensemble") -> None:

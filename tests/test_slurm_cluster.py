@@ -193,9 +193,10 @@ def _when_part_done(slurm: Slurm, job_id: str, units: Path, pattern: str, interr
 
 def _ray_leftovers(slurm: Slurm, job_id: str) -> list[str]:
     """Directories, port-block claims and processes of a job's Ray (head, workers) that outlived it."""
-    names = (f"hpcdyn-ray-{job_id}", f"hpcdyn-ray-spill-{job_id}")
-    leftovers = [path.name for path in slurm.ray_root.iterdir() if path.name in names or path.name.startswith(f"hpcdyn-ray-{job_id}-")]
-    markers = (f"{slurm.ray_root}/hpcdyn-ray-{job_id}/", f"{slurm.ray_root}/hpcdyn-ray-{job_id}-")  # head, worker dirs
+    # per-node private directories: hpcdyn-ray-<job>-<node index>.XXXXXX and hpcdyn-ray-spill-<job>-<node index>.XXXXXX
+    prefixes = (f"hpcdyn-ray-{job_id}-", f"hpcdyn-ray-spill-{job_id}-")
+    leftovers = [path.name for path in slurm.ray_root.iterdir() if path.name.startswith(prefixes)]
+    markers = (f"{slurm.ray_root}/hpcdyn-ray-{job_id}-",)  # head (node 0) and worker dirs
     for link in Path(CLAIM_ROOT).glob("hpcdyn-ray-ports-*"):
         with contextlib.suppress(OSError):
             if (os.readlink(link) + "/").startswith(markers):
@@ -229,7 +230,7 @@ def test_two_ray_jobs_share_the_node_without_meeting(slurm, jobs):
         assert cluster["resources"]["CPU"] == 1.0
         allocated_mb = int(record["MinMemoryCPU"].rstrip("M"))
         assert cluster["resources"]["object_store_memory"] == pytest.approx(allocated_mb * 3 // 10 * 1048576)
-        assert cluster["object_store_socket"].startswith(f"{slurm.ray_root}/hpcdyn-ray-{job_id}/")
+        assert cluster["object_store_socket"].startswith(f"{slurm.ray_root}/hpcdyn-ray-{job_id}-0.")
         assert cluster["auth_mode"] == "token" and cluster["token_set"]
         assert _ray_leftovers(slurm, job_id) == [], slurm.log(job_id)
     a, b = records["progress_a"], records["progress_b"]

@@ -104,7 +104,7 @@ def test_multinode_script_carries_allocation_isolation_and_requeue():
     assert 'driver=(hpcdyn sweep ntheta --storage /shared/sweeps --name ntheta --gpus-per-trial 0.25)' in text
     assert "module load cuda/12.4\nsource /shared/hpcdyn/.venv/bin/activate\n" in text
     assert "--num-gpus=\"$(node_gpus)\"" in text and "--num-cpus=\"$(node_cpus)\"" in text
-    assert "--dashboard-host=127.0.0.1" in text and ': "${HPCDYN_RAY_AUTH_MODE:=disabled}"' in text
+    assert "--dashboard-host=127.0.0.1" in text and "HPCDYN_RAY_AUTH_MODE=${HPCDYN_RAY_AUTH_MODE:-disabled}" in text
     assert "srun --nodes=$((nodes - 1))" in text and "ray stop" not in text
 
 

@@ -8,9 +8,10 @@ A thin wrapper over ``analysis.report.write_report``.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from hpcdyn.cli.options import add_progress, show_progress, non_negative_time
+from hpcdyn.cli.options import CommandError, add_progress, check_existing_path, check_output_path, non_negative_time, show_progress
 
 
 def add_parser(commands) -> None:
@@ -43,21 +44,56 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing REPORT_DIR")
     add_progress(parser)
-    parser.set_defaults(handler=_analyze)
+    parser.set_defaults(handler=_analyze, interrupted=interrupted)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    return f"the partial report was removed and {args.out} is as it was before; rerun the same command"
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    check_existing_path(args.store, "store", "the ensemble store `hpcdyn ensemble --out` wrote")
+    for store in args.activity:
+        check_existing_path(store, "activity", "an ensemble store at another activity")
+    if args.sweep is not None:
+        check_existing_path(args.sweep, "sweep", "the directory `hpcdyn sweep` wrote, or its results.zarr")
+    out = check_output_path(args.out)
+    if args.overwrite and out.exists() and not (out.is_dir() and (out / "summary.json").exists()):
+        raise CommandError(f"out: {out} exists and is not a report directory (no summary.json); --overwrite replaces only a report")
+
+
+def _damaged_store(stores: list[str]) -> None:
+    """After a failure inside the analysis: read every hpcdyn ensemble store fully; a damaged one is
+    named (StoreError). Stores of other writers are left to the original error."""
+    from hpcdyn.storage.ensemble_store import SCHEMA, verify_ensemble
+    from hpcdyn.storage.trajectory_store import store_schema
+
+    for store in stores:
+        if store_schema(Path(store)) == SCHEMA:
+            verify_ensemble(store)
 
 
 def _analyze(args: argparse.Namespace) -> dict[str, Any]:
     from analysis.report import write_report
+    from hpcdyn.physics.systems import ConfigurationError
+    from hpcdyn.storage.integrity import StoreError
 
-    summary = write_report(
-        args.store,
-        args.out,
-        sweep=args.sweep,
-        activity_stores=args.activity,
-        burn_in=args.burn_in,
-        overwrite=args.overwrite,
-        progress=show_progress(args),
-    )
+    _check_inputs(args)
+    try:
+        summary = write_report(
+            args.store,
+            args.out,
+            sweep=args.sweep,
+            activity_stores=args.activity,
+            burn_in=args.burn_in,
+            overwrite=args.overwrite,
+            progress=show_progress(args),
+        )
+    except (ConfigurationError, StoreError, FileExistsError):
+        raise
+    except (RuntimeError, ValueError, OSError):  # a chunk that does not decode surfaces deep inside dask
+        _damaged_store([args.store, *args.activity])
+        raise
     return {
         "out": args.out,
         "report": f"{args.out}/report.md",

@@ -11,7 +11,17 @@ import contextlib
 import sys
 from typing import Any
 
-from hpcdyn.cli.options import CommandError, add_progress, show_progress, positive_time, non_negative_time
+from hpcdyn.cli.options import (
+    CommandError,
+    add_progress,
+    check_output_path,
+    non_negative_float,
+    non_negative_int,
+    non_negative_time,
+    positive_int,
+    positive_time,
+    show_progress,
+)
 
 
 def add_parser(commands) -> None:
@@ -28,7 +38,7 @@ def add_parser(commands) -> None:
                       help="'original' (compiled exact simulator) or a training run directory / checkpoint; repeatable")  # fmt: skip
     grid.add_argument("--density", type=float, nargs="+", required=True, help="particle densities N/L^2 in (0, 1]")
     grid.add_argument("--replicas", type=int, required=True, help="independent replicas per model and density")
-    grid.add_argument("--seed", type=int, default=0, help="seed; replica streams derive from (seed, case, replica)")
+    grid.add_argument("--seed", type=non_negative_int, default=0, help="seed >= 0; replica streams derive from (seed, case, replica)")
     system = parser.add_argument_group("system (default: the checkpoints' training values, else the paper preset)")
     system.add_argument("--L", type=int, help="lattice side; must equal a trained model's")
     system.add_argument("--D", type=float, help="rotation rate of the original model")
@@ -42,15 +52,31 @@ def add_parser(commands) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
     parser.add_argument("--keep-overlaps", action="store_true",
                         help="apply learned moves onto occupied sites (recorded as overlaps) instead of rejecting them")  # fmt: skip
-    parser.add_argument("--replicas-per-unit", type=int, help="replicas per unit of work and lock-step batch (default: automatic)")
+    parser.add_argument("--replicas-per-unit", type=positive_int, help="replicas per unit of work and lock-step batch (default: automatic)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the expected events, snapshot volume or memory look absurd for this machine")  # fmt: skip
     ray = parser.add_argument_group("Ray")
     ray.add_argument("--address", help="join the Ray cluster at this address (default: start a local Ray)")
-    ray.add_argument("--actors", type=int, help="number of actors (default: as many as the cluster fits)")
-    ray.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs reserved per actor, also its torch threads (default 1)")
-    ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU fraction per actor, e.g. 0.25 (default 0: CPU)")
-    ray.add_argument("--max-restarts", type=int, default=3, help="restarts of a dead actor, and retries of its unit (default 3)")
+    ray.add_argument("--actors", type=positive_int, help="number of actors (default: as many as the cluster fits)")
+    ray.add_argument("--cpus-per-actor", type=positive_int, default=1, help="CPUs reserved per actor, also its torch threads (default 1)")
+    ray.add_argument("--gpus-per-actor", type=non_negative_float, default=0.0, help="GPU fraction per actor, e.g. 0.25 (default 0: CPU)")
+    ray.add_argument("--max-restarts", type=non_negative_int, default=3, help="restarts of a dead actor, and retries of its unit (default 3)")
     add_progress(parser)
-    parser.set_defaults(handler=_ensemble)
+    parser.set_defaults(handler=_ensemble, interrupted=interrupted)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted ensemble leaves: its committed units, which a rerun skips."""
+    from hpcdyn.distributed.ensemble import store_progress
+
+    progress = store_progress(args.out)
+    if progress is None:
+        return f"no store was created at {args.out}; rerun the same command to start"
+    done, total = progress
+    return (
+        f"{args.out} holds {done} of {total} unit(s) finished and committed (units being simulated were dropped); "
+        "rerun the same command to resume: finished units are skipped"
+    )
 
 
 def _ensemble(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,6 +97,7 @@ def _ensemble(args: argparse.Namespace) -> dict[str, Any]:
         replicas_per_unit=args.replicas_per_unit,
         reject_overlaps=not args.keep_overlaps,
     )
+    check_output_path(args.out)
     placement = Placement(
         address=args.address,
         actors=args.actors,
@@ -82,6 +109,7 @@ def _ensemble(args: argparse.Namespace) -> dict[str, Any]:
         # Ray's driver prints its error notices (an actor died, a task is retried) on stdout, from a
         # thread; stdout is for the JSON summary, so they go to stderr with the progress bar.
         with contextlib.redirect_stdout(sys.stderr):
-            return run_ensemble(config, args.out, placement, overwrite=args.overwrite, progress=show_progress(args))
+            return run_ensemble(config, args.out, placement, overwrite=args.overwrite, progress=show_progress(args),
+                                force=args.force)  # fmt: skip
     except EnsembleError as error:
         raise CommandError(str(error)) from error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hpcdyn.cli.options import CommandError
+from hpcdyn.cli.options import CommandError, check_device, check_existing_path
 
 
 def add_parser(commands) -> None:
@@ -18,8 +18,9 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("run", help="run directory (uses best.pt) or checkpoint file")
     parser.add_argument("store", nargs="?", help="trajectory store (default: the one the model was trained on)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.set_defaults(handler=_evaluate)
+
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from pathlib import Path
@@ -28,10 +29,12 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.learning.evaluation import evaluate
     from hpcdyn.storage.trajectory_store import open_trajectory
 
+    check_device(args.device)
+    check_existing_path(args.run, "run", "a training run directory (with best.pt) or a checkpoint file")
     store = args.store
     if store is None:
         checkpoint = Path(args.run) / "best.pt" if Path(args.run).is_dir() else Path(args.run)
-        store = load_checkpoint(checkpoint)["store"]["path"]
+        store = load_checkpoint(checkpoint)["store"].get("path", "<memory>")
         if store == "<memory>":
             raise CommandError("store: this model was trained on an in-memory trajectory; name a STORE to evaluate on")
     return evaluate(args.run, open_trajectory(store), device=args.device)

@@ -11,7 +11,7 @@ import contextlib
 import sys
 from typing import Any
 
-from hpcdyn.cli.options import add_progress, show_progress
+from hpcdyn.cli.options import add_progress, check_output_path, non_negative_float, positive_float, positive_int, show_progress
 
 
 def add_parser(commands) -> None:
@@ -29,13 +29,21 @@ def add_parser(commands) -> None:
                         help="quick: minutes on 2 CPU cores; paper: the paper-scale study for GPUs or a cluster")  # fmt: skip
     parser.add_argument("--out", required=True, help="directory of the whole study (resumed when it exists)")
     parser.add_argument("--address", help="join the Ray cluster at this address (default: start a local Ray)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all); not with --address")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per training trial (default 1)")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per training trial, fractions share (default 0)")
-    parser.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs per ensemble actor (default 1)")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU fraction per ensemble actor (default 0)")
+    parser.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray (default: all); not with --address")
+    parser.add_argument("--cpus-per-trial", type=positive_float, default=1.0, help="CPUs per training trial (default 1)")
+    parser.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0, help="GPUs per training trial, fractions share (default 0)")
+    parser.add_argument("--cpus-per-actor", type=positive_int, default=1, help="CPUs per ensemble actor (default 1)")
+    parser.add_argument("--gpus-per-actor", type=non_negative_float, default=0.0, help="GPU fraction per ensemble actor (default 0)")
     add_progress(parser)
-    parser.set_defaults(handler=_pipeline)
+    parser.set_defaults(handler=_pipeline, interrupted=interrupted)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted pipeline leaves: its finished stages and the resumable work of the current one."""
+    return (
+        f"{args.out} keeps every finished stage (listed in pipeline.json) and the resumable work of the "
+        "interrupted one (sweep trials' checkpoints, the ensemble's finished units); rerun the same command to resume"
+    )
 
 
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,6 +52,7 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.address and args.num_cpus is not None:
         raise ConfigurationError("num_cpus: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
+    check_output_path(args.out)
     options = PipelineOptions(
         address=args.address,
         num_cpus=args.num_cpus,

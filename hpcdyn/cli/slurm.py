@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import Any
+from typing import Any, Sequence
 
-from hpcdyn.cli.options import SYSTEM_OPTIONS, positive_time
+from hpcdyn.cli.options import SYSTEM_OPTIONS, check_output_path, non_negative_int, positive_float, positive_int, positive_time
 from hpcdyn.physics.systems import ConfigurationError
 
 
@@ -68,7 +68,8 @@ def _emit_script(text: str, out: str | None) -> str | dict[str, Any]:
         return text.rstrip("\n")
     from hpcdyn.distributed.slurm import write_script
 
-    return {"script": str(write_script(text, out)), "submit": f"sbatch {out}"}
+    check_output_path(out)
+    return {"script": str(write_script(text, out)), "submit": f"sbatch {shlex.quote(out)}"}
 
 
 def _add_ray(commands) -> None:
@@ -180,8 +181,8 @@ def _add_port_block(commands) -> None:
         "block (job id plus node index, modulo the number of blocks), and with --claim mark it taken, so jobs "
         "sharing a node get disjoint ports even when they start at the same moment.",
     )
-    parser.add_argument("--job-id", type=int, required=True, help="the SLURM job id")
-    parser.add_argument("--node-index", type=int, default=0, help="this node's index in the job (default 0, the head)")
+    parser.add_argument("--job-id", type=non_negative_int, required=True, help="the SLURM job id")
+    parser.add_argument("--node-index", type=non_negative_int, default=0, help="this node's index in the job (default 0, the head)")
     parser.add_argument("--claim", metavar="DIR", help="claim the block for the job whose Ray temp dir on this node is DIR")
     parser.set_defaults(handler=_port_block)
 
@@ -201,8 +202,8 @@ def _add_wait(commands) -> None:
     )
     parser.add_argument("--address", required=True, help="HOST:PORT of the Ray head")
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes to wait for")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up (default 300)")
-    parser.add_argument("--pid", type=int, help="give up as soon as this process (the head) exits")
+    parser.add_argument("--timeout", type=positive_float, default=300.0, help="seconds before giving up (default 300)")
+    parser.add_argument("--pid", type=positive_int, help="give up as soon as this process (the head) exits")
     parser.set_defaults(handler=_wait)
 
 

@@ -15,7 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hpcdyn.cli.options import CommandError, add_progress, show_progress
+from hpcdyn.cli.options import (
+    CommandError,
+    add_progress,
+    check_output_path,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    show_progress,
+)
+from hpcdyn.storage import strict_json
 
 
 def add_parser(commands) -> None:
@@ -34,18 +44,27 @@ def add_parser(commands) -> None:
     parser.add_argument("--address", help="join the Ray cluster at this address (e.g. auto); default: start a local Ray")
     parser.add_argument("--storage", default="runs/sweeps", help="directory of sweeps and shared trajectories (default runs/sweeps)")
     parser.add_argument("--name", help="experiment name under --storage (default: STUDY, or STUDY-smoke)")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU (default 0: CPU)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, also its torch threads (default 1)")
-    parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as resources allow)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all); not with --address")
-    parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its last checkpoint (default 2)")
+    parser.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0, help="GPUs per trial; fractions share a GPU (default 0: CPU)")
+    parser.add_argument("--cpus-per-trial", type=positive_float, default=1.0, help="CPUs per trial, also its torch threads (default 1)")
+    parser.add_argument("--max-concurrent", type=positive_int, help="at most this many trials at once (default: as resources allow)")
+    parser.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray (default: all); not with --address")
+    parser.add_argument("--max-failures", type=non_negative_int, default=2, help="retries of a failed trial from its last checkpoint (default 2)")
     parser.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on held-out U/T)")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="fix a parameter for every trial, e.g. --set training.epochs=2 (repeatable)")  # fmt: skip
     parser.add_argument("--grid", metavar="KEY=V1,V2", action="append", default=[],
                         help="sweep a parameter over these values, e.g. --grid model.n_classes=1,2,3 (repeatable)")  # fmt: skip
     add_progress(parser)
-    parser.set_defaults(handler=run_command)
+    parser.set_defaults(handler=run_command, interrupted=interrupted)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted sweep leaves: Tune's experiment with its finished trials and checkpoints."""
+    name = args.name or (f"{args.study}-smoke" if args.smoke else args.study)
+    return (
+        f"the experiment {Path(args.storage) / name} keeps its finished trials and every trial's last checkpoint; "
+        "rerun the same command to resume it"
+    )
 
 
 def _value(text: str) -> Any:
@@ -78,6 +97,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.address and args.num_cpus is not None:
         raise ConfigurationError("num_cpus: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
+    check_output_path(args.storage, "storage")
     resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent)
     name = args.name or (f"{study.name}-smoke" if args.smoke else study.name)
     outcome = run_sweep(
@@ -110,14 +130,14 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
               file=sys.stderr)  # fmt: skip
     if outcome.unfinished:
 
-        print(json.dumps({**summary, "unfinished": outcome.unfinished}, indent=2, default=str))
+        print(strict_json.dumps({**summary, "unfinished": outcome.unfinished}, indent=2))
         raise CommandError(
             f"interrupted with {outcome.unfinished} trial(s) unfinished; the results written to {Path(results_path)} "
             "lack them; rerun the same command to resume"
         )
     if outcome.errors:
         summary["errors"] = [str(error).splitlines()[0][:300] for error in outcome.errors]
-        print(json.dumps(summary, indent=2, default=str))
+        print(strict_json.dumps(summary, indent=2))
 
         raise CommandError(
             f"{len(outcome.errors)} trial(s) failed after {args.max_failures} retries; the results written to "

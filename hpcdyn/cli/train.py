@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hpcdyn.cli.options import add_progress, show_progress
+from hpcdyn.cli.options import add_progress, check_device, check_output_path, non_negative_int, show_progress
 
 
 def add_parser(commands) -> None:
@@ -46,7 +46,7 @@ def add_parser(commands) -> None:
     optimisation.add_argument("--max-train-events", type=int, help="use only the first events for training")
     optimisation.add_argument("--gradient-clip", type=float, default=1.0)
     optimisation.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping")
-    optimisation.add_argument("--seed", type=int, default=0)
+    optimisation.add_argument("--seed", type=non_negative_int, default=0)
     optimisation.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
                               help="Mode 2: leave the class rates to the gradient (default), set them to "
                                    "events / exposure per class after each epoch (closed_form) or after the last "
@@ -60,13 +60,29 @@ def add_parser(commands) -> None:
     hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")
     hardware.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     add_progress(parser)
-    parser.set_defaults(handler=_train)
+    parser.set_defaults(handler=_train, interrupted=interrupted)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted train leaves: the run up to its last finished epoch, resumable."""
+    from hpcdyn.learning.training import run_progress
+
+    epochs = run_progress(args.out)
+    if epochs is None:
+        return f"no epoch had finished: {args.out} holds no checkpoint; rerun the same command to start again"
+    return (
+        f"{args.out} holds the run up to its last finished epoch ({epochs} epoch(s): last.pt, best.pt, "
+        "metrics.jsonl); rerun the same command with --resume to continue it exactly"
+    )
+
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.storage.trajectory_store import open_trajectory
     from hpcdyn.learning.training import TrainingConfig, train
     from hpcdyn.learning.transformer import TransformerConfig
 
+    check_device(args.device)
+    check_output_path(args.out)
     trajectory = open_trajectory(args.store)
     model = TransformerConfig(
         system=trajectory.system.name,

@@ -26,6 +26,14 @@ def resolve_auth_mode(auth_mode: str | None = None) -> str:
     return mode
 
 
+def ray_running() -> bool:
+    """Whether this process is already connected to a Ray (without importing ray when it is not)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
 def import_ray():
     """ray, or a clear error naming the extra to install."""
     try:

@@ -11,7 +11,9 @@ order of the units or how often the run was interrupted. The original dynamics r
 simulator, a trained checkpoint in the batched simulator; both write the same snapshot format.
 
 Everything is checked before Ray starts: checkpoints exist and load, the lattice matches them, each
-density fits on the lattice, times are sane. Actors (explicit ``num_cpus``, a GPU fraction) run a
+density fits on the lattice, times are sane, the work fits this machine (events of the original
+dynamics, snapshot volume against the free disk, a unit's arrays against the memory; ``force``
+skips that), an actor fits the local CPUs. The store is locked against a second driver. Actors (explicit ``num_cpus``, a GPU fraction) run a
 unit per call, write its shards themselves and return a small summary; an actor killed mid-unit is
 restarted and the call retried; a rerun of the same command skips the units in the manifest.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import platform
@@ -36,6 +39,15 @@ import numpy as np
 import hpcdyn
 from hpcdyn.simulation.batched import replica_streams, simulate_batched, snapshot_grid
 from hpcdyn.simulation.compiled import CompiledSimulator
+from hpcdyn.simulation.work_size import (
+    check_disk,
+    check_events,
+    check_memory,
+    check_snapshots,
+    max_escape_rate,
+    simulator_memory,
+    snapshot_count,
+)
 from hpcdyn.physics.systems import PRESETS, ActiveSystem, ConfigurationError, make_system
 
 ORIGINAL = "original"
@@ -156,8 +168,10 @@ def _system_value(field: str, given: Any, models: list[dict[str, Any]], fallback
     return found.pop() if found else fallback
 
 
-def resolve(config: EnsembleConfig) -> dict[str, Any]:
-    """The full, validated configuration written into the store; raises before any work starts."""
+def resolve(config: EnsembleConfig, out: Path | None = None, force: bool = False) -> dict[str, Any]:
+    """The full, validated configuration written into the store; raises before any work starts.
+
+    Unless ``force``, the work must fit this machine (``check_work_size``; the disk at ``out``)."""
     models: list[dict[str, Any]] = []
     for source in config.models:
         models.append(_describe_model(source, {model["label"] for model in models}))
@@ -171,6 +185,8 @@ def resolve(config: EnsembleConfig) -> dict[str, Any]:
             )
     particles = [_particles(density, system) for density in config.densities]
     block = config.replicas_per_unit or _default_block(config, models, system, max(particles))
+    if not force:
+        check_work_size(config, models, system, particles, min(block, config.replicas), out)
     times = snapshot_grid(config.t_final, config.snapshot_every, config.burn_in)
     return {
         "system": {"name": "active", **system},
@@ -190,6 +206,27 @@ def resolve(config: EnsembleConfig) -> dict[str, Any]:
         "reject_overlaps": bool(config.reject_overlaps),
         "move_names": list(ActiveSystem.move_names),
     }
+
+
+def check_work_size(config: EnsembleConfig, models, system: dict[str, Any], particles: list[int], block: int,
+                    out: Path | None) -> None:  # fmt: skip
+    """Refuse an ensemble this machine cannot run or hold: events of the original dynamics, the
+    snapshot volume against the free disk at ``out``, one unit's arrays against the memory."""
+    times = snapshot_count(config.t_final, config.snapshot_every, config.burn_in)
+    check_snapshots(times, config.t_final - config.burn_in, config.snapshot_every)
+    sites = system["L"] * system["L"]
+    grids = len(models) * len(particles) * config.replicas * times
+    densest = make_system("active", {**system, "N": max(particles)})
+    check_memory(simulator_memory(densest, snapshots=True), "L", f"a {system['L']} x {system['L']} lattice with {densest.N} particles")
+    check_memory(block * times * (sites + 4) + 8 * times, "snapshot_every",
+                 f"one unit ({block} replicas x {times:.3g} snapshots of {system['L']} x {system['L']})")  # fmt: skip
+    if any(model["kind"] == ORIGINAL for model in models):
+        rate = sum(max_escape_rate(make_system("active", {**system, "N": n})) for n in particles)
+        check_events(rate * config.replicas * config.t_final, rate * config.replicas, config.t_final,
+                     "the original dynamics of the ensemble")  # fmt: skip
+    if out is not None:
+        check_disk(grids * (sites + 4), out, "snapshot_every",
+                   f"the store ({grids:.3g} snapshots of {system['L']} x {system['L']})")  # fmt: skip
 
 
 def _particles(density: float, system: dict[str, Any]) -> int:
@@ -361,14 +398,14 @@ class EnsembleWorker:
 # ----------------------------------------------------------------------------- driver
 def _prepare_store(path: Path, config: dict[str, Any], overwrite: bool) -> None:
     """Create the store, or check that an existing one is this ensemble (then it is resumed)."""
-    import json
-
     from hpcdyn.storage.ensemble_store import create_store, stored_config
 
     attrs = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
     }
+    if path.exists() or path.is_symlink():
+        _check_is_ensemble_store(path, overwrite)
     if path.exists() and overwrite:
         retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
         path.rename(retired)
@@ -386,6 +423,31 @@ def _prepare_store(path: Path, config: dict[str, Any], overwrite: bool) -> None:
             f"out: {path} holds an ensemble with another configuration (differs in {differing}); "
             "rerun with the same options to resume it, choose another --out, or pass --overwrite"
         )
+
+
+def _check_is_ensemble_store(path: Path, overwrite: bool) -> None:
+    """An existing --out is resumed or replaced only when it is an ensemble store (not a trajectory
+    store, a report or a home directory)."""
+    from hpcdyn.storage.ensemble_store import SCHEMA
+    from hpcdyn.storage.trajectory_store import store_schema
+
+    schema = store_schema(path)
+    if path.is_symlink() or not path.is_dir() or schema != SCHEMA:
+        action = "replace" if overwrite else "resume"
+        raise ConfigurationError(
+            f"out: {path} exists and is not an ensemble store (schema {schema!r}); refusing to {action} it; "
+            "choose another --out"
+        )
+
+
+def store_progress(out: str | Path) -> tuple[int, int] | None:
+    """(finished units, all units) of the ensemble store at ``out``, or None when there is none."""
+    from hpcdyn.storage.ensemble_store import finished_units, stored_config
+
+    path = Path(out).absolute()
+    if not (path / "zarr.json").exists():
+        return None
+    return len(finished_units(path)), len(plan_units(stored_config(path)))
 
 
 def _versions() -> dict[str, str]:
@@ -417,6 +479,24 @@ class Placement:
         if not (_is_int(self.max_restarts) and self.max_restarts >= 0):
             raise ConfigurationError(f"max_restarts: must be an integer >= 0, got {self.max_restarts!r}")
 
+    def check_local(self) -> None:
+        """Without --address, Ray starts here: an actor must fit this machine, or it would wait forever."""
+        from hpcdyn.distributed.cluster import ray_running
+
+        if self.address or self.in_process or ray_running():  # a running Ray is checked by its own resources
+            return
+        cpus = os.cpu_count() or 1
+        if self.cpus_per_actor > cpus:
+            raise ConfigurationError(f"cpus_per_actor: {self.cpus_per_actor} per actor, this machine has {cpus} CPUs")
+        if self.gpus_per_actor > 0:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if self.gpus_per_actor > gpus:
+                raise ConfigurationError(
+                    f"gpus_per_actor: {self.gpus_per_actor} per actor, this machine has {gpus} GPUs; use 0 to run on CPUs"
+                )
+
 
 def run_ensemble(
     config: EnsembleConfig,
@@ -424,13 +504,27 @@ def run_ensemble(
     placement: Placement = Placement(),
     overwrite: bool = False,
     progress: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Simulate every unit not yet in the store's manifest, then finish the store; returns a summary."""
-    from hpcdyn.storage.ensemble_store import finish, finished_units, unit_name
+    """Simulate every unit not yet in the store's manifest, then finish the store; returns a summary.
 
-    resolved = resolve(config)
+    Everything is validated before the store is touched; the store is locked for the whole run, so a
+    second driver on the same ``out`` is refused (rerun after the first ends: it skips what is done)."""
+    from hpcdyn.storage.output_lock import output_lock
+
     path = Path(out).absolute()
+    resolved = resolve(config, path, force)
+    placement.check_local()
+    with output_lock(path, "out"):
+        return _run_locked(resolved, path, placement, overwrite, progress)
+
+
+def _run_locked(resolved: dict[str, Any], path: Path, placement: Placement, overwrite: bool, progress: bool) -> dict[str, Any]:
+    from hpcdyn.storage.ensemble_store import MANIFEST, finish, finished_units, unit_name
+
     _prepare_store(path, resolved, overwrite)
+    for leftover in (path / MANIFEST).glob("*/.*.tmp"):  # manifest entries a killed run left half-written
+        leftover.unlink(missing_ok=True)
     units = plan_units(resolved)
     done = finished_units(path)
     pending = [unit for unit in units if unit_name(unit) not in done]

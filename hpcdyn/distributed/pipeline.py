@@ -15,8 +15,10 @@ Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
 
 Rerunning the same call resumes: the sweep restores (finished trials are kept), the ensemble skips
 the units its manifest lists, the model copy is checked against its digest, and the report is redone
-(it is cheap). DIR/pipeline.json records the preset and each finished stage; a different preset in
-the same directory is refused rather than mixed.
+(it is cheap). DIR/pipeline.json records the preset and each finished stage (it is written first,
+so an interrupted first run is recognised); a different preset in the same directory is refused
+rather than mixed, and so is a directory that holds anything else (a trajectory store, a report).
+Every option is checked before any stage starts; the directory is locked against a second driver.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpcdyn.physics.systems import ConfigurationError
+from hpcdyn.storage import strict_json
 
 RECORD = "pipeline.json"
 
@@ -112,6 +115,21 @@ class PipelineOptions:
     gpus_per_actor: float = 0.0
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        """Every option validated by the stage that uses it, now, before any stage starts."""
+        from hpcdyn.distributed.ensemble import Placement
+        from hpcdyn.distributed.sweep import Resources
+
+        if self.num_cpus is not None and not (isinstance(self.num_cpus, int) and self.num_cpus >= 1):
+            raise ConfigurationError(f"num_cpus: must be an integer >= 1, got {self.num_cpus!r}")
+        if self.address and self.num_cpus is not None:
+            raise ConfigurationError("num_cpus: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
+        resources = Resources(self.cpus_per_trial, self.gpus_per_trial, None)
+        placement = Placement(address=self.address, cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor)
+        if not self.address:
+            resources.check_local(self.num_cpus)
+            placement.check_local()
+
 
 def get_preset(name: str) -> PipelinePreset:
     if name not in PRESETS:
@@ -119,14 +137,40 @@ def get_preset(name: str) -> PipelinePreset:
     return PRESETS[name]
 
 
+# what a pipeline directory may hold besides hidden temporary files
+PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "activity", "report")
+
+
 def _read_record(out: Path) -> dict[str, Any]:
     path = out / RECORD
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"out: {path} cannot be read ({error}); restore it or choose another --out") from error
+    if not isinstance(record, dict):
+        raise ConfigurationError(f"out: {path} is not a pipeline record; restore it or choose another --out")
+    return record
+
+
+def check_pipeline_directory(out: Path) -> None:
+    """--out is new, or a pipeline directory: nothing in it that a pipeline does not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigurationError(f"out: {out} is a file, not a pipeline directory; choose another --out")
+    foreign = sorted(item.name for item in out.iterdir() if item.name not in PIPELINE_ENTRIES and not item.name.startswith("."))
+    if foreign:
+        raise ConfigurationError(
+            f"out: {out} holds {foreign[0]!r}, which no pipeline writes (it is not a pipeline directory); "
+            "choose a new or empty --out"
+        )
 
 
 def _write_record(out: Path, record: dict[str, Any]) -> None:
     temporary = out / f".{RECORD}.{uuid.uuid4().hex[:8]}"
-    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    temporary.write_text(strict_json.dumps(record, indent=2) + "\n")
     temporary.replace(out / RECORD)
 
 
@@ -278,12 +322,23 @@ def run_pipeline(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Run (or resume) the whole study into ``out``; returns the record also written to pipeline.json."""
+    from hpcdyn.storage.output_lock import output_lock
+
     preset = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out).expanduser().absolute()
+    check_pipeline_directory(out)
+    with output_lock(out, "out"):
+        return _run_locked(preset, out, options, log)
+
+
+def _run_locked(preset: PipelinePreset, out: Path, options: PipelineOptions, log: Callable[[str], None]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in [*out.glob(f".{RECORD}.*"), *out.glob("models/*/.best.pt.*")]:  # temporary files of a killed run
+        leftover.unlink(missing_ok=True)
     record = _read_record(out)
     _check_same_preset(record, preset, out)
     record.update({"preset": preset.as_dict(), "stages": record.get("stages", {})})
+    _write_record(out, record)  # at once: an interrupted first run is recognised as a pipeline directory
     stages = record["stages"]
     begin = time.perf_counter()
 

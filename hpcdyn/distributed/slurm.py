@@ -25,7 +25,9 @@ import math
 import os
 import re
 import shlex
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -53,11 +55,25 @@ CLAIM_ROOT = "/tmp"
 _TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEMORY_PATTERN = re.compile(r"^\d+[KMGT]?$")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+_PATH_PATTERN = re.compile(r"^/[A-Za-z0-9._/-]*$")  # node-local roots: no spaces, quotes or shell characters
+# sbatch reads #SBATCH lines itself (bash never runs them): one token each, no quoting to go wrong
+_SBATCH_TOKEN = re.compile(r"^[^\s'\"`$\\;<>|&()]+$")
 
 
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ConfigurationError(f"{field}: {message}")
+
+
+def check_shell_syntax(text: str, field: str) -> None:
+    """``bash -n`` on ``text``: a script (or a setup line) that does not parse is refused before it is written."""
+    bash = shutil.which("bash")
+    if bash is None:  # nowhere to check; sbatch runs bash, which will say the same
+        return
+    result = subprocess.run([bash, "-n"], input=text, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        problem = " ".join(result.stderr.strip().splitlines()[:1]) or f"bash -n exit status {result.returncode}"
+        raise ConfigurationError(f"{field}: does not parse as bash ({problem})")
 
 
 def time_limit_seconds(limit: str) -> int:
@@ -112,11 +128,14 @@ class JobResources:
         for name in ("partition", "account"):
             value = getattr(self, name)
             _require(value is None or bool(_NAME_PATTERN.match(value)), name, f"use letters, digits, '.', '_' or '-', got {value!r}")
-        _require("\n" not in self.output and self.output.strip() == self.output and self.output != "", "output", f"a file name pattern such as %x-%j.out, got {self.output!r}")
+        _require(bool(_SBATCH_TOKEN.match(self.output)), "output",
+                 f"a file name pattern without spaces, quotes or shell characters, such as %x-%j.out, got {self.output!r}")  # fmt: skip
         for option in self.sbatch_options:
-            _require(option.startswith("--") and "\n" not in option, "sbatch_options", f"each must be one long sbatch option such as --qos=high, got {option!r}")
+            _require(option.startswith("--") and bool(_SBATCH_TOKEN.match(option)), "sbatch_options",
+                     f"each must be one long sbatch option such as --qos=high, without spaces, quotes or shell characters, got {option!r}")  # fmt: skip
         for line in self.setup:
-            _require("\n" not in line and line.strip() != "", "setup", f"each entry is one shell line, got {line!r}")
+            _require("\n" not in line and "\r" not in line and line.strip() != "", "setup", f"each entry is one shell line, got {line!r}")
+            check_shell_syntax(line + "\n", f"setup: {line!r}")
 
     def header(self, ntasks_per_node: bool = True) -> list[str]:
         """The #SBATCH lines."""
@@ -155,10 +174,14 @@ class RaySettings:
 
     def __post_init__(self) -> None:
         _require(self.auth_mode in AUTH_MODES, "auth_mode", f"use one of {list(AUTH_MODES)}, got {self.auth_mode!r}")
-        _require(os.path.isabs(self.tmp_root) and len(self.tmp_root) <= 40, "tmp_root",
-                 f"an absolute node-local path of at most 40 characters (Ray's socket paths must stay short), got {self.tmp_root!r}")  # fmt: skip
-        _require(self.node_timeout >= 10, "node_timeout", f"must be >= 10 seconds, got {self.node_timeout}")
-        _require(self.stop_grace >= 1, "stop_grace", f"must be >= 1 second, got {self.stop_grace}")
+        _require(bool(_PATH_PATTERN.match(self.tmp_root)) and os.path.normpath(self.tmp_root) == self.tmp_root
+                 and len(self.tmp_root) <= 40, "tmp_root",
+                 "an absolute, normalised node-local path of at most 40 characters from letters, digits, '.', '_', "
+                 f"'-' and '/' (Ray's socket paths must stay short), got {self.tmp_root!r}")  # fmt: skip
+        _require(isinstance(self.node_timeout, int) and 10 <= self.node_timeout <= 86400, "node_timeout",
+                 f"must be 10 to 86400 seconds, got {self.node_timeout!r}")  # fmt: skip
+        _require(isinstance(self.stop_grace, int) and 1 <= self.stop_grace <= 86400, "stop_grace",
+                 f"must be 1 to 86400 seconds, got {self.stop_grace!r}")  # fmt: skip
 
 
 def render_ray_job(resources: JobResources, settings: RaySettings, driver: Sequence[str] = ()) -> str:
@@ -166,13 +189,16 @@ def render_ray_job(resources: JobResources, settings: RaySettings, driver: Seque
 
     Without ``driver`` the script takes the driver as its arguments: ``sbatch job.sbatch hpcdyn sweep ...``.
     """
-    values = {
-        "header": "\n".join(resources.header()),
+    quoted = {
         "auth_mode": settings.auth_mode,
         "dashboard": "true" if settings.dashboard else "false",
         "tmp_root": settings.tmp_root,
         "node_timeout": str(settings.node_timeout),
         "stop_grace": str(settings.stop_grace),
+    }
+    values = {
+        "header": "\n".join(resources.header()),
+        **{name: shlex.quote(value) for name, value in quoted.items()},  # data, never code, wherever it lands
         "setup": resources.setup_block(),
         "driver": shlex.join(driver),
         "port_block": str(PORT_BLOCK),
@@ -180,7 +206,7 @@ def render_ray_job(resources: JobResources, settings: RaySettings, driver: Seque
         "claim_root": CLAIM_ROOT,
         **{f"port_{name}": str(offset) for name, offset in PORT_OFFSETS.items()},
     }
-    return _fill(RAY_JOB_TEMPLATE, values)
+    return _checked(_fill(RAY_JOB_TEMPLATE, values))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +237,8 @@ class OriginalEnsemble:
         _require(self.snapshot_every <= self.t_final, "snapshot_every", f"{self.snapshot_every} is longer than t_final {self.t_final}")
         _require(os.path.isabs(self.out), "out", f"must be an absolute path (array tasks may start in another directory), got {self.out!r}")
         _require(self.max_parallel is None or self.max_parallel >= 1, "max_parallel", f"must be >= 1, got {self.max_parallel!r}")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+        _require(self.preset is None or bool(_NAME_PATTERN.match(self.preset)), "preset", f"must be a preset name, got {self.preset!r}")
         for density in self.densities:  # every system is built now: a density with N > L^2 fails here
             make_system("active", {**dict(self.parameters), "density": density}, preset=self.preset)
 
@@ -236,13 +264,19 @@ def render_array_job(resources: JobResources, ensemble: OriginalEnsemble) -> str
     values = {
         "header": "\n".join(header),
         "setup": resources.setup_block(),
-        "densities": " ".join(repr(float(density)) for density in ensemble.densities),
-        "replicas": str(ensemble.replicas),
-        "seed": str(ensemble.seed),
+        "densities": " ".join(shlex.quote(repr(float(density))) for density in ensemble.densities),
+        "replicas": shlex.quote(str(ensemble.replicas)),
+        "seed": shlex.quote(str(ensemble.seed)),
         "out": shlex.quote(ensemble.out),
         "simulate_options": shlex.join(ensemble.simulate_options()),
     }
-    return _fill(ARRAY_JOB_TEMPLATE, values)
+    return _checked(_fill(ARRAY_JOB_TEMPLATE, values))
+
+
+def _checked(script: str) -> str:
+    """Every rendered script passes ``bash -n`` before anyone writes or submits it."""
+    check_shell_syntax(script, "script")
+    return script
 
 
 def _fill(template: str, values: Mapping[str, str]) -> str:
@@ -393,15 +427,17 @@ RAY_JOB_TEMPLATE = r"""#!/bin/bash
 # arguments: sbatch THIS_FILE hpcdyn sweep ntheta --storage /shared/sweeps --name ntheta
 set -euo pipefail
 
-# Settings: the defaults written into this script; override any at submission, for example
-# HPCDYN_RAY_AUTH_MODE=disabled sbatch THIS_FILE (sbatch passes the environment on).
-: "${HPCDYN_RAY_AUTH_MODE:={{auth_mode}}}"  # token: a fresh token per job; disabled: trusted networks only
-: "${HPCDYN_RAY_DASHBOARD:={{dashboard}}}"  # true: a dashboard on the head's 127.0.0.1 (reach it with ssh -L)
-: "${HPCDYN_RAY_TMP_ROOT:={{tmp_root}}}"  # node-local and short: Ray's socket paths must fit 107 characters
-: "${HPCDYN_RAY_SPILL_ROOT:=${TMPDIR:-/tmp}}"  # node-local scratch for objects spilled from memory
-: "${HPCDYN_RAY_HEAD_IP:=}"  # default: the head's first address in `hostname -I`
-: "${HPCDYN_NODE_TIMEOUT:={{node_timeout}}}"  # seconds for every node to join
-: "${HPCDYN_STOP_GRACE:={{stop_grace}}}"  # seconds the driver gets to stop after a signal
+# Settings: the defaults written into this script (quoted: a value is data, never code); override
+# any at submission, for example HPCDYN_RAY_AUTH_MODE=disabled sbatch THIS_FILE (sbatch passes the
+# environment on).
+HPCDYN_RAY_AUTH_MODE=${HPCDYN_RAY_AUTH_MODE:-{{auth_mode}}}  # token: a fresh token per job; disabled: trusted networks only
+HPCDYN_RAY_DASHBOARD=${HPCDYN_RAY_DASHBOARD:-{{dashboard}}}  # true: a dashboard on the head's 127.0.0.1 (reach it with ssh -L)
+HPCDYN_RAY_TMP_ROOT=${HPCDYN_RAY_TMP_ROOT:-{{tmp_root}}}  # node-local and short: Ray's socket paths must fit 107 characters
+HPCDYN_RAY_SPILL_ROOT=${HPCDYN_RAY_SPILL_ROOT:-${TMPDIR:-/tmp}}  # node-local scratch for objects spilled from memory
+HPCDYN_RAY_HEAD_IP=${HPCDYN_RAY_HEAD_IP:-}  # default: the head's first address in `hostname -I`
+HPCDYN_NODE_TIMEOUT=${HPCDYN_NODE_TIMEOUT:-{{node_timeout}}}  # seconds for every node to join
+HPCDYN_STOP_GRACE=${HPCDYN_STOP_GRACE:-{{stop_grace}}}  # seconds the driver gets to stop after a signal
+export HPCDYN_RAY_TMP_ROOT HPCDYN_RAY_SPILL_ROOT  # the workers make their own directories under them
 
 {{setup}}
 
@@ -415,7 +451,7 @@ command -v hpcdyn >/dev/null || { log "hpcdyn not found on PATH: add a setup lin
 
 export job_id=${SLURM_JOB_ID:?run this script with sbatch}
 nodes=${SLURM_JOB_NUM_NODES:-1}
-export ray_tmp="$HPCDYN_RAY_TMP_ROOT/hpcdyn-ray-$job_id" spill_dir="$HPCDYN_RAY_SPILL_ROOT/hpcdyn-ray-spill-$job_id"
+ray_tmp="" spill_dir=""  # made private below: mktemp -d, mode 700, owner checked
 export RAY_AUTH_MODE=$HPCDYN_RAY_AUTH_MODE
 case "$RAY_AUTH_MODE" in
     token) RAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n'); export RAY_AUTH_TOKEN ;;  # kept in memory, passed to srun
@@ -447,6 +483,21 @@ node_port_options() {
         "--min-worker-port=$((base + {{first_worker_port}})) --max-worker-port=$((base + {{port_block}} - 1))"
 }
 
+# Per-job directories: unpredictable names (mktemp), mode 700, checked to be ours, under a root that
+# other users cannot tamper with; directories of an earlier run of this job on this node are ours and stale.
+private_dir() {  # ROOT NAME: prints a new private directory ROOT/NAME.XXXXXX
+    local root=${1%/} name=$2 old dir
+    mkdir -p "$root"
+    if [ -n "$(find "$root" -maxdepth 0 -perm -0002 ! -perm -1000)" ]; then
+        log "$root is writable by every user and not sticky: choose another HPCDYN_RAY_TMP_ROOT / HPCDYN_RAY_SPILL_ROOT"; return 1
+    fi
+    for old in "$root/$name".*; do
+        if [ -d "$old" ] && [ ! -L "$old" ] && [ -O "$old" ]; then rm -rf "$old"; fi
+    done
+    dir=$(mktemp -d "$root/$name.XXXXXX") && chmod 700 "$dir" || { log "cannot create a directory under $root"; return 1; }
+    if [ -L "$dir" ] || [ ! -O "$dir" ]; then log "$dir is not owned by $(id -un)"; return 1; fi
+    printf '%s\n' "$dir"
+}
 # A claim on a port block covers the moment between finding the block free and Ray binding it.
 release_ports() {  # BASE DIR: drop the claim on a port block if DIR's job holds it
     local link="{{claim_root}}/hpcdyn-ray-ports-$1"
@@ -460,12 +511,13 @@ wait_for_port() {  # PORT PID: until this node's PORT accepts connections, or PI
 }
 # A worker node: runs under srun, stops its `ray start` on SIGINT (forwarded by srun) or SIGTERM, cleans up.
 ray_worker() {
-    local base dir="$ray_tmp-$SLURMD_NODENAME" pid
-    mkdir -p "$dir" "$spill_dir"
     # SLURM_NODEID counts from 0 within this step, which starts at the job's second node.
-    base=$(hpcdyn slurm port-block --job-id "$job_id" --node-index $((SLURM_NODEID + 1)) --claim "$dir")
+    local index=$((SLURM_NODEID + 1)) base dir spill pid
+    dir=$(private_dir "$HPCDYN_RAY_TMP_ROOT" "hpcdyn-ray-$job_id-$index") || exit 1
+    spill=$(private_dir "$HPCDYN_RAY_SPILL_ROOT" "hpcdyn-ray-spill-$job_id-$index") || exit 1
+    base=$(hpcdyn slurm port-block --job-id "$job_id" --node-index "$index" --claim "$dir")
     # shellcheck disable=SC2046
-    ray start --block --address="$ray_address" --temp-dir="$dir" --object-spilling-directory="$spill_dir" \
+    ray start --block --address="$ray_address" --temp-dir="$dir" --object-spilling-directory="$spill" \
         --num-cpus="$(node_cpus)" --num-gpus="$(node_gpus)" $(node_memory_options) $(node_port_options "$base") \
         --disable-usage-stats &
     pid=$!
@@ -473,7 +525,7 @@ ray_worker() {
     wait_for_port $((base + {{port_node_manager}})) "$pid" || true
     release_ports "$base" "$dir"
     wait "$pid" || wait "$pid" || true
-    rm -rf "$dir" "$spill_dir"
+    rm -rf "$dir" "$spill"
 }
 
 head_base="" head_pid="" workers_pid="" driver_pid="" reaper_pid="" signals=0 requeue_at_end=0
@@ -493,7 +545,8 @@ stop_ray() {
     stop_pid "$head_pid" "the Ray head"
     workers_pid="" head_pid=""
     release_ports "$head_base" "$ray_tmp"
-    rm -rf "$ray_tmp" "$spill_dir"
+    local dir
+    for dir in "$ray_tmp" "$spill_dir"; do [ -z "$dir" ] || rm -rf "$dir"; done
 }
 stop_driver() {  # SIGINT first (Tune saves its state), SIGTERM then SIGKILL if it lingers
     signals=$((signals + 1))
@@ -512,7 +565,8 @@ trap stop_ray EXIT
 
 log "job $job_id (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}: $nodes node(s), auth $RAY_AUTH_MODE"
 head_ip=${HPCDYN_RAY_HEAD_IP:-$(hostname -I | awk '{print $1}')}
-mkdir -p "$ray_tmp" "$spill_dir"
+ray_tmp=$(private_dir "$HPCDYN_RAY_TMP_ROOT" "hpcdyn-ray-$job_id-0")
+spill_dir=$(private_dir "$HPCDYN_RAY_SPILL_ROOT" "hpcdyn-ray-spill-$job_id-0")
 head_base=$(hpcdyn slurm port-block --job-id "$job_id" --claim "$ray_tmp")
 export ray_address="$head_ip:$((head_base + {{port_gcs}}))"
 # shellcheck disable=SC2046
@@ -524,7 +578,7 @@ ray start --head --block --node-ip-address="$head_ip" --port="$((head_base + {{p
     --disable-usage-stats &
 head_pid=$!
 if [ "$nodes" -gt 1 ]; then
-    export -f ray_worker release_ports wait_for_port node_cpus node_gpus node_memory_options node_port_options
+    export -f ray_worker private_dir log release_ports wait_for_port node_cpus node_gpus node_memory_options node_port_options
     srun --nodes=$((nodes - 1)) --ntasks=$((nodes - 1)) --ntasks-per-node=1 --relative=1 --overlap \
         --kill-on-bad-exit=0 --disable-status bash -c ray_worker &
     workers_pid=$!
@@ -590,10 +644,14 @@ hpcdyn simulate {{simulate_options}} --density "$density" --seed "$((seed + task
 
 
 def write_script(text: str, path: str | os.PathLike) -> Path:
-    """Write a rendered script (executable), replacing the file atomically."""
+    """Write a rendered script (executable), replacing the file atomically; it must pass ``bash -n``."""
+    check_shell_syntax(text, "script")
     target = Path(path)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    partial.chmod(0o755)
-    partial.replace(target)
+    try:
+        partial.write_text(text)
+        partial.chmod(0o755)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target

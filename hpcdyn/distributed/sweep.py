@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -134,16 +135,53 @@ def _sections(point: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return sections
 
 
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
+
+def _field_kinds(annotation: Any) -> tuple[type, ...] | None:
+    """Python types a dataclass field annotated ``int | None`` (etc.) accepts; None when not simple."""
+    names = [part.strip() for part in str(annotation).split("|")]
+    if not all(name in _KINDS for name in names):
+        return None
+    return tuple(kind for name in names for kind in _KINDS[name])
+
+
+def _field_annotations() -> dict[str, Any]:
+    fields = {f"model.{f.name}": f.type for f in dataclasses.fields(TransformerConfig)}
+    fields.update({f"training.{f.name}": f.type for f in dataclasses.fields(TrainingConfig)})
+    for cls in SYSTEMS.values():
+        fields.update({f"data.{f.name}": f.type for f in dataclasses.fields(cls)})
+    fields.update({"data.t_final": "float", "data.seed": "int", "data.density": "float", "data.system": "str",
+                   "data.preset": "str | None"})  # fmt: skip
+    return fields
+
+
+def check_value_types(point: Mapping[str, Any]) -> None:
+    """Each dotted parameter has the type its field takes (an integer, a number, a string, ...)."""
+    annotations = _field_annotations()
+    for key, value in point.items():
+        kinds = _field_kinds(annotations.get(key, ""))
+        if kinds is None:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if wrong_bool or not isinstance(value, kinds):
+            expected = " or ".join(sorted({kind.__name__ for kind in kinds}))
+            raise ConfigurationError(f"{key}: must be {expected}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigurationError(f"{key}: must be a finite number, got {value!r}")
+
+
 def trial_setup(point: Mapping[str, Any]) -> TrialSetup:
     """Build and validate one trial's system and training configuration from its dotted parameters."""
+    check_value_types(point)
     sections = _sections(point)
     data = {**DEFAULT_DATA, **sections["data"]}
     name, preset = data.pop("system"), data.pop("preset", None)
     t_final, seed = data.pop("t_final"), data.pop("seed")
-    if not (isinstance(t_final, (int, float)) and t_final > 0):
-        raise ConfigurationError(f"data.t_final: must be a simulated time > 0, got {t_final!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigurationError(f"data.seed: must be an integer, got {seed!r}")
+    if not (isinstance(t_final, (int, float)) and math.isfinite(t_final) and t_final > 0):
+        raise ConfigurationError(f"data.t_final: must be a finite simulated time > 0, got {t_final!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigurationError(f"data.seed: must be an integer >= 0, got {seed!r}")
     system = make_system(name, data, preset=preset)
     model = TransformerConfig.from_dict({**sections["model"], "system": system.name, "lattice_size": max(system.shape)})
     training = TrainingConfig.from_dict({**sections["training"], "model": model})
@@ -168,11 +206,16 @@ def _complete(point: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return completed
 
 
-def check_study(study: Study) -> list[dict[str, Any]]:
-    """The study's trials, each validated (system, model, training); raises before any work starts."""
+def check_study(study: Study, storage: Path | None = None) -> list[dict[str, Any]]:
+    """The study's trials, each validated (system, model, training, the size of its trajectory);
+    raises before any work starts."""
+    from hpcdyn.simulation.work_size import check_simulation_size
+
     points = study.points()
     for point in points:
-        trial_setup(point)
+        setup = trial_setup(point)
+        out = None if storage is None else storage / "trajectories" / "trajectory.zarr"
+        check_simulation_size(setup.system, setup.t_final, None, out)
     return points
 
 
@@ -242,6 +285,14 @@ def train_trial(config: dict[str, Any]) -> None:
     train(training, open_trajectory(store), run_dir, resume=checkpoint is not None, report=report)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """What each trial asks of Ray, and how many run at once."""
@@ -251,12 +302,32 @@ class Resources:
     max_concurrent: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.cpus_per_trial > 0:
-            raise ConfigurationError(f"cpus_per_trial: must be > 0, got {self.cpus_per_trial!r}")
-        if not self.gpus_per_trial >= 0:
-            raise ConfigurationError(f"gpus_per_trial: must be >= 0 (fractions share a GPU), got {self.gpus_per_trial!r}")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ConfigurationError(f"max_concurrent: must be >= 1, got {self.max_concurrent!r}")
+        if not (_finite(self.cpus_per_trial) and self.cpus_per_trial > 0):
+            raise ConfigurationError(f"cpus_per_trial: must be a finite number > 0, got {self.cpus_per_trial!r}")
+        if not (_finite(self.gpus_per_trial) and self.gpus_per_trial >= 0):
+            raise ConfigurationError(f"gpus_per_trial: must be a finite number >= 0 (fractions share a GPU), got {self.gpus_per_trial!r}")
+        if self.max_concurrent is not None and not (_integer(self.max_concurrent) and self.max_concurrent >= 1):
+            raise ConfigurationError(f"max_concurrent: must be an integer >= 1, got {self.max_concurrent!r}")
+
+    def check_local(self, num_cpus: int | None) -> None:
+        """For a local Ray about to start (no --address): a trial must fit this machine, or Tune would
+        wait forever. A Ray already running in this process is checked by its own resources later."""
+        from hpcdyn.distributed.cluster import ray_running
+
+        if ray_running():
+            return
+        cpus = num_cpus or os.cpu_count() or 1
+        gpus = 0
+        if self.gpus_per_trial > 0:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for kind, wanted, have in (("CPU", self.cpus_per_trial, cpus), ("GPU", self.gpus_per_trial, gpus)):
+            if wanted > have:
+                raise ConfigurationError(
+                    f"{kind.lower()}s_per_trial: each trial asks for {wanted} {kind}, the Ray cluster has {have:g} "
+                    f"(the local Ray this machine would start); lower --{kind.lower()}s-per-trial or use a cluster with --address"
+                )
 
     @property
     def device(self) -> str:
@@ -315,8 +386,12 @@ def _check_same_definition(path: Path, definition: dict[str, Any]) -> None:
     saved_file = path / DEFINITION_FILE
     if not saved_file.exists():
         return
-    saved = json.loads(saved_file.read_text())
-    if saved != json.loads(json.dumps(definition)):
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"name: {saved_file} cannot be read ({error}); it is damaged: restore it or choose another --name") from error
+    if not isinstance(saved, dict) or saved != json.loads(json.dumps(definition)):
+        saved = saved if isinstance(saved, dict) else {}
         raise ConfigurationError(
             f"name: a different sweep {saved.get('study')!r} with {len(saved.get('points', []))} trials is stored at "
             f"{path}; rerun it with the same options to resume it, or choose another --name"
@@ -390,17 +465,29 @@ def run_sweep(
     ``trial`` is the function each trial runs (``train_trial``; tests wrap it to inject faults).
     Everything is validated and every path made absolute before Ray starts.
     """
-    points = check_study(study)
-    if max_failures < 0:
-        raise ConfigurationError(f"max_failures: must be >= 0, got {max_failures!r}")
     storage = Path(storage).expanduser().absolute()
+    points = check_study(study, storage)
+    if not (_integer(max_failures) and max_failures >= 0):
+        raise ConfigurationError(f"max_failures: must be an integer >= 0, got {max_failures!r}")
+    if num_cpus is not None and not (_integer(num_cpus) and num_cpus >= 1):
+        raise ConfigurationError(f"num_cpus: must be an integer >= 1, got {num_cpus!r}")
     name = name or study.name
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigurationError(f"name: must be a plain directory name, got {name!r}")
+    if not name or "/" in name or name.startswith(".") or name in ("trajectories", ".."):
+        raise ConfigurationError(f"name: must be a plain directory name (not 'trajectories'), got {name!r}")
     path = storage / name
     definition = _definition(study, points)
     _check_same_definition(path, definition)
+    if not address:
+        resources.check_local(num_cpus)
+    from hpcdyn.storage.output_lock import output_lock
 
+    with output_lock(path, "name"):
+        return _run_locked(study, storage, name, path, points, definition, address, num_cpus, resources,
+                           max_failures, asha, progress, trial)  # fmt: skip
+
+
+def _run_locked(study, storage, name, path, points, definition, address, num_cpus, resources, max_failures, asha,
+                progress, trial) -> SweepOutcome:  # fmt: skip
     from hpcdyn.distributed.cluster import init_ray
 
     # Snapshots at every trial checkpoint are what make a killed driver resumable; not a warning here.

@@ -47,7 +47,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED if key not in state]
     if missing:
         raise ConfigurationError(f"checkpoint: {path} lacks {missing}; it is incomplete")
+    check_finite_weights(state["model_state"], path)
     return state
+
+
+def check_finite_weights(weights: Any, path: str | Path) -> None:
+    """Refuse weights that are not all finite numbers: a model with NaN or infinite weights gives
+    NaN rates, so every U it scores and every trajectory it simulates would be meaningless."""
+    if not isinstance(weights, dict):
+        raise ConfigurationError(f"checkpoint: {path}: model_state is not a dict of tensors; it is damaged")
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigurationError(f"checkpoint: {path}: weight {name} is not a tensor; the checkpoint is damaged")
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ConfigurationError(
+                    f"checkpoint: {path}: weight {name} has {bad} non-finite value(s) (NaN or infinity); the training "
+                    "diverged: use an earlier checkpoint or train again with a lower --lr"
+                )
 
 
 def store_identity(source) -> dict[str, Any]:

@@ -11,12 +11,14 @@ is one segment's worth whatever the trajectory length. Sums are float64.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from hpcdyn.storage.events import EventSource
+from hpcdyn.storage.integrity import StoreError
 from hpcdyn.physics.replay import advance, replay_segment
 from hpcdyn.physics.systems import System
 
@@ -139,3 +141,26 @@ def path_log_likelihood(
     tail = max(tail, 0.0)
     total -= tail * final_escape
     return LikelihoodResult(float(total), source.t_final, count, tail)
+
+
+def check_generating_likelihood(source: EventSource, result: LikelihoodResult) -> None:
+    """Refuse a trajectory whose own generating rates (its ``params``) do not explain its events.
+
+    ``result`` is U under ``true_rate_model(source.system)``. It must be finite (an event with rate
+    0 under the params is impossible) and, when the simulator recorded U (``log_likelihood``),
+    equal to it: a store whose params were edited, or whose events were altered, fails here.
+    """
+    where = getattr(source, "path", "trajectory")
+    params = source.system.params()
+    if not math.isfinite(result.log_likelihood):
+        raise StoreError(
+            f"{where}: attribute params: under {params} the events are impossible (U = {result.log_likelihood}); "
+            "the params do not match the events (edited?) or the events are damaged"
+        )
+    recorded = getattr(source, "log_likelihood", None)
+    if isinstance(recorded, (int, float)) and math.isfinite(recorded):
+        if not math.isclose(result.log_likelihood, recorded, rel_tol=1e-6, abs_tol=1e-6):
+            raise StoreError(
+                f"{where}: attribute params: under {params} the events have U = {result.log_likelihood:.10g}, the "
+                f"simulator recorded log_likelihood = {recorded:.10g}; the params or the events were changed"
+            )

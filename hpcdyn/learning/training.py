@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 
 from hpcdyn.learning.checkpoint import load_checkpoint, save_checkpoint, store_identity
+from hpcdyn.storage.integrity import StoreError
+from hpcdyn.storage.output_lock import output_lock
 from hpcdyn.learning.class_rates import fit_class_rates
 from hpcdyn.storage.events import EventSource, EventWindow
 from hpcdyn.learning.likelihood import LikelihoodResult, iter_segments, path_log_likelihood, segment_terms
@@ -207,13 +209,54 @@ def train(
 ) -> TrainingResult:
     """Train a transformer on one trajectory; checkpoints and metrics go to ``run_dir``.
 
-    ``report(metrics, run_dir)`` is called after every epoch, once its checkpoint is on disk.
+    ``report(metrics, run_dir)`` is called after every epoch, once its checkpoint is on disk. The run
+    directory is locked for the whole run (a second ``train`` on it is refused); temporary files of
+    an earlier, killed run are removed.
     """
     run_dir = Path(run_dir).absolute()
-    last_path = run_dir / "last.pt"
-    if not resume and last_path.exists():
+    check_run_directory(run_dir, resume)
+    with output_lock(run_dir, "out"):
+        _remove_stale_files(run_dir)
+        return _train_locked(config, source, run_dir, resume, report, progress)
+
+
+RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json")
+
+
+def check_run_directory(run_dir: Path, resume: bool) -> None:
+    """A run directory is new, or holds a run (resumed only with ``resume``), and nothing else."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigurationError(f"out: {run_dir} is a file, not a run directory; choose another --out")
+    if not run_dir.exists():
+        return
+    foreign = sorted(item.name for item in run_dir.iterdir() if item.name not in RUN_FILES and not item.name.startswith("."))
+    if foreign:
+        raise ConfigurationError(
+            f"out: {run_dir} holds {foreign[0]!r}, which no training run writes (it is not a run directory); "
+            "choose a new or empty --out"
+        )
+    if not resume and (run_dir / "last.pt").exists():
         raise FileExistsError(f"{run_dir} holds a run already; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_stale_files(run_dir: Path) -> None:
+    """Temporary files of a killed run (checkpoints and metrics written under a temporary name)."""
+    if run_dir.is_dir():
+        for leftover in run_dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+def run_progress(run_dir: str | Path) -> int | None:
+    """Epochs finished in a run directory (its metrics.jsonl), or None when it holds no checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "last.pt").exists():
+        return None
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def _train_locked(config, source, run_dir: Path, resume: bool, report, progress) -> TrainingResult:
+    last_path = run_dir / "last.pt"
     torch.manual_seed(config.seed)
     training, validation = split(source, config)
     model = build_model(config, source).to(config.device)
@@ -229,6 +272,7 @@ def train(
         metrics = state["metrics"]
     scored = compiled_model(model, config)
     true_result = _true_validation(source, validation, config)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once everything checked out: a refused run leaves nothing
     best = max(metrics, key=lambda m: m["val_U_per_T"]) if metrics else None
     since_best = _epochs_since_best(metrics)
     bar = _progress_bar(config.epochs * training.n_events, len(metrics) * training.n_events, progress)
@@ -268,11 +312,19 @@ def compiled_model(model: TransformerRates, config: TrainingConfig):
 
 
 def _true_validation(source, validation, config) -> LikelihoodResult | None:
+    """U/T of the held-out events under the store's own rates; impossible events are refused."""
     try:
         model = true_rate_model(source.system)
     except TypeError:
         return None
-    return path_log_likelihood(validation, model, segment_events=max(config.segment_events, 512), device=config.device)
+    result = path_log_likelihood(validation, model, segment_events=max(config.segment_events, 512), device=config.device)
+    if not math.isfinite(result.log_likelihood):
+        where = getattr(source, "path", "trajectory")
+        raise StoreError(
+            f"{where}: attribute params: under {source.system.params()} the held-out events are impossible "
+            f"(U = {result.log_likelihood}); the params do not match the events (edited?) or the events are damaged"
+        )
+    return result
 
 
 def _set_schedules(model, optimizer, config, epoch) -> None:

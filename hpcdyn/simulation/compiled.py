@@ -322,7 +322,7 @@ class CompiledSimulator:
         t_final: float,
         snapshot_every: float | None = None,
         chunk_events: int = 1 << 20,
-        snapshot_chunk: int = 1024,
+        snapshot_chunk: int | None = None,
     ):
         if not (math.isfinite(t_final) and t_final >= 0):
             raise ValueError(f"t_final: must be a finite time >= 0, got {t_final!r}")
@@ -337,6 +337,8 @@ class CompiledSimulator:
         self.out_token = np.empty(chunk_events, np.int32)
         self.out_move = np.empty(chunk_events, np.int8)
         self.out_dwell = np.empty(chunk_events, np.float64)
+        if snapshot_chunk is None:  # up to 1024 grids per chunk, at most 64 MiB of them on a large lattice
+            snapshot_chunk = max(1, min(1024, (64 << 20) // (system.shape[0] * system.shape[1])))
         self.snapshot_time = np.empty(snapshot_chunk if snapshot_every else 0, np.float64)
         self.snapshot_grid = np.empty((len(self.snapshot_time), *system.shape), np.int8)
         if isinstance(system, ActiveSystem):

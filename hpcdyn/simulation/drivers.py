@@ -15,7 +15,7 @@ import numpy as np
 
 from hpcdyn.simulation.compiled import CompiledSimulator
 from hpcdyn.storage.events import EventLog
-from hpcdyn.physics.systems import System
+from hpcdyn.physics.systems import ConfigurationError, System
 
 
 @dataclasses.dataclass
@@ -27,6 +27,12 @@ class Simulation:
     snapshot_grids: np.ndarray
     final_positions: np.ndarray
     final_states: np.ndarray
+
+
+def check_seed(seed: int) -> None:
+    """A seed of numpy's generators: an integer >= 0."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigurationError(f"seed: must be an integer >= 0, got {seed!r}")
 
 
 def start(
@@ -70,11 +76,19 @@ def simulate_to_store(
     overwrite: bool = False,
     progress: bool = False,
     chunk_events: int = 1 << 20,
+    force: bool = False,
 ) -> Path:
-    """Stream a simulation into a trajectory store; the store appears only once complete."""
+    """Stream a simulation into a trajectory store; the store appears only once complete.
+
+    Everything is checked before the simulation starts: the output (``overwrite``), the seed, and
+    the work size (events, snapshots, memory; ``hpcdyn.simulation.work_size``; ``force`` skips it).
+    """
+    from hpcdyn.simulation.work_size import check_simulation_size
     from hpcdyn.storage.trajectory_store import TrajectoryWriter, check_writable
 
     check_writable(Path(out).absolute(), overwrite)  # fail before simulating, not after
+    check_seed(seed)
+    check_simulation_size(system, t_final, snapshot_every, Path(out), force)
     simulator, positions, states = start(system, t_final, seed, snapshot_every, chunk_events)
     bar = _progress_bar(t_final, progress)
     writer = TrajectoryWriter(

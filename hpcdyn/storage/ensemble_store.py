@@ -15,6 +15,11 @@ file (Zarr has no locks). A unit is done when its entry appears in the completio
 (``.manifest/done/<unit>.json``, written atomically after its data); a rerun redoes only units
 without one, rewriting their shards whole. ``finish`` checks every unit, marks the store complete
 and consolidates the metadata, after which ``xarray.open_zarr`` opens it lazily in one read.
+
+Readers trust nothing: ``open_ensemble`` checks that every array the configuration implies is there
+with its shape and that every chunk (shard) file is present and none extra (``check_ensemble_files``,
+the file listing only); ``verify_ensemble`` decodes every shard and checks its values, and names the
+first damaged one.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hpcdyn.storage.trajectory_store import COMPRESSOR, StoreError
+from hpcdyn.storage.integrity import StoreError, check_chunk_files, first_line, read_array
+from hpcdyn.storage.signals import deferred_interrupts
+from hpcdyn.storage.trajectory_store import COMPRESSOR
 
 SCHEMA = "hpcdyn.ensemble/1"
 MANIFEST = ".manifest"
@@ -68,13 +75,14 @@ def _quiet():
 def create_store(path: Path, config: dict[str, Any], times: np.ndarray, extra_attrs: dict[str, Any]) -> None:
     """Create the full-shape store at ``path`` (which must not exist), atomically; ``times`` of the snapshots."""
     partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        _write_layout(partial, config, times, extra_attrs)
-        (partial / MANIFEST / "done").mkdir(parents=True)
-        (partial / MANIFEST / "running").mkdir()
-        partial.rename(path)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with deferred_interrupts():  # no zarr write may outlive the removal of the partial store
+        try:
+            _write_layout(partial, config, times, extra_attrs)
+            (partial / MANIFEST / "done").mkdir(parents=True)
+            (partial / MANIFEST / "running").mkdir()
+            partial.rename(path)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _write_layout(path: Path, config: dict[str, Any], times: np.ndarray, extra_attrs: dict[str, Any]) -> None:
@@ -128,7 +136,7 @@ def _attrs(path: Path) -> dict[str, Any]:
         with _quiet():
             group = zarr.open_group(str(path), mode="r")
     except Exception as error:  # zarr raises several types for a non-store
-        raise StoreError(f"{path}: not a Zarr group ({error})") from error
+        raise StoreError(f"{path}: not a Zarr group ({first_line(error)})") from error
     attrs = dict(group.attrs)
     if attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path}: schema is {attrs.get('schema')!r}, not an ensemble store ({SCHEMA!r})")
@@ -166,16 +174,23 @@ def mark_done(path: Path, unit: dict[str, int], summary: dict[str, Any]) -> None
     (path / MANIFEST / "running" / f"{unit_name(unit)}.json").unlink(missing_ok=True)
 
 
+def _manifest_entry(entry: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(entry.read_text())
+    except (OSError, ValueError) as error:
+        raise StoreError(f"{entry}: manifest entry cannot be read ({first_line(error)}); delete it to redo that unit") from error
+    if not isinstance(content, dict):
+        raise StoreError(f"{entry}: manifest entry is not a JSON object; delete it to redo that unit")
+    return content
+
+
 def finished_units(path: Path) -> dict[str, dict[str, Any]]:
     """Manifest entries of the finished units, by unit name."""
-    entries = {}
-    for entry in sorted((path / MANIFEST / "done").glob("*.json")):
-        entries[entry.stem] = json.loads(entry.read_text())
-    return entries
+    return {entry.stem: _manifest_entry(entry) for entry in sorted((path / MANIFEST / "done").glob("*.json"))}
 
 
 def running_units(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(entry.read_text()) for entry in sorted((path / MANIFEST / "running").glob("*.json"))]
+    return [_manifest_entry(entry) for entry in sorted((path / MANIFEST / "running").glob("*.json"))]
 
 
 def finish(path: Path, units: list[dict[str, int]], final_attrs: dict[str, Any]) -> None:
@@ -193,8 +208,77 @@ def finish(path: Path, units: list[dict[str, int]], final_attrs: dict[str, Any])
         zarr.consolidate_metadata(str(path))
 
 
+def _expected_shapes(path: Path, config: Any) -> dict[str, tuple[int, ...]]:
+    """The shape of every data array, from the store's configuration attribute."""
+    try:
+        grid = (len(config["models"]), len(config["densities"]), int(config["replicas"]))
+        side, times, moves = int(config["system"]["L"]), int(config["n_snapshots"]), len(config["move_names"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise StoreError(f"{path}: attribute config: lacks {first_line(error)} or has the wrong type; the store's attributes are damaged") from error
+    shapes = {"occupancy": (*grid, times, side, side), "overlap": (*grid, times), "move_count": (*grid, moves)}
+    return {**shapes, **{name: grid for name in SUMMARIES}}
+
+
+def _data_arrays(path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    with _quiet():
+        group = zarr.open_group(str(path), mode="r")
+    shapes = _expected_shapes(path, dict(group.attrs).get("config"))
+    for name, shape in shapes.items():
+        if name not in group:
+            raise StoreError(f"{path}: array {name} is missing; the store is truncated")
+        if tuple(group[name].shape) != shape:
+            raise StoreError(f"{path}: array {name} has shape {tuple(group[name].shape)}, attribute config implies {shape}")
+    return group, shapes
+
+
+def check_ensemble_files(path: str | Path) -> None:
+    """Cheap checks of a complete store: every array the configuration implies, its shape, and every
+    chunk (shard) file present and none extra; nothing is decoded."""
+    path = Path(path).absolute()
+    _attrs(path)
+    group, shapes = _data_arrays(path)
+    for name in shapes:
+        check_chunk_files(path, name, group[name])
+
+
+# array -> (lowest valid value, highest valid value)
+VALUE_RANGES = {"occupancy": (0, 4), "overlap": (0, None), "move_count": (0, None), "rejected_mass": (0.0, 1.0),
+                **{name: (0, None) for name in ("events", "draws", "rejected", "overlap_events")}}  # fmt: skip
+
+
+def verify_ensemble(path: str | Path) -> dict[str, int]:
+    """A full read: every shard of every data array decoded and its values checked; the first
+    damaged one is named. Returns how many shards each array has."""
+    path = Path(path).absolute()
+    check_ensemble_files(path)
+    group, shapes = _data_arrays(path)
+    counts = {}
+    for name in shapes:
+        array = group[name]
+        outer = array.metadata.chunk_grid.chunk_shape
+        grid = [range(math.ceil(size / chunk)) for size, chunk in zip(array.shape, outer)]
+        counts[name] = 0
+        for index in np.ndindex(*(len(axis) for axis in grid)):
+            region = tuple(slice(i * chunk, (i + 1) * chunk) for i, chunk in zip(index, outer))
+            key = array.metadata.encode_chunk_key(index)
+            _check_values(path, name, key, read_array(path, name, array, region, f"chunk {key}"))
+            counts[name] += 1
+    return counts
+
+
+def _check_values(path: Path, name: str, key: str, values: np.ndarray) -> None:
+    low, high = VALUE_RANGES[name]
+    bad = ~np.isfinite(values) | (values < low) | (values > (np.inf if high is None else high))
+    if bad.any():
+        raise StoreError(
+            f"{path}: array {name}: chunk {key} holds {values[bad].flat[0]!r}, outside [{low}, {high if high is not None else 'inf'}]; "
+            "a unit's data is missing or damaged"
+        )
+
+
 def open_ensemble(path: str | Path, require_complete: bool = True):
-    """The store as a lazy xarray Dataset with named dims and coordinate values."""
+    """The store as a lazy xarray Dataset with named dims and coordinate values; a complete store's
+    arrays, shapes and chunk files are checked first (``check_ensemble_files``)."""
     import xarray
 
     path = Path(path).absolute()
@@ -203,5 +287,7 @@ def open_ensemble(path: str | Path, require_complete: bool = True):
     complete = bool(_attrs(path).get("complete"))
     if require_complete and not complete:
         raise StoreError(f"{path}: the ensemble is incomplete; rerun its command to finish it")
+    if complete:
+        check_ensemble_files(path)
     with _quiet():  # metadata is consolidated when the store is finished
         return xarray.open_zarr(str(path), consolidated=complete)
