@@ -12,6 +12,14 @@
 3. Ray ensemble overhead: the same learned ensemble run by 2 Ray actors (1 CPU each) and in one
    process with 2 torch threads; the ratio of wall times (the Ray cluster is up before timing;
    its start-up is reported apart).
+
+    python benchmarks/bench_batched.py --attention --write   # only section 4, into its own section
+
+4. The attention kernels before and after (in the same run; the "before" code is kept below, as it
+   was): the sink-channel path without offset scores with v unpadded (q, k one channel wider: the
+   slow kernel) against v padded to the same width; the offset-score mask gathered batch-major and
+   rebuilt every event against the mask gathered head-major and updated one row and one column per
+   event (``AttentionMasks``); and whole lock-step simulations with both.
 """
 
 from __future__ import annotations
@@ -23,15 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as functional
 from results import write_section
 
 from hpcdyn.simulation.batched import replica_streams, simulate_batched
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.simulation.drivers import start
 from hpcdyn.physics.systems import make_system
-from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
+from hpcdyn.learning.transformer import OFFSET_BIAS_SCALE, TransformerConfig, TransformerRates, relative_offsets, rotate
 
 MODEL = TransformerConfig(lattice_size=30, d_model=64, n_heads=4, n_layers=2, d_ff=128)
 DENSITIES = {112: 0.124, 450: 0.5}
@@ -116,6 +127,172 @@ def ray_overhead(seconds_per_unit: float, units: int) -> dict[str, float]:
             "t_final": t_final}  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- 4. attention before / after
+def legacy_attention(attention, h, rotation=None, offsets=None):
+    """SelfAttention.forward as it was before v was padded and the mask gathered head-major."""
+    batch, tokens, width = h.shape
+    q, k, v = attention.qkv(h).view(batch, tokens, 3, attention.n_heads, width // attention.n_heads).permute(2, 0, 3, 1, 4)
+    if rotation is not None:
+        q, k = rotate(q, rotation), rotate(k, rotation)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    bias = None
+    if attention.offset_bias is not None and offsets is not None:
+        table = attention.offset_bias * OFFSET_BIAS_SCALE
+        if attention.sink_logit is not None:
+            table = torch.cat([table, attention.sink_logit[:, None]], dim=1)
+        bias = table.t().to(q.dtype)[offsets].permute(0, 3, 1, 2)  # batch-major gather, then a permuted view
+    if attention.sink_logit is not None:
+        v = torch.cat([v, attention.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
+        if bias is not None:
+            k = torch.cat([k, k.new_zeros(batch, attention.n_heads, 1, k.shape[-1])], dim=2)
+        else:  # q and k one channel wider than v: not the fused kernel
+            sink_key = functional.pad(k.new_zeros(attention.n_heads, 1, k.shape[-1]), (0, 1))
+            sink_key[..., -1] = attention.sink_logit.to(q.dtype).view(-1, 1) / scale
+            q = functional.pad(q, (0, 1), value=1.0)
+            k = torch.cat([functional.pad(k, (0, 1)), sink_key.expand(batch, -1, -1, -1)], dim=2)
+    attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return attention.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class LegacyRates(torch.nn.Module):
+    """The same weights run as before: offsets and masks rebuilt by every forward pass (no attention_masks)."""
+
+    def __init__(self, model: TransformerRates):
+        super().__init__()
+        self.model, self.n_moves, self.config = model, model.n_moves, model.config
+
+    def forward(self, positions, states):
+        model, config = self.model, self.config
+        positions, states = positions.long(), states.long()
+        h = model.embed_x(positions[..., 0]) + model.embed_y(positions[..., 1]) + model.embed_state(states)
+        rotation = None
+        if config.rotary:
+            from hpcdyn.learning.transformer import rotary_angles
+
+            angles = rotary_angles(positions, config.lattice_size, config.d_model // config.n_heads)
+            rotation = (angles.cos().to(h.dtype), angles.sin().to(h.dtype))
+        offsets = relative_offsets(positions, config.lattice_size, sink=config.attention_sink) if config.relative_bias else None
+        for block in model.blocks:
+            h = h + legacy_attention(block.attention, block.attention_norm(h), rotation, offsets)
+            h = h + block.feed_forward(block.feed_forward_norm(h))
+        return model.head(model.final_norm(h))
+
+
+def best_time(function, repeats: int) -> float:
+    """Least wall time of ``repeats`` calls (after one warm-up): the figure least disturbed by a shared machine."""
+    function()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - begin)
+    return min(times)
+
+
+def attention_block_times(model, positions, repeats: int) -> dict[str, float]:
+    """Seconds per lock-step step spent on the attention of every layer (mask, then the kernel)."""
+    config = model.config
+    h = torch.randn(positions.shape[0], positions.shape[1], config.d_model)
+    tokens = torch.zeros(positions.shape[0], dtype=torch.long)
+    masks = model.attention_masks(positions)
+
+    def before():
+        offsets = relative_offsets(positions, config.lattice_size, sink=config.attention_sink)
+        for block in model.blocks:
+            legacy_attention(block.attention, h, None, offsets)
+
+    def after():
+        masks.update(positions, tokens)  # the one row and one column an event changes
+        for layer, block in enumerate(model.blocks):
+            block.attention(h, None, masks.layer(layer))
+
+    with torch.inference_mode():
+        return {"before": best_time(before, repeats), "after": best_time(after, repeats)}
+
+
+def sink_channel_forward_times(particles: int, batch: int, repeats: int) -> dict[str, float]:
+    """A model without offset scores (--no-relative-bias): whole forward pass, v unpadded vs padded."""
+    config = TransformerConfig(lattice_size=30, d_model=64, n_heads=4, n_layers=2, d_ff=128, relative_bias=False)
+    model = TransformerRates(config).eval()
+    with torch.no_grad():  # a read-out that is not zero, so the check below compares something
+        model.head.weight.normal_(0.0, 0.3)
+    system = make_system("active", {"density": particles / 900}, preset="paper")
+    positions, states, _ = batch_start(system, batch)
+    positions, states = torch.as_tensor(positions), torch.as_tensor(states)
+    legacy = LegacyRates(model)
+    with torch.inference_mode():
+        difference = float((legacy(positions, states) - model(positions, states)).abs().max())
+        return {"before": best_time(lambda: legacy(positions, states), repeats),
+                "after": best_time(lambda: model(positions, states), repeats), "difference": difference}  # fmt: skip
+
+
+def lock_step_times(particles: int, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """Least wall time of the same lock-step simulation (same draws) with the legacy and the new attention,
+    the two alternated ``repeats`` times (a shared machine's load then weighs on both alike)."""
+    model = TransformerRates(MODEL).eval()
+    with torch.no_grad():  # offset scores around 0 (a trained model's have risen from -8): every token matters
+        for block in model.blocks:
+            block.attention.offset_bias.normal_(0.0, 0.1)
+    system = make_system("active", {"density": particles / 900}, preset="paper")
+    positions, states, keys = batch_start(system, batch)
+    t_final = steps / (6.0 * particles)  # untrained rates are about 1 per move: about `steps` steps
+    runs = {"before": LegacyRates(model), "after": model}
+    times = {name: math.inf for name in runs}
+    results = {}
+    for name, rates in runs.items():  # warm-up
+        simulate_batched(rates, system, positions, states, keys, 2 / (6.0 * particles), sync_every=2)
+    for _ in range(repeats):
+        for name, rates in runs.items():
+            begin = time.perf_counter()
+            results[name] = simulate_batched(rates, system, positions, states, keys, t_final, sync_every=8)
+            times[name] = min(times[name], time.perf_counter() - begin)
+    same = np.array_equal(results["before"].final_positions, results["after"].final_positions)
+    return {**times, "steps": results["after"].steps, "same_trajectories": same}
+
+
+def attention_section(args) -> str:
+    torch.manual_seed(0)
+    repeats = 5
+    lines = [
+        "## Attention kernels before and after: padded v, head-major masks updated per event",
+        "",
+        f"Command: `python benchmarks/bench_batched.py --attention --threads {args.threads} --write`",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} at the start), torch {torch.__version__} with {args.threads} thread(s); "
+        f"{time.strftime('%Y-%m-%d')}. Model d_model 64, 4 heads, 2 layers, d_ff 128, L 30. 'Before' is the code as it "
+        "was (kept in this script), 'after' the library's; both in the same run, least of "
+        f"{repeats} timings each (lock-step: 3, alternated; the machine is shared, so absolute times are several "
+        "times too slow and only the ratios carry over). Lock-step: untrained weights with offset scores around 0.",
+        "",
+        "| what | N | B | before (ms) | after (ms) | speed-up | check |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for particles, batch in ((112, 128), (450, 16)):
+        result = sink_channel_forward_times(particles, batch, repeats)
+        lines.append(f"| forward, no offset scores (v padded) | {particles} | {batch} | {result['before'] * 1e3:.1f} | "
+                     f"{result['after'] * 1e3:.1f} | {result['before'] / result['after']:.2f}x | "
+                     f"max abs difference of log-rates {result['difference']:.1e} |")  # fmt: skip
+        print(lines[-1], flush=True)
+    config = MODEL
+    model = TransformerRates(config).eval()
+    for particles, batch in ((112, 128), (450, 16)):
+        system = make_system("active", {"density": particles / 900}, preset="paper")
+        positions = torch.as_tensor(batch_start(system, batch)[0])
+        result = attention_block_times(model, positions, repeats)
+        lines.append(f"| attention block per step, both layers (mask + kernel) | {particles} | {batch} | "
+                     f"{result['before'] * 1e3:.1f} | {result['after'] * 1e3:.1f} | {result['before'] / result['after']:.2f}x | |")  # fmt: skip
+        print(lines[-1], flush=True)
+    for particles, batch, steps in ((112, 128, 40), (450, 16, 40)):
+        result = lock_step_times(particles, batch, steps, repeats=3)
+        rate = lambda seconds: result["steps"] * batch / seconds  # noqa: E731
+        lines.append(f"| lock-step simulation, {result['steps']} steps | {particles} | {batch} | "
+                     f"{result['before'] * 1e3:.0f} ({rate_text(rate(result['before']))} events/s) | "
+                     f"{result['after'] * 1e3:.0f} ({rate_text(rate(result['after']))} events/s) | "
+                     f"{result['before'] / result['after']:.2f}x | same trajectories: {result['same_trajectories']} |")  # fmt: skip
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def rate_text(value: float) -> str:
     return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.1f} k" if value >= 1e3 else f"{value:.0f}"
 
@@ -131,8 +308,15 @@ def main() -> None:
     parser.add_argument("--ray-units", type=int, default=4, help="units of the Ray overhead ensemble (0: skip)")
     parser.add_argument("--ray-seconds-per-unit", type=float, default=8.0)
     parser.add_argument("--write", action="store_true", help="write the section into benchmarks/RESULTS.md")
+    parser.add_argument("--attention", action="store_true", help="only the attention kernels, before and after (section 4)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.attention:
+        body = attention_section(args)
+        print(body)
+        if args.write:
+            write_section("attention-kernels", body)
+        return
     torch.manual_seed(0)
     model = TransformerRates(MODEL).to(args.device).eval()
     rows = []

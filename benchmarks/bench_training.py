@@ -7,8 +7,8 @@
 One gradient step scores one segment of consecutive events (its configurations rebuilt on the
 device), so events/s = segment length / step time. d_model 64, 4 heads, 2 layers, paper preset
 (N = 112 on a 30 x 30 torus) unless told otherwise. Each attention variant is measured in the same
-run: the default (learned offset scores, sink, rotary), without offset scores, and plain (neither
-offset scores nor rotary). Needs only numpy, numba and torch.
+run: the default (learned offset scores, sink, rotary), without offset scores, plain (neither
+offset scores nor rotary), and the hard-local model attending within the vn1 stencil. Needs only numpy, numba and torch.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ VARIANTS = {
     "default": {},
     "no offset scores": {"relative_bias": False},
     "plain": {"relative_bias": False, "rotary": False},
+    "hard-local vn1": {"attention_stencil": "vn1", "rotary": False},  # same dense kernel, mask -inf outside the stencil
 }
 
 

@@ -13,7 +13,7 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from hpcdyn.simulation.batched import replica_streams, simulate_batched, snapshot_grid, uniforms
+from hpcdyn.simulation.batched import NonFiniteRateError, replica_streams, simulate_batched, snapshot_grid, uniforms
 from hpcdyn.learning.likelihood import iter_segments
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.physics.replay import replay_segment
@@ -235,3 +235,65 @@ def test_bad_times_are_refused_by_name():
     positions, states, keys = starts(system, seed=1, case=0, replicas=1)
     with pytest.raises(ConfigurationError, match="t_final"):
         simulate_batched(true_rate_model(system), system, positions, states, keys, -1.0)
+
+
+class WithoutMasks(torch.nn.Module):
+    """The same rate model, rebuilding its attention masks in every forward pass (no attention_masks)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.n_moves, self.config = model, model.n_moves, model.config
+
+    def forward(self, positions, states):
+        return self.model(positions, states)
+
+
+@pytest.mark.parametrize("stencil", [None, "block3"])
+def test_masks_updated_per_event_give_the_same_trajectories_as_masks_rebuilt(stencil):
+    """Masks kept current one row and column per event reproduce, draw for draw, the run whose
+    forward pass rebuilds them; overlaps kept, so tokens sharing a site are exercised too."""
+    extra = {"attention_stencil": stencil, "rotary": False} if stencil else {}
+    config = TransformerConfig(lattice_size=8, d_model=16, n_heads=2, n_layers=2, d_ff=16, **extra)
+    torch.manual_seed(0)
+    model = TransformerRates(config).double().eval()
+    with torch.no_grad():
+        for block in model.blocks:  # offset scores of order 1: the masks shape the rates
+            block.attention.offset_bias.normal_(0.0, 0.1)
+    system = make_system("active", {"L": 8, "density": 0.3})
+    positions, states, keys = starts(system, seed=5, case=0, replicas=3)
+    times = snapshot_grid(1.0, 0.25)
+    runs = [simulate_batched(rates, system, positions, states, keys, 1.0, times, reject_overlaps=False, record_events=True)
+            for rates in (model, WithoutMasks(model))]  # fmt: skip
+    updated, rebuilt = runs
+    assert updated.events.min() > 50 and updated.overlap_events.sum() > 0
+    assert np.array_equal(updated.occupancy, rebuilt.occupancy)
+    for ours, theirs in zip(updated.event_logs, rebuilt.event_logs):
+        assert np.array_equal(ours.tokens, theirs.tokens) and np.array_equal(ours.moves, theirs.moves)
+        assert np.array_equal(ours.dwell, theirs.dwell)
+
+
+def test_a_model_with_nan_weights_stops_with_a_clear_error():
+    """A NaN clock never reaches t_final: without the check the run would never end."""
+    model = TransformerRates(TransformerConfig(lattice_size=8, d_model=8, n_heads=2, n_layers=1, d_ff=8)).eval()
+    with torch.no_grad():
+        model.blocks[0].attention.qkv.weight.fill_(float("nan"))
+    system = make_system("active", {"L": 8, "density": 0.3})
+    positions, states, keys = starts(system, seed=1, case=0, replicas=2)
+    with pytest.raises(NonFiniteRateError, match="^rates: .*non-finite.*2 of 2 replicas .*step 0"):
+        simulate_batched(model, system, positions, states, keys, 10.0, sync_every=4)
+    assert issubclass(NonFiniteRateError, ConfigurationError)  # the command line reports it, exit status 2
+
+
+def test_an_infinite_rate_stops_with_a_clear_error():
+    """An infinite rate gives zero dwell times: the clock would never advance."""
+    system = make_system("active", {"L": 6, "N": 4})
+
+    class Infinite(LeakyRates):
+        def forward(self, positions, states):
+            log_rates = super().forward(positions, states).clone()
+            log_rates[1:, 0, 0] = math.inf  # replicas 1 and 2 only
+            return log_rates
+
+    positions, states, keys = starts(system, seed=1, case=0, replicas=3)
+    with pytest.raises(NonFiniteRateError, match="2 of 3 replicas .*replica 1"):
+        simulate_batched(Infinite(system, 0.1), system, positions, states, keys, 5.0)

@@ -98,7 +98,7 @@ def test_offset_table_lets_a_head_see_exactly_one_neighbour():
     h = torch.randn(1, 4, 4, dtype=torch.float64)
     offsets = relative_offsets(positions, 6)
     attended = torch.nn.functional.linear(h, attention.qkv.weight[8:12])
-    out = attention(h, None, offsets) - attention.out.bias
+    out = attention(h, None, attention.score_mask(offsets)) - attention.out.bias
     expected = torch.nn.functional.linear(attended[:, [1, 0, 3, 2]], attention.out.weight)
     torch.testing.assert_close(out[:, [0, 2]], expected[:, [0, 2]])  # tokens with a right neighbour
 
@@ -297,3 +297,200 @@ def test_expected_gradient_keeps_the_exclusion_mask():
     torch.testing.assert_close(event, reference)
     torch.testing.assert_close(exposure, reference)
     assert torch.isinf(reference).any()
+
+
+# ----------------------------------------------------------------------------- attention kernels
+def reference_attention(attention, h, mask=None):
+    """Multi-head attention written out (explicit softmax, unpadded q, k, v; the sink as one more
+    key with score sink_logit): what the fused paths of SelfAttention must reproduce."""
+    batch, tokens, width = h.shape
+    heads = attention.n_heads
+    q, k, v = attention.qkv(h).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(width // heads)  # [batch, heads, tokens, tokens]
+    if attention.sink_logit is not None:
+        sink = attention.sink_logit.view(1, heads, 1, 1).expand(batch, heads, tokens, 1)
+        scores = torch.cat([scores, sink.to(scores.dtype)], -1)
+        v = torch.cat([v, attention.sink_value.expand(batch, -1, -1, -1)], 2)
+    if mask is not None:
+        sink_column = attention.sink_logit is not None
+        bias = mask[..., :-1] if sink_column else mask
+        scores = scores + functional_pad_zero(bias, sink_column)  # the mask's sink column is the logit itself
+    attended = scores.softmax(-1) @ v
+    return attention.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def functional_pad_zero(bias, sink_column):
+    return torch.nn.functional.pad(bias, (0, 1)) if sink_column else bias
+
+
+def perturbed(model, scale=0.3, seed=0):
+    """Every weight moved at random (the offset scores to around 0), so every path of the model matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            if name.endswith("offset_bias"):
+                parameter.copy_(noise * 0.1)  # scores of order 1: neighbours get weight
+            else:
+                parameter.add_(scale * noise)
+    return model
+
+
+@pytest.mark.parametrize("sink", [False, True])
+@pytest.mark.parametrize("relative_bias", [False, True])
+def test_attention_matches_the_written_out_unpadded_attention(sink, relative_bias):
+    """The fused paths (v padded to the q/k width without a mask; the head-major mask) give the
+    attention written out, in float32 to 1e-5."""
+    config = TransformerConfig(lattice_size=6, d_model=16, n_heads=4, n_layers=1, attention_sink=sink,
+                               relative_bias=relative_bias, rotary=False)  # fmt: skip
+    model = perturbed(TransformerRates(config))
+    attention = model.blocks[0].attention
+    positions, _ = configurations(ACTIVE, 3)
+    h = torch.randn(3, ACTIVE.N, 16, generator=torch.Generator().manual_seed(2))
+    mask = attention.score_mask(model.attention_index(positions, 6)) if relative_bias else None
+    with torch.no_grad():
+        torch.testing.assert_close(attention(h, None, mask), reference_attention(attention, h, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stencil", [None, "vn1"])
+def test_attention_masks_updated_per_move_equal_masks_built_afresh(stencil):
+    extra = {"attention_stencil": stencil, "rotary": False} if stencil else {}
+    model = perturbed(TransformerRates(TransformerConfig(lattice_size=6, d_model=8, n_heads=2, **extra)))
+    positions, states = configurations(ACTIVE, 4)
+    masks = model.attention_masks(positions)
+    rng = np.random.default_rng(3)
+    for _ in range(20):  # one token per replica hops (overlaps allowed: the masks must not care)
+        tokens = torch.as_tensor(rng.integers(0, ACTIVE.N, 4))
+        steps = torch.as_tensor(rng.integers(-1, 2, (4, 2)))
+        positions[torch.arange(4), tokens] = (positions[torch.arange(4), tokens] + steps) % 6
+        masks.update(positions, tokens)
+    fresh = model.attention_masks(positions)
+    for layer in range(len(model.blocks)):
+        assert torch.equal(masks.layer(layer), fresh.layer(layer))
+    with torch.no_grad():
+        assert torch.equal(model(positions, states, masks=masks), model(positions, states))
+
+
+# ----------------------------------------------------------------------------- hard-local model
+@pytest.mark.parametrize(
+    "field, values",
+    [
+        ("attention_stencil", {"attention_stencil": "cross7", "rotary": False}),
+        ("rotary", {"attention_stencil": "vn1"}),
+        ("relative_bias", {"attention_stencil": "vn1", "rotary": False, "relative_bias": False}),
+        ("lattice_size", {"attention_stencil": "block5", "rotary": False, "lattice_size": 4}),
+    ],
+)
+def test_invalid_hard_local_configuration_is_refused_by_name(field, values):
+    with pytest.raises(ConfigurationError, match=f"^{field}:"):
+        TransformerConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "stencil, layers, family",
+    [("vn1", 1, "vn1"), ("vn1", 2, "diamond2"), ("block3", 1, "block3"), ("block3", 2, "block5"),
+     ("diamond2", 1, "diamond2"), ("vn1", 0, "vn1"), ("vn1", 3, None), ("diamond2", 2, None)],
+)  # fmt: skip
+def test_key_family_is_the_smallest_covering_the_receptive_field(stencil, layers, family):
+    config = TransformerConfig(attention_stencil=stencil, rotary=False, n_layers=layers)
+    assert config.key_family == family
+    assert TransformerConfig().key_family is None and TransformerConfig().receptive_field is None
+
+
+def test_hard_local_model_has_no_absolute_position_tables_and_old_configurations_load():
+    local = TransformerRates(TransformerConfig(lattice_size=6, attention_stencil="vn1", rotary=False))
+    names = set(local.state_dict())
+    assert not any(name.startswith(("embed_x", "embed_y")) for name in names)
+    assert local.blocks[0].attention.offset_bias.shape == (4, 5)  # one score per head and stencil offset
+    stored = TransformerConfig().as_dict()
+    del stored["attention_stencil"]  # a checkpoint written before the field existed
+    assert TransformerConfig.from_dict(stored) == TransformerConfig()
+
+
+def hard_local_model(stencil, layers, mode, sink=True):
+    config = TransformerConfig(lattice_size=12, d_model=16, n_heads=4, n_layers=layers, d_ff=16, mode=mode,
+                               n_classes=3, attention_stencil=stencil, rotary=False, attention_sink=sink)  # fmt: skip
+    return perturbed(TransformerRates(config).double(), seed=layers).eval()
+
+
+def random_configuration(side, density, seed):
+    rng = np.random.default_rng(seed)
+    count = int(round(density * side * side))
+    sites = rng.choice(side * side, count, replace=False)
+    positions = np.stack([sites % side, sites // side], 1)
+    return torch.as_tensor(positions), torch.as_tensor(rng.integers(0, 4, count))
+
+
+def patches_alone(positions, states, side, field, new_side, centre):
+    """For each token: its receptive-field patch (itself first) placed alone at centre of a new_side lattice."""
+    offsets = (positions[None, :, :] - positions[:, None, :] + side // 2) % side - side // 2  # [i, j, 2] signed
+    inside = torch.tensor([[tuple(offset) in field for offset in row.tolist()] for row in offsets])
+    patches = []
+    for token in range(len(states)):
+        others = [j for j in torch.nonzero(inside[token]).flatten().tolist() if j != token]
+        members = [token, *others]
+        patches.append(((offsets[token, members] + torch.tensor(centre)) % new_side, states[members]))
+    return patches
+
+
+def evaluate_alone(model, patches, lattice_size):
+    """Log-rates of each patch's first token, patches of equal size in one batch."""
+    rows = [None] * len(patches)
+    by_size = {}
+    for index, (positions, _) in enumerate(patches):
+        by_size.setdefault(len(positions), []).append(index)
+    for indices in by_size.values():
+        positions = torch.stack([patches[i][0] for i in indices])
+        states = torch.stack([patches[i][1] for i in indices])
+        with torch.no_grad():
+            log_rates = model(positions, states, lattice_size=lattice_size)[:, 0]
+        for row, index in zip(log_rates, indices):
+            rows[index] = row
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("density", [0.124, 0.3, 0.5, 0.7])
+@pytest.mark.parametrize("stencil, layers, mode", [("vn1", 2, 1), ("block3", 1, 2), ("vn1", 1, 1)])
+def test_hard_local_rates_equal_those_of_the_receptive_field_alone(density, stencil, layers, mode):
+    """Every token's log-rates in a full configuration equal those of its receptive-field patch
+    placed alone on an empty lattice, of the same size (around a corner: the torus wraps) and of
+    another size, to 1e-6."""
+    model = hard_local_model(stencil, layers, mode)
+    positions, states = random_configuration(12, density, seed=int(density * 1000))
+    with torch.no_grad():
+        full = model(positions[None], states[None])[0]
+    field = model.config.receptive_field
+    for side, centre in ((12, (0, 11)), (9, (4, 4)), (17, (8, 3))):
+        alone = evaluate_alone(model, patches_alone(positions, states, 12, field, side, centre), side)
+        torch.testing.assert_close(alone, full, rtol=0, atol=1e-6, msg=f"lattice {side}")
+    if density == 0.7:  # the patches must be what matters: the isolated token's rates differ
+        isolated = evaluate_alone(model, [(positions[:1], states[:1])], 12)
+        assert (isolated[0] - full[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_hard_local_model_is_translation_invariant(mode):
+    model = hard_local_model("block3", 2, mode)
+    positions, states = random_configuration(12, 0.3, seed=5)
+    shifted = (positions + torch.tensor([5, 9])) % 12
+    with torch.no_grad():
+        torch.testing.assert_close(model(shifted[None], states[None]), model(positions[None], states[None]),
+                                   rtol=0, atol=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_a_token_with_no_neighbour_in_its_stencil_gets_finite_rates(sink):
+    model = hard_local_model("vn1", 2, 1, sink=sink).float()
+    positions = torch.tensor([[[0, 0], [5, 5], [5, 7]]])  # no pair within the stencil of each other
+    log_rates = model(positions, torch.tensor([[0, 1, 2]]))
+    assert torch.isfinite(log_rates).all()
+
+
+def test_only_a_hard_local_model_runs_on_another_lattice():
+    positions, states = configurations(ACTIVE, 1)
+    with pytest.raises(ConfigurationError, match="^lattice_size:"):
+        TransformerRates(TransformerConfig(lattice_size=6))(positions, states, lattice_size=8)
+    local = TransformerRates(TransformerConfig(lattice_size=6, attention_stencil="vn1", rotary=False, exclusion_mask=True))
+    log_rates = local(positions, states, lattice_size=8)
+    other = make_system("active", {"L": 8, "N": ACTIVE.N})  # the exclusion mask follows the lattice too
+    assert torch.equal(torch.isneginf(log_rates), ActiveRates(other).move_types(positions, states) == ActiveRates.BLOCKED_HOP)

@@ -11,7 +11,7 @@ from hpcdyn.cli.options import add_progress, check_device, check_output_path, no
 def add_parser(commands) -> None:
     from hpcdyn.learning.optim import OPTIMIZERS
     from hpcdyn.learning.training import CLASS_RATE_FITS
-    from hpcdyn.learning.transformer import ESTIMATORS
+    from hpcdyn.learning.transformer import ATTENTION_STENCILS, ESTIMATORS
 
     parser = commands.add_parser(
         "train",
@@ -36,6 +36,10 @@ def add_parser(commands) -> None:
     model.add_argument("--no-attention-sink", dest="attention_sink", action="store_false", help="plain softmax attention")
     model.add_argument("--no-relative-bias", dest="relative_bias", action="store_false",
                        help="no learned attention score per offset on the torus")  # fmt: skip
+    model.add_argument("--attention-stencil", choices=tuple(ATTENTION_STENCILS), metavar="STENCIL",
+                       help=f"hard-local model: each layer attends only within this stencil ({', '.join(ATTENTION_STENCILS)}), "
+                            "relative offsets only (no position tables, no rotary); its rates depend exactly on the "
+                            "stencil grown --n-layers times (default: unrestricted, the paper's)")  # fmt: skip
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=int, default=20)
     optimisation.add_argument("--lr", type=float, default=3e-3)
@@ -95,9 +99,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         n_classes=args.n_classes,
         estimator=args.estimator,
         exclusion_mask=args.exclusion_mask,
-        rotary=args.rotary,
+        rotary=args.rotary and args.attention_stencil is None,  # a hard-local model has no rotary encoding
         attention_sink=args.attention_sink,
         relative_bias=args.relative_bias,
+        attention_stencil=args.attention_stencil,
     )
     config = TrainingConfig(
         model=model,

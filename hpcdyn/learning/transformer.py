@@ -15,6 +15,19 @@ self-attention blocks (``scaled_dot_product_attention``); no locality assumed, a
 The position tables start as periodic Fourier features of the lattice coordinate: the attention can
 then express relative offsets on the torus (a rotation of the query) from the first step, which
 speeds learning of who-neighbours-whom; the tables stay fully trainable.
+
+Hard-local variant (opt-in, ``TransformerConfig(attention_stencil="vn1", rotary=False)``; DESIGN 1.6):
+no position tables and no rotary encoding; each layer attends only to the tokens within a stencil
+of offsets around each token ("vn1", "block3", "diamond2", "block5", the token's own site always
+included), with one learned score per head and offset of the stencil. Its rates then depend exactly
+on the content of its receptive field (the stencil grown ``n_layers`` times) and on nothing else:
+translation invariant, on a lattice of any size, and reproduced exactly by an environment table of
+the key family ``config.key_family``.
+
+Every layer's offset scores form a mask [batch, heads, tokens, tokens (+ sink)], gathered from a
+per-head table head-major (``table[:, index]``: a layout the attention kernel reads without a
+copy). In lock-step simulation ``AttentionMasks`` keeps the masks of a batch and rewrites one row
+and one column per moved token instead of rebuilding them every event.
 """
 
 from __future__ import annotations
@@ -36,6 +49,56 @@ OFFSET_BIAS_SCALE = 10.0
 # Mode 2: the initial class log-rates span this range around the log of the data's mean rate.
 CLASS_LOG_RATE_SPREAD = (-12.0, 3.0)
 MASKED_CLASS_LOG_RATE_SPREAD = (-5.0, 3.0)
+
+Offset = tuple[int, int]
+
+
+def _diamond(radius: int) -> tuple[Offset, ...]:
+    span = range(-radius, radius + 1)
+    return tuple((dx, dy) for dx in span for dy in span if abs(dx) + abs(dy) <= radius)
+
+
+def _block(radius: int) -> tuple[Offset, ...]:
+    span = range(-radius, radius + 1)
+    return tuple((dx, dy) for dx in span for dy in span)
+
+
+# The stencils a hard-local model may attend within, named as the environment key families
+# (DESIGN 1.6; hpcdyn.physics.environments), in order of size. Each holds the token's own site
+# (0, 0): a token always has itself to attend to, so a token with no neighbours in its stencil still
+# gets a finite softmax (and the sink, when on, can take the weight besides).
+ATTENTION_STENCILS: dict[str, tuple[Offset, ...]] = {
+    "vn1": _diamond(1),
+    "block3": _block(1),
+    "diamond2": _diamond(2),
+    "block5": _block(2),
+}
+
+
+def stencil_reach(stencil: str) -> int:
+    """The largest |dx| or |dy| of a stencil's offsets (its Chebyshev radius)."""
+    return max(max(abs(dx), abs(dy)) for dx, dy in ATTENTION_STENCILS[stencil])
+
+
+def receptive_field(stencil: str, n_layers: int) -> frozenset[Offset]:
+    """Offsets whose content can reach a token's rates through n_layers of stencil attention.
+
+    The stencil grown n_layers times (its n-fold Minkowski sum): a layer mixes each token with the
+    tokens at the stencil's offsets, whose features already hold their own fields.
+    """
+    field: set[Offset] = {(0, 0)}
+    for _ in range(n_layers):
+        field = {(x + dx, y + dy) for x, y in field for dx, dy in ATTENTION_STENCILS[stencil]}
+    return frozenset(field)
+
+
+def covering_family(field: frozenset[Offset]) -> str | None:
+    """The smallest environment key family (full state) whose stencil holds every offset of field.
+
+    None when no family is wide enough (the model then has no exact table).
+    """
+    covering = [name for name, offsets in ATTENTION_STENCILS.items() if field <= set(offsets)]
+    return min(covering, key=lambda name: len(ATTENTION_STENCILS[name]), default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +123,10 @@ class TransformerConfig:
     # raises the offsets that matter. Offsets left at a score near 0 would leak weight that grows with
     # the number of tokens, a dependence on crowding that a model trained at one density cannot undo.
     initial_offset_score: float = -8.0
+    # Opt-in hard-local model: a stencil name of ATTENTION_STENCILS. Each layer then attends only
+    # within the stencil, with no position tables (requires rotary=False): its rates depend exactly
+    # on its receptive field. None: the paper's unrestricted model.
+    attention_stencil: str | None = None
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -86,6 +153,44 @@ class TransformerConfig:
         )
         require(math.isfinite(self.initial_log_rate), "initial_log_rate", "must be finite")
         require(math.isfinite(self.initial_offset_score), "initial_offset_score", "must be finite")
+        self._check_stencil(require)
+
+    def _check_stencil(self, require) -> None:
+        stencil = self.attention_stencil
+        if stencil is None:
+            return
+        require(stencil in ATTENTION_STENCILS, "attention_stencil",
+                f"must be one of {list(ATTENTION_STENCILS)} or None (unrestricted), got {stencil!r}")  # fmt: skip
+        require(not self.rotary, "rotary",
+                "a hard-local model (attention_stencil) sees relative offsets only; set rotary=False")  # fmt: skip
+        require(self.relative_bias, "relative_bias",
+                "a hard-local model learns one score per offset of its stencil; leave relative_bias=True")  # fmt: skip
+        smallest = 2 * stencil_reach(stencil) + 1
+        require(self.lattice_size >= smallest, "lattice_size",
+                f"must be >= {smallest} for the stencil {stencil!r} to fit on the torus, got {self.lattice_size}")  # fmt: skip
+
+    @property
+    def hard_local(self) -> bool:
+        """Whether attention is restricted to a stencil (rates depend on a finite receptive field)."""
+        return self.attention_stencil is not None
+
+    @property
+    def receptive_field(self) -> frozenset[Offset] | None:
+        """Offsets whose content the rates of a token depend on; None for the unrestricted model."""
+        if self.attention_stencil is None:
+            return None
+        return receptive_field(self.attention_stencil, self.n_layers)
+
+    @property
+    def key_family(self) -> str | None:
+        """The smallest environment key family (full state) covering the receptive field.
+
+        An environment table of this family reproduces the model exactly, by construction (a 1-layer
+        vn1 model: 'vn1'; 2 layers of vn1: 'diamond2'). None for the unrestricted model, whose
+        locality must be measured (``hpcdyn.learning.locality``), or a field wider than every family.
+        """
+        field = self.receptive_field
+        return None if field is None else covering_family(field)
 
     @property
     def n_moves(self) -> int:
@@ -123,13 +228,21 @@ def rotary_angles(positions: torch.Tensor, lattice_size: int, head_width: int) -
     return functional.pad(angles, (0, padding)).unsqueeze(1)
 
 
+def offsets_between(sources: torch.Tensor, targets: torch.Tensor, lattice_size: int) -> torch.Tensor:
+    """Index dx * L + dy of the offset of each target from each source on the torus.
+
+    sources long [..., n, 2], targets long [..., m, 2] -> long [..., n, m].
+    """
+    difference = (targets[..., None, :, :] - sources[..., :, None, :]).remainder(lattice_size)
+    return difference[..., 0] * lattice_size + difference[..., 1]
+
+
 def relative_offsets(positions: torch.Tensor, lattice_size: int, sink: bool = False) -> torch.Tensor:
     """Index of the offset of token j from token i on the torus, dx * L + dy, long [batch, tokens, tokens].
 
     With ``sink``, one more column holds L^2: the index of the sink's entry after the L^2 offsets.
     """
-    difference = (positions[..., None, :, :] - positions[..., :, None, :]).remainder(lattice_size)
-    offsets = difference[..., 0] * lattice_size + difference[..., 1]
+    offsets = offsets_between(positions, positions, lattice_size)
     return functional.pad(offsets, (0, 1), value=lattice_size**2) if sink else offsets
 
 
@@ -146,16 +259,21 @@ class SelfAttention(torch.nn.Module):
     Softmax weights sum to one, so without a sink a head cannot say "nothing matched": the sink
     absorbs the weight when no token fits the query, which makes "is there a token at offset d?"
     a linear read-out of the attention output instead of a comparison with the token itself.
+
+    ``offsets`` learned scores per head (one per offset of the torus, or of a stencil) form the
+    score table; with ``outside`` one more entry, -inf, stands for every offset outside a stencil.
     """
 
-    def __init__(self, d_model: int, n_heads: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0,
+                 outside: bool = False):  # fmt: skip
         super().__init__()
         self.n_heads = n_heads
         # A learned score for each relative offset (dx, dy) mod L, added to q . k: a head can single
         # out one offset exactly ("the site to my right"), which a few rotary frequencies only blur.
-        # The table covers every offset, so no range is preferred.
+        # The table covers every offset (or every offset of a stencil), so no range is preferred.
         initial = torch.full((n_heads, offsets), offset_score / OFFSET_BIAS_SCALE)
         self.offset_bias = torch.nn.Parameter(initial) if offsets else None
+        self.outside = outside
         self.qkv = torch.nn.Linear(d_model, 3 * d_model)
         self.out = torch.nn.Linear(d_model, d_model)
         head_width = d_model // n_heads
@@ -164,47 +282,69 @@ class SelfAttention(torch.nn.Module):
         self.sink_logit = torch.nn.Parameter(torch.zeros(n_heads)) if sink else None
         self.sink_value = torch.nn.Parameter(torch.randn(n_heads, 1, head_width) * 0.1) if sink else None
 
+    def score_table(self) -> torch.Tensor:
+        """Score of each table entry per head, [heads, entries]: the offsets, -inf outside a stencil, the sink."""
+        table = self.offset_bias * OFFSET_BIAS_SCALE
+        if self.outside:
+            table = functional.pad(table, (0, 1), value=-math.inf)
+        if self.sink_logit is not None:
+            table = torch.cat([table, self.sink_logit[:, None]], dim=1)
+        return table
+
+    def score_mask(self, index: torch.Tensor) -> torch.Tensor:
+        """The score mask [batch, heads, tokens, keys] of an entry index long [batch, tokens, keys].
+
+        Gathered head-major (heads outermost in memory, each [tokens, keys] block contiguous), which
+        the attention kernel reads as it is; gathering [batch, tokens, keys, heads] and permuting
+        costs a copy of the mask and a slower kernel.
+        """
+        return self.score_table()[:, index].permute(1, 0, 2, 3)
+
     def forward(
         self,
         h: torch.Tensor,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-        offsets: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """h [batch, tokens, d_model]; mask: score mask [batch, heads, tokens, tokens (+1 sink)] or None."""
         batch, tokens, width = h.shape
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
         if rotation is not None:
             q, k = rotate(q, rotation), rotate(k, rotation)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        bias = None
-        if self.offset_bias is not None and offsets is not None:
-            # offsets index a table with the sink's logit as its last entry, so one gather gives
-            # the whole score mask, sink column included (``relative_offsets(..., sink=True)``)
-            table = self.offset_bias * OFFSET_BIAS_SCALE
-            if self.sink_logit is not None:
-                table = torch.cat([table, self.sink_logit[:, None]], dim=1)
-            bias = table.t().to(q.dtype)[offsets].permute(0, 3, 1, 2)  # [batch, heads, tokens, keys]
+        if mask is not None:
+            mask = mask.to(q.dtype)
         if self.sink_logit is not None:
-            # One more key/value whose score is the learned logit whatever the query.
-            v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
-            if bias is not None:  # the mask holds the logit already; the sink's key is zero
-                k = torch.cat([k, k.new_zeros(batch, self.n_heads, 1, k.shape[-1])], dim=2)
-            else:  # no mask: an extra channel, 1 in every query and logit/scale in the sink key only,
-                # keeps the efficient kernels (a mask would force the slow one)
-                sink_key = functional.pad(k.new_zeros(self.n_heads, 1, k.shape[-1]), (0, 1))
-                sink_key[..., -1] = self.sink_logit.to(q.dtype).view(-1, 1) / scale
-                q = functional.pad(q, (0, 1), value=1.0)
-                k = torch.cat([functional.pad(k, (0, 1)), sink_key.expand(batch, -1, -1, -1)], dim=2)
-        attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+            q, k, v = self._with_sink(q, k, v, scale, masked=mask is not None)
+        attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        attended = attended[..., : width // self.n_heads]  # the sink channel's padding, when added
         return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+    def _with_sink(self, q, k, v, scale: float, masked: bool):
+        """q, k, v with one more key/value, the sink, whose score is the learned logit whatever the query."""
+        batch = q.shape[0]
+        v = torch.cat([v, self.sink_value.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
+        if masked:  # the mask holds the logit already; the sink's key is zero
+            k = torch.cat([k, k.new_zeros(batch, self.n_heads, 1, k.shape[-1])], dim=2)
+            return q, k, v
+        # No mask: an extra channel, 1 in every query and logit/scale in the sink key only, keeps the
+        # fused kernels (a mask would force a slower one). v gets a zero channel too: the fused CPU
+        # kernel runs only when q, k and v have the same width (DESIGN 4); the caller drops it.
+        sink_key = functional.pad(k.new_zeros(self.n_heads, 1, k.shape[-1]), (0, 1))
+        sink_key[..., -1] = self.sink_logit.to(q.dtype).view(-1, 1) / scale
+        q = functional.pad(q, (0, 1), value=1.0)
+        k = torch.cat([functional.pad(k, (0, 1)), sink_key.expand(batch, -1, -1, -1)], dim=2)
+        return q, k, functional.pad(v, (0, 1))
 
 
 class Block(torch.nn.Module):
     """Pre-norm transformer block: h + attention(norm(h)), then h + feed-forward(norm(h))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0,
+                 outside: bool = False):  # fmt: skip
         super().__init__()
         self.attention_norm = torch.nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, n_heads, sink, offsets, offset_score)
+        self.attention = SelfAttention(d_model, n_heads, sink, offsets, offset_score, outside)
         self.feed_forward_norm = torch.nn.LayerNorm(d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model)
@@ -214,10 +354,44 @@ class Block(torch.nn.Module):
         self,
         h: torch.Tensor,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-        offsets: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), rotation, offsets)
+        h = h + self.attention(self.attention_norm(h), rotation, mask)
         return h + self.feed_forward(self.feed_forward_norm(h))
+
+
+@dataclasses.dataclass
+class AttentionMasks:
+    """The score mask of every layer for a batch of configurations, kept current in lock-step simulation.
+
+    When one token per replica moves, only its row (its offsets to every token) and its column
+    (every token's offset to it) change: ``update`` rewrites those, O(tokens) per replica, where a
+    rebuild costs O(tokens^2). The tables are the weights' scores when built: valid while the
+    weights do not change (inference).
+    """
+
+    model: "TransformerRates" = dataclasses.field(repr=False)
+    lattice_size: int
+    tables: list[torch.Tensor] = dataclasses.field(repr=False)  # [heads, entries] per layer
+    storage: list[torch.Tensor] = dataclasses.field(repr=False)  # [heads, batch, tokens, keys] per layer: head-major
+
+    def layer(self, index: int) -> torch.Tensor:
+        """Layer ``index``'s mask [batch, heads, tokens, keys] (a view of the storage)."""
+        return self.storage[index].permute(1, 0, 2, 3)
+
+    def update(self, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        """positions long [batch, n_tokens, 2] after the move of token tokens[b] of replica b (long [batch]).
+
+        A replica whose token did not move gets its row and column rewritten with the same values.
+        """
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        n_tokens = positions.shape[1]
+        moved = positions[rows, tokens].unsqueeze(1)  # [batch, 1, 2]
+        outgoing = self.model.offset_index(moved, positions, self.lattice_size).squeeze(1)  # [batch, n_tokens]
+        incoming = self.model.offset_index(positions, moved, self.lattice_size).squeeze(2)  # [batch, n_tokens]
+        for table, storage in zip(self.tables, self.storage):
+            storage[:, rows, tokens, :n_tokens] = table[:, outgoing]  # the row: [heads, batch, n_tokens]
+            storage[:, rows, :, tokens] = table[:, incoming].permute(1, 0, 2)  # the column: [batch, heads, n_tokens]
 
 
 def fourier_table(size: int, width: int) -> torch.Tensor:
@@ -241,21 +415,29 @@ class TransformerRates(torch.nn.Module):
         self.config = config
         self.n_moves = config.n_moves
         width = config.d_model
-        self.embed_x = torch.nn.Embedding(config.lattice_size, width)
-        self.embed_y = torch.nn.Embedding(config.lattice_size, width)
+        if not config.hard_local:  # absolute position tables: the hard-local model has none
+            self.embed_x = torch.nn.Embedding(config.lattice_size, width)
+            self.embed_y = torch.nn.Embedding(config.lattice_size, width)
+            with torch.no_grad():
+                self.embed_x.weight.zero_()
+                self.embed_y.weight.zero_()
+                if not config.rotary:  # absolute Fourier features: x in the first half, y in the second
+                    half = width // 2
+                    self.embed_x.weight[:, :half] = fourier_table(config.lattice_size, half)
+                    self.embed_y.weight[:, half : 2 * half] = fourier_table(config.lattice_size, half)
         self.embed_state = torch.nn.Embedding(config.n_states, width)
-        with torch.no_grad():
-            self.embed_x.weight.zero_()
-            self.embed_y.weight.zero_()
-            if not config.rotary:  # absolute Fourier features: x in the first half, y in the second
-                half = width // 2
-                self.embed_x.weight[:, :half] = fourier_table(config.lattice_size, half)
-                self.embed_y.weight[:, half : 2 * half] = fourier_table(config.lattice_size, half)
-        offsets = config.lattice_size**2 if config.relative_bias else 0
+        if config.hard_local:
+            offsets = len(ATTENTION_STENCILS[config.attention_stencil])
+        else:
+            offsets = config.lattice_size**2 if config.relative_bias else 0
         self.blocks = torch.nn.ModuleList(
-            Block(width, config.n_heads, config.d_ff, config.attention_sink, offsets, config.initial_offset_score)
+            Block(width, config.n_heads, config.d_ff, config.attention_sink, offsets, config.initial_offset_score,
+                  outside=config.hard_local)  # fmt: skip
             for _ in range(config.n_layers)
         )
+        # the table entry of the sink: after the offsets (and the stencil's "outside" entry)
+        self.sink_entry = offsets + int(config.hard_local)
+        self._stencil_lookups: dict[tuple[int, str], torch.Tensor] = {}
         self.final_norm = torch.nn.LayerNorm(width)
         if config.mode == 1:
             self.head = torch.nn.Linear(width, config.n_moves)
@@ -274,48 +456,136 @@ class TransformerRates(torch.nn.Module):
         self.temperature = 1.0  # Gumbel-softmax temperature, annealed by the trainer
         self.expected_gradient = False  # Mode 2: set by the trainer (TrainingConfig.expected_from_epoch)
 
-    def encode(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        h = self.embed_x(positions[..., 0]) + self.embed_y(positions[..., 1]) + self.embed_state(states)
+    def encode(
+        self,
+        positions: torch.Tensor,
+        states: torch.Tensor,
+        *,
+        lattice_size: int | None = None,
+        masks: AttentionMasks | None = None,
+    ) -> torch.Tensor:
+        size = self.lattice_size_for(lattice_size)
+        h = self.embed_state(states)
+        if not self.config.hard_local:
+            h = h + self.embed_x(positions[..., 0]) + self.embed_y(positions[..., 1])
         rotation = None
         if self.config.rotary:  # cos and sin once per forward, shared by every layer
-            angles = rotary_angles(positions, self.config.lattice_size, self.config.d_model // self.config.n_heads)
+            angles = rotary_angles(positions, size, self.config.d_model // self.config.n_heads)
             rotation = (angles.cos().to(h.dtype), angles.sin().to(h.dtype))
-        offsets = None
-        if self.config.relative_bias:
-            offsets = relative_offsets(positions, self.config.lattice_size, sink=self.config.attention_sink)
-        for block in self.blocks:
-            h = block(h, rotation, offsets)
+        index = None
+        if self.config.relative_bias and masks is None:
+            index = self.attention_index(positions, size)
+        for layer, block in enumerate(self.blocks):
+            if masks is not None:
+                mask = masks.layer(layer)
+            else:
+                mask = None if index is None else block.attention.score_mask(index)
+            h = block(h, rotation, mask)
         return self.final_norm(h)
 
-    def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def lattice_size_for(self, lattice_size: int | None) -> int:
+        """The lattice side to run on: the training one, or any other for a hard-local model."""
+        if lattice_size is None or lattice_size == self.config.lattice_size:
+            return self.config.lattice_size
+        if not self.config.hard_local:
+            raise ConfigurationError(
+                f"lattice_size: this model's position tables cover a {self.config.lattice_size} x "
+                f"{self.config.lattice_size} lattice, got {lattice_size}; only a hard-local model "
+                f"(attention_stencil) runs on other lattices"
+            )
+        smallest = 2 * stencil_reach(self.config.attention_stencil) + 1
+        if not (isinstance(lattice_size, int) and lattice_size >= smallest):
+            raise ConfigurationError(
+                f"lattice_size: must be an integer >= {smallest} for the stencil of this model, got {lattice_size!r}"
+            )
+        return lattice_size
+
+    def offset_index(self, sources: torch.Tensor, targets: torch.Tensor, lattice_size: int) -> torch.Tensor:
+        """Score-table entry of the offset of each target from each source, long [..., n_sources, n_targets].
+
+        Unrestricted: the offset itself, dx * L + dy on the torus. Hard-local: the offset's slot in the
+        stencil, or the "outside" entry (score -inf); only the signed offset counts, so the same
+        neighbourhood gives the same entries on a lattice of any size.
+        """
+        offsets = offsets_between(sources, targets, lattice_size)
+        if not self.config.hard_local:
+            return offsets
+        return self._stencil_lookup(lattice_size, offsets.device)[offsets]
+
+    def _stencil_lookup(self, lattice_size: int, device: torch.device) -> torch.Tensor:
+        """Stencil slot of each offset index dx * L + dy of an L x L torus (long [L^2]), cached per (L, device)."""
+        key = (lattice_size, str(device))
+        if key not in self._stencil_lookups:
+            stencil = ATTENTION_STENCILS[self.config.attention_stencil]
+            lookup = torch.full((lattice_size**2,), len(stencil), dtype=torch.long)
+            for slot, (dx, dy) in enumerate(stencil):
+                lookup[(dx % lattice_size) * lattice_size + dy % lattice_size] = slot
+            self._stencil_lookups[key] = lookup.to(device)
+        return self._stencil_lookups[key]
+
+    def attention_index(self, positions: torch.Tensor, lattice_size: int) -> torch.Tensor:
+        """Score-table entry of every (query, key) pair, long [batch, tokens, tokens (+1 for the sink)]."""
+        index = self.offset_index(positions, positions, lattice_size)
+        return functional.pad(index, (0, 1), value=self.sink_entry) if self.config.attention_sink else index
+
+    def attention_masks(self, positions: torch.Tensor, lattice_size: int | None = None) -> AttentionMasks | None:
+        """Every layer's score mask for a batch, to pass to ``forward(..., masks=)`` and keep current with
+        ``AttentionMasks.update`` while the weights stay fixed (lock-step simulation). None without offset scores."""
+        if not self.config.relative_bias:
+            return None
+        size = self.lattice_size_for(lattice_size)
+        positions = positions.long()
+        index = self.attention_index(positions, size)
+        dtype = self.embed_state.weight.dtype
+        with torch.no_grad():
+            tables = [block.attention.score_table().detach().to(dtype) for block in self.blocks]
+            storage = [table[:, index] for table in tables]  # [heads, batch, tokens, keys]
+        return AttentionMasks(self, size, tables, storage)
+
+    def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor, *,
+                            lattice_size: int | None = None) -> torch.Tensor:  # fmt: skip
         """Mode 2: softmax over classes of every move, [batch, n_tokens, n_moves, n_classes]."""
-        return self._class_logits(self.encode(positions, states)).float().softmax(-1)
+        h = self.encode(positions.long(), states.long(), lattice_size=lattice_size)
+        return self._class_logits(h).float().softmax(-1)
 
-    def classes(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def classes(self, positions: torch.Tensor, states: torch.Tensor, *, lattice_size: int | None = None) -> torch.Tensor:
         """Mode 2: the class of every move (the hard choice), long [batch, n_tokens, n_moves]."""
-        return self.class_probabilities(positions, states).argmax(-1)
+        return self.class_probabilities(positions, states, lattice_size=lattice_size).argmax(-1)
 
-    def move_classes(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def move_classes(self, positions: torch.Tensor, states: torch.Tensor, *,
+                     lattice_size: int | None = None) -> torch.Tensor:  # fmt: skip
         """Mode 2: the class of every move, -1 where the exclusion mask forbids it [batch, n_tokens, n_moves]."""
         positions, states = positions.long(), states.long()
-        classes = self.classes(positions, states)
+        classes = self.classes(positions, states, lattice_size=lattice_size)
         if self.config.exclusion_mask:
-            classes = classes.masked_fill(self._blocked(positions, states), -1)
+            classes = classes.masked_fill(self._blocked(positions, states, lattice_size), -1)
         return classes
 
-    def forward(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        states: torch.Tensor,
+        *,
+        lattice_size: int | None = None,
+        masks: AttentionMasks | None = None,
+    ) -> torch.Tensor:
+        """Log-rates [batch, n_tokens, n_moves]. lattice_size: a hard-local model's lattice, if not the
+        training one; masks: from ``attention_masks`` for these positions (lock-step simulation)."""
         positions, states = positions.long(), states.long()
-        h = self.encode(positions, states)
+        if masks is not None:
+            lattice_size = masks.lattice_size
+        h = self.encode(positions, states, lattice_size=lattice_size, masks=masks)
         if self.config.mode == 1:
             log_rates = self.head(h)
         else:
             log_rates = self._class_log_rates(h)
-        return self._masked(log_rates, positions, states)
+        return self._masked(log_rates, positions, states, lattice_size)
 
-    def _masked(self, log_rates: torch.Tensor, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def _masked(self, log_rates: torch.Tensor, positions: torch.Tensor, states: torch.Tensor,
+                lattice_size: int | None = None) -> torch.Tensor:  # fmt: skip
         """-inf for the moves the exclusion mask forbids, when it is on."""
         if self.config.exclusion_mask:
-            log_rates = log_rates.masked_fill(self._blocked(positions, states), -math.inf)
+            log_rates = log_rates.masked_fill(self._blocked(positions, states, lattice_size), -math.inf)
         return log_rates
 
     def _class_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -363,10 +633,10 @@ class TransformerRates(torch.nn.Module):
         exposure = (weights * (rates - top).exp()).sum(-1).log() + top
         return self._masked(event, positions, states), self._masked(exposure, positions, states)
 
-    def _blocked(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def _blocked(self, positions: torch.Tensor, states: torch.Tensor, lattice_size: int | None = None) -> torch.Tensor:
         from hpcdyn.physics.rates import ActiveRates
 
-        system = SYSTEMS["active"](L=self.config.lattice_size, N=states.shape[-1])
+        system = SYSTEMS["active"](L=self.lattice_size_for(lattice_size), N=states.shape[-1])
         types = ActiveRates(system).move_types(positions, states)
         return types == ActiveRates.BLOCKED_HOP
 

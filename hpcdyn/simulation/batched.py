@@ -19,6 +19,11 @@ is rejected: the replica stays where it is and its clock advances, which is exac
 with those rates removed (a rejected draw is a self-loop of the chain). The draws rejected and the
 probability mass they carried are reported per replica; ``reject_overlaps=False`` applies them and
 records the overlaps instead.
+
+A model that keeps per-batch attention masks (``TransformerRates.attention_masks``) has them built
+once and updated one row and one column per event, instead of rebuilt by every forward pass.
+A rate or clock that becomes non-finite (NaN weights, say) stops the run with ``NonFiniteRateError``
+at the next host synchronisation: a NaN clock would never reach t_final.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, System
 
 # SplitMix64 constants, as signed 64-bit integers (torch has no unsigned 64-bit arithmetic).
 _MASK64 = (1 << 64) - 1
+
+
+class NonFiniteRateError(ConfigurationError):
+    """The rate model gave a NaN or infinite escape rate: the lock-step simulation cannot go on."""
 
 
 def _signed(value: int) -> int:
@@ -155,10 +164,19 @@ class _Batch:
         table = torch.as_tensor(system.move_table, dtype=torch.long, device=self.device)
         self.move_table = table
         self.displaced = (table[:, :2] != 0).any(1)  # [M]: moves that change a position
+        self.any_displaced = bool(self.displaced.any())
         self.excludes = isinstance(system, ActiveSystem)  # particles; fa tokens are the sites themselves
         self.sides = torch.tensor([system.shape[1], system.shape[0]], device=self.device)
         self.times = torch.as_tensor(snapshot_times, dtype=torch.float64, device=self.device)
         self._allocate()
+        # a model with per-batch attention masks: built once here, updated per event by _apply
+        build_masks = getattr(model, "attention_masks", None)
+        self.masks = build_masks(self.positions) if build_masks is not None else None
+
+    def _log_rates(self) -> torch.Tensor:
+        if self.masks is not None:
+            return self.model(self.positions, self.states, masks=self.masks)
+        return self.model(self.positions, self.states)
 
     def _allocate(self) -> None:
         batch, device, n_snapshots = self.batch, self.device, len(self.times)
@@ -175,6 +193,8 @@ class _Batch:
         self.move_counts = torch.zeros(batch, self.move_table.shape[0], dtype=torch.long, device=device)
         self.rejected_mass = torch.zeros(batch, dtype=torch.float64, device=device)
         self.rows = torch.arange(batch, device=device)
+        # first step at which a replica's escape rate was NaN or infinite (-1: never)
+        self.first_non_finite = torch.full((batch,), -1, dtype=torch.long, device=device)
 
     def _flat_sites(self, positions: torch.Tensor) -> torch.Tensor:
         return positions[..., 1] * self.sides[0] + positions[..., 0]
@@ -196,10 +216,11 @@ class _Batch:
         return occupied & self.displaced.repeat(self.n_tokens)
 
     def step(self, step: int, recorder: _Recorder | None) -> None:
-        log_rates = self.model(self.positions, self.states)  # [B, T, M]
+        log_rates = self._log_rates()  # [B, T, M]
         rates = log_rates.double().exp().flatten(1)  # exp(-inf) = 0
         cumulative = rates.cumsum(1)
         total = cumulative[:, -1]  # the escape rate, summed in the order the pick uses
+        self._note_non_finite(total, step)
         grid = self._grid()
         dwell = -torch.log1p(-uniforms(self.keys, 2 * step)) / total  # inf when nothing can happen
         new_time = self.clock + dwell
@@ -227,6 +248,29 @@ class _Batch:
         self.clock = torch.where(live, new_time, torch.full_like(new_time, self.t_final))
         self.done |= finishing
 
+    def _note_non_finite(self, total: torch.Tensor, step: int) -> None:
+        """Remember the first step at which a running replica's escape rate is NaN or inf (any NaN or
+        +inf rate makes the sum so; a sum of 0, nothing can happen, is finite and ends the replica)."""
+        bad = ~torch.isfinite(total) & ~self.done & (self.first_non_finite < 0)
+        self.first_non_finite = torch.where(bad, torch.full_like(self.first_non_finite, step), self.first_non_finite)
+
+    def finished(self) -> bool:
+        """Whether every replica has reached t_final, in one host synchronisation; first raises
+        NonFiniteRateError if a replica met a non-finite escape rate."""
+        done, broken = torch.stack([self.done.all(), (self.first_non_finite >= 0).any()]).tolist()
+        if broken:
+            self._raise_non_finite()
+        return done
+
+    def _raise_non_finite(self) -> None:
+        bad = self.first_non_finite >= 0
+        replica = int(bad.nonzero()[0, 0])
+        raise NonFiniteRateError(
+            f"rates: the rate model gave a non-finite (NaN or infinite) escape rate to {int(bad.sum())} of "
+            f"{self.batch} replicas (first: replica {replica} at step {int(self.first_non_finite[replica])}); "
+            f"a model with NaN or infinite weights cannot be simulated: check the checkpoint or retrain"
+        )
+
     def _record_snapshots(self, grid: torch.Tensor, new_time: torch.Tensor, finishing: torch.Tensor) -> None:
         """Snapshots in [clock, new_time) show the configuration before this event.
 
@@ -247,6 +291,8 @@ class _Batch:
         steps = self.move_table[move] * applied.unsqueeze(1)  # [B, 3], zero where nothing happens
         self.positions[self.rows, token] = (self.positions[self.rows, token] + steps[:, :2]) % self.sides
         self.states[self.rows, token] = (self.states[self.rows, token] + steps[:, 2]) % self.system.n_states
+        if self.masks is not None and self.any_displaced:  # fa: positions never change, nor the masks
+            self.masks.update(self.positions, token)
 
     def filled_snapshots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Snapshot grids [B, S, sites] and overlaps [B, S], skipped slots filled forward."""
@@ -308,9 +354,10 @@ def simulate_batched(
             for _ in range(sync_every):
                 batch.step(step, recorder)
                 step += 1
+            finished = batch.finished()  # the only host synchronisation, once per sync_every steps
             if on_sync is not None:
                 on_sync(float(batch.clock.min()))
-            if bool(batch.done.all()):  # the only host synchronisation, once per sync_every steps
+            if finished:
                 break
         grids, overlaps = batch.filled_snapshots()
     return _result(batch, grids, overlaps, times, step, recorder, positions, states)

@@ -1,0 +1,424 @@
+"""Locality certificate of a trained rate model: may an environment table stand in for it? (DESIGN 1.6)
+
+    samples = [samples_from_store(open_trajectory("run.zarr"), count=40)]       # or fresh ones (cli)
+    certificate = certify("runs/mode2", samples)                                 # every default family
+    certificate.family        # the smallest key family that passes (None: none does)
+    write_certificate(certificate, "runs/mode2")                                  # locality.json + .png
+
+An environment table gives each token the log-rates of its key's patch (own state and stencil
+contents) placed alone, centred, on an empty lattice of the training size (what
+``hpcdyn.simulation.environment_table.PatchEvaluator`` does; occupancy-only keys stand for
+orientation 0). The certificate measures, for every token of real configurations, how far those
+log-rates are from the network's in the full configuration: |delta log-rate| (max and percentiles,
+per move type) and, for Mode 2, the fraction of candidate moves whose class differs.
+
+A family passes when, at every sample (density), Mode 2's class disagreement is at most the
+tolerance (default 1e-4) or Mode 1's 99th percentile of |delta log-rate| is (default 0.01). The
+smallest passing family, by number of possible keys (the table's size), is the answer; a hard-local
+model passes at its ``config.key_family`` by construction, to rounding. The certificate carries the
+checkpoint's sha256, so a reader (the ensemble's ``--engine auto``) can tell it belongs to the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from hpcdyn.learning.checkpoint import load_checkpoint
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
+from hpcdyn.physics.environments import EnvironmentEncoder, check_fits, make_encoder, patches
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.physics.replay import advance
+from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, FASystem, System, make_system
+
+FORMAT = "hpcdyn.locality/1"
+CERTIFICATE_FILE = "locality.json"
+FIGURE_FILE = "locality.png"
+# What the engine's tables are built from (DESIGN 1.6); larger families are not cacheable.
+DEFAULT_FAMILIES = ("vn1-occ", "vn1", "block3-occ", "block3", "diamond2-occ", "diamond2", "block5-occ", "block5")
+DEFAULT_TOLERANCE = {1: 0.01, 2: 1e-4}  # Mode 1: 99th percentile |delta log-rate|; Mode 2: class disagreement
+CRITERIA = {1: "log_rate_p99", 2: "class_disagreement"}
+PERCENTILES = (50, 90, 99)
+PATCHES_PER_CALL = 4096
+SITES_PER_CALL = 1 << 22  # lattice sites of the patches evaluated in one call (fa patches fill the lattice)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Configurations of one system at one density, to certify a model on: positions [C, T, 2], states [C, T]."""
+
+    label: str  # "density 0.3" or the store it came from
+    density: float
+    positions: np.ndarray
+    states: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.positions.ndim != 3 or self.positions.shape[-1] != 2 or self.states.shape != self.positions.shape[:2]:
+            raise ConfigurationError(
+                f"sample {self.label}: positions must be [configurations, tokens, 2] and states [configurations, tokens], "
+                f"got {self.positions.shape} and {self.states.shape}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    """One family on one sample: |delta log-rate| statistics and (Mode 2) the class disagreement."""
+
+    label: str
+    density: float
+    tokens: int  # tokens compared (configurations x tokens)
+    distinct_keys: int
+    max: float
+    percentiles: dict[str, float]  # "p50", "p90", "p99" of |delta log-rate| over every candidate move
+    by_move_type: dict[str, dict[str, float]]  # type name -> {"max", "p99", "moves"}
+    class_disagreement: float | None  # Mode 2: fraction of candidate moves whose class differs
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyResult:
+    family: str
+    key_space: int  # number of possible keys: the size a table of this family may reach
+    passes: bool
+    samples: tuple[SampleResult, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """Whether, and with which key family, an environment table reproduces a trained model."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    mode: int
+    criterion: str  # "class_disagreement" (Mode 2) or "log_rate_p99" (Mode 1)
+    tolerance: float
+    receptive_family: str | None  # a hard-local model's covering family (exact by construction); else None
+    families: tuple[FamilyResult, ...]
+    family: str | None  # the smallest passing family; None: none passes
+
+    @property
+    def passes(self) -> bool:
+        return self.family is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **dataclasses.asdict(self), "passes": self.passes}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Certificate":
+        if values.get("format") != FORMAT:
+            raise ConfigurationError(f"locality: format {values.get('format')!r}, this version reads {FORMAT!r}")
+        fields = {key: values[key] for key in ("checkpoint", "checkpoint_sha256", "mode", "criterion", "tolerance",
+                                               "receptive_family", "family")}  # fmt: skip
+        families = tuple(
+            FamilyResult(row["family"], row["key_space"], row["passes"],
+                         tuple(SampleResult(**_finite(sample)) for sample in row["samples"]))  # fmt: skip
+            for row in values["families"]
+        )
+        return cls(families=families, **fields)
+
+
+# ----------------------------------------------------------------------------- the model and its system
+def checkpoint_file(run_or_checkpoint: str | Path) -> Path:
+    path = Path(run_or_checkpoint)
+    return path / "best.pt" if path.is_dir() else path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_certified_model(path: Path, device: str = "cpu") -> tuple[TransformerRates, System]:
+    """The model of a checkpoint and the system it was trained on (training lattice and parameters)."""
+    state = load_checkpoint(path)
+    config = TransformerConfig.from_dict(state["model_config"])
+    model = TransformerRates(config)
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as error:
+        raise ConfigurationError(f"checkpoint: {path} does not match its own model configuration ({error})") from error
+    params = dict(state["store"].get("params", {}))
+    return model.to(device).eval(), make_system(config.system, params)
+
+
+def check_sample(sample: Sample, system: System) -> None:
+    """A sample must be configurations of the training lattice."""
+    ly, lx = system.shape
+    positions = sample.positions
+    if positions.size and (positions[..., 0].max() >= lx or positions[..., 1].max() >= ly or positions.min() < 0):
+        raise ConfigurationError(f"sample {sample.label}: positions outside the model's {lx} x {ly} training lattice")
+    if isinstance(system, FASystem) and sample.states.shape[1] != lx * ly:
+        raise ConfigurationError(f"sample {sample.label}: an fa configuration has one token per site ({lx * ly})")
+
+
+# ----------------------------------------------------------------------------- samples from a store
+def samples_from_store(trajectory, count: int, label: str | None = None) -> Sample:
+    """``count`` configurations of a trajectory, before evenly spaced events (the first: the initial one)."""
+    if count < 1:
+        raise ConfigurationError(f"count: must be >= 1 configurations, got {count}")
+    stops = np.unique(np.linspace(0, trajectory.n_events, count, endpoint=False).astype(np.int64))
+    positions = torch.as_tensor(trajectory.initial_positions, dtype=torch.long)
+    states = torch.as_tensor(trajectory.initial_states, dtype=torch.long)
+    taken, done = [], 0
+    for stop in stops:
+        for tokens, moves, _ in trajectory.iter_event_blocks(start=done, stop=int(stop)):
+            events = torch.as_tensor(tokens), torch.as_tensor(moves)
+            positions, states = advance(trajectory.system, positions, states, *events)
+        done = int(stop)
+        taken.append((positions.numpy().copy(), states.numpy().copy()))
+    system = trajectory.system
+    density = system.density if isinstance(system, ActiveSystem) else float(np.mean([s.mean() for _, s in taken]))
+    return Sample(label or str(getattr(trajectory, "path", "store")), float(density),
+                  np.stack([p for p, _ in taken]), np.stack([s for _, s in taken]).astype(np.int64))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- patches placed alone
+def patch_configurations(encoder: EnvironmentEncoder, lattice: System, patch_rows: np.ndarray) -> Iterator[tuple]:
+    """(rows, positions [B, T, 2], states [B, T], centre token) per batch of patches of equal token count.
+
+    Each patch is placed alone, centred at (Lx // 2, Ly // 2) of an empty lattice; active: the centre
+    particle first, then the stencil's particles (an occupancy digit stands for orientation 0); fa:
+    every site a token, spin 0 outside the stencil. As the environment table's evaluator places them.
+    """
+    ly, lx = lattice.shape
+    centre = np.array([lx // 2, ly // 2])
+    sites = (centre + encoder.offset_array) % [lx, ly]  # [S, 2]
+    content_of_digit = np.array([encoder.digit_of_content.index(digit) for digit in range(encoder.base)])
+    patch_rows = np.asarray(patch_rows, np.int64)
+    if isinstance(lattice, FASystem):
+        per_call = max(1, min(PATCHES_PER_CALL, SITES_PER_CALL // (lx * ly)))
+        every = np.stack(np.meshgrid(np.arange(lx), np.arange(ly)), -1).reshape(-1, 2)
+        for start in range(0, len(patch_rows), per_call):
+            rows = np.arange(start, min(start + per_call, len(patch_rows)))
+            spins = np.zeros((len(rows), ly, lx), np.int64)
+            spins[:, sites[:, 1], sites[:, 0]] = content_of_digit[patch_rows[rows, 1:]]
+            spins[:, centre[1], centre[0]] = patch_rows[rows, 0]
+            positions = np.broadcast_to(every, (len(rows), lx * ly, 2)).copy()
+            yield rows, positions, spins.reshape(len(rows), -1), centre[1] * lx + centre[0]
+        return
+    occupied = patch_rows[:, 1:] > 0
+    counts = occupied.sum(1)
+    for count in np.unique(counts):
+        group = np.flatnonzero(counts == count)
+        for start in range(0, len(group), PATCHES_PER_CALL):
+            rows = group[start : start + PATCHES_PER_CALL]
+            site_index = np.nonzero(occupied[rows])[1].reshape(len(rows), count)
+            positions = np.concatenate([np.broadcast_to(centre, (len(rows), 1, 2)), sites[site_index]], axis=1)
+            neighbour_states = content_of_digit[np.take_along_axis(patch_rows[rows, 1:], site_index, 1)] - 1
+            yield rows, positions, np.concatenate([patch_rows[rows, :1], neighbour_states], axis=1), 0
+
+
+def evaluate_patches(model, encoder: EnvironmentEncoder, lattice: System, patch_rows: np.ndarray,
+                     device: str = "cpu") -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """(log_rates float64 [K, M], Mode 2 classes long [K, M] or None) of each patch placed alone."""
+    check_fits(encoder, lattice.shape)
+    log_rates = np.zeros((len(patch_rows), model.n_moves))
+    classes = np.zeros((len(patch_rows), model.n_moves), np.int64) if model.config.mode == 2 else None
+    for rows, positions, states, centre in patch_configurations(encoder, lattice, patch_rows):
+        positions = torch.as_tensor(positions, device=device)
+        states = torch.as_tensor(states, device=device)
+        with torch.inference_mode():
+            log_rates[rows] = model(positions, states)[:, centre].double().cpu().numpy()
+            if classes is not None:
+                classes[rows] = model.move_classes(positions, states)[:, centre].cpu().numpy()
+    return log_rates, classes
+
+
+def evaluate_full(model, sample: Sample, device: str = "cpu") -> tuple[np.ndarray, np.ndarray | None]:
+    """(log_rates [C, T, M], Mode 2 classes or None) of every token in its full configuration."""
+    per_call = max(1, SITES_PER_CALL // max(sample.states.shape[1] ** 2, 1))
+    log_rates, classes = [], []
+    for start in range(0, len(sample.states), per_call):
+        positions = torch.as_tensor(sample.positions[start : start + per_call], device=device)
+        states = torch.as_tensor(sample.states[start : start + per_call], device=device)
+        with torch.inference_mode():
+            log_rates.append(model(positions, states).double().cpu().numpy())
+            if model.config.mode == 2:
+                classes.append(model.move_classes(positions, states).cpu().numpy())
+    return np.concatenate(log_rates), (np.concatenate(classes) if classes else None)
+
+
+# ----------------------------------------------------------------------------- the comparison
+def log_rate_difference(one: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """|delta log-rate| elementwise: 0 where both are -inf (a masked move), inf where only one is."""
+    with np.errstate(invalid="ignore"):
+        return np.where(one == other, 0.0, np.abs(one - other))
+
+
+def compare(model, system: System, sample: Sample, encoder: EnvironmentEncoder, full, device: str = "cpu") -> SampleResult:
+    """One family on one sample; ``full`` is ``evaluate_full``'s result for the sample."""
+    full_log_rates, full_classes = full
+    digits = patches(encoder, system, sample.positions, sample.states).reshape(-1, encoder.patch_width)
+    distinct, inverse = np.unique(digits, axis=0, return_inverse=True)  # each distinct key evaluated once
+    alone_log_rates, alone_classes = evaluate_patches(model, encoder, system, distinct, device)
+    inverse = inverse.reshape(-1)
+    difference = log_rate_difference(alone_log_rates[inverse], full_log_rates.reshape(-1, model.n_moves))
+    disagreement = None
+    if alone_classes is not None:
+        disagreement = float(np.mean(alone_classes[inverse] != full_classes.reshape(-1, model.n_moves)))
+    return SampleResult(
+        label=sample.label, density=sample.density, tokens=int(digits.shape[0]), distinct_keys=int(len(distinct)),
+        max=float(difference.max()), percentiles={f"p{q}": _percentile(difference, q) for q in PERCENTILES},
+        by_move_type=by_move_type(system, sample, difference), class_disagreement=disagreement,
+    )  # fmt: skip
+
+
+def by_move_type(system: System, sample: Sample, difference: np.ndarray) -> dict[str, dict[str, float]]:
+    """Max and 99th percentile of |delta log-rate| [tokens, moves] per true move type (active: rotations,
+    forward hops, other hops, hops onto occupied sites; fa: spin and up-neighbour count)."""
+    truth = true_rate_model(system)
+    with torch.inference_mode():
+        types = truth.move_types(torch.as_tensor(sample.positions), torch.as_tensor(sample.states))
+    types = types.reshape(difference.shape).numpy()
+    rows = {}
+    for index, name in enumerate(truth.type_names):
+        values = difference[types == index]
+        if values.size:
+            rows[name] = {"max": float(values.max()), "p99": _percentile(values, 99), "moves": int(values.size)}
+    return rows
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    # "higher": an observed value, so a p99 of 0 means at least 99 % of the differences are exactly 0
+    return float(np.percentile(values, q, method="higher"))
+
+
+def _finite(sample: dict[str, Any]) -> dict[str, Any]:
+    """A stored sample result with JSON nulls (written for infinities) read back as inf."""
+    restore = lambda value: math.inf if value is None else value  # noqa: E731
+    sample = dict(sample)
+    sample["max"] = restore(sample["max"])
+    sample["percentiles"] = {key: restore(value) for key, value in sample["percentiles"].items()}
+    sample["by_move_type"] = {
+        name: {key: restore(value) for key, value in row.items()} for name, row in sample["by_move_type"].items()
+    }
+    return sample
+
+
+def sample_passes(result: SampleResult, mode: int, tolerance: float) -> bool:
+    if mode == 2:
+        return result.class_disagreement is not None and result.class_disagreement <= tolerance
+    return result.percentiles["p99"] <= tolerance
+
+
+def check_families(families: Sequence[str], system: System) -> list[EnvironmentEncoder]:
+    """Encoders of the families, in the order given; an unknown one is refused with the valid ones listed."""
+    if not families:
+        raise ConfigurationError(f"family: give at least one key family, e.g. {', '.join(DEFAULT_FAMILIES)}")
+    encoders = [make_encoder(family, system) for family in families]  # ConfigurationError lists the names
+    for encoder in encoders:
+        check_fits(encoder, system.shape)
+    return encoders
+
+
+def certify(
+    run_or_checkpoint: str | Path,
+    samples: Sequence[Sample],
+    families: Sequence[str] = DEFAULT_FAMILIES,
+    tolerance: float | None = None,
+    device: str = "cpu",
+) -> Certificate:
+    """Measure, per key family and sample, how far a table's log-rates are from the network's in full context.
+
+    tolerance: Mode 2's largest class disagreement (default 1e-4) or Mode 1's largest 99th percentile
+    of |delta log-rate| (default 0.01) at which a family passes; it must pass at every sample.
+    """
+    path = checkpoint_file(run_or_checkpoint)
+    model, system = load_certified_model(path, device)
+    mode = model.config.mode
+    tolerance = DEFAULT_TOLERANCE[mode] if tolerance is None else tolerance
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigurationError(f"tolerance: must be a finite number >= 0, got {tolerance!r}")
+    if not samples:
+        raise ConfigurationError("samples: give at least one sample of configurations to certify on")
+    encoders = check_families(families, system)
+    for sample in samples:
+        check_sample(sample, system)
+    full = [evaluate_full(model, sample, device) for sample in samples]
+    results = []
+    for encoder in encoders:
+        rows = tuple(compare(model, system, sample, encoder, values, device) for sample, values in zip(samples, full))
+        passes = all(sample_passes(row, mode, tolerance) for row in rows)
+        results.append(FamilyResult(encoder.name, int(min(encoder.key_space, 2**63)), passes, rows))
+    passing = [result for result in results if result.passes]
+    smallest = min(passing, key=lambda result: result.key_space).family if passing else None
+    return Certificate(str(path.absolute()), file_sha256(path), mode, CRITERIA[mode], float(tolerance),
+                       model.config.key_family, tuple(results), smallest)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- beside the checkpoint
+def certificate_directory(run_or_checkpoint: str | Path) -> Path:
+    path = Path(run_or_checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+def write_certificate(certificate: Certificate, directory: str | Path) -> tuple[Path, Path]:
+    """locality.json and locality.png in ``directory``, each written whole under a temporary name first."""
+    from hpcdyn.storage.strict_json import dumps
+
+    directory = Path(directory)
+    json_path, figure_path = directory / CERTIFICATE_FILE, directory / FIGURE_FILE
+    temporary = directory / f".{CERTIFICATE_FILE}.{os.getpid()}.tmp"
+    temporary.write_text(dumps(certificate.as_dict(), indent=2) + "\n")
+    temporary.replace(json_path)
+    plot_certificate(certificate, figure_path)
+    return json_path, figure_path
+
+
+def read_certificate(run_or_directory: str | Path) -> Certificate:
+    """The certificate beside a checkpoint (a run directory, its locality.json, or a checkpoint file)."""
+    import json
+
+    path = Path(run_or_directory)
+    if path.suffix != ".json":
+        path = certificate_directory(path) / CERTIFICATE_FILE
+    if not path.exists():
+        raise ConfigurationError(f"locality: {path} does not exist; run `hpcdyn locality RUN` first")
+    return Certificate.from_dict(json.loads(path.read_text()))
+
+
+def plot_certificate(certificate: Certificate, path: Path) -> None:
+    """One panel per family: |delta log-rate| percentiles (and Mode 2's class disagreement) by sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-9  # exact zeros drawn at the floor of the log axis
+    count = len(certificate.families)
+    columns = min(count, 4)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.9 * rows), squeeze=False, sharey=True)
+    for axis, family in zip(axes.flat, certificate.families):
+        densities = [sample.density for sample in family.samples]
+        for name in ("p50", "p90", "p99"):
+            axis.plot(densities, [max(sample.percentiles[name], floor) for sample in family.samples], "o-", label=name)
+        axis.plot(densities, [max(sample.max, floor) for sample in family.samples], "k^--", label="max")
+        if certificate.mode == 2:
+            axis.plot(densities, [max(sample.class_disagreement, floor) for sample in family.samples], "rs:",
+                      label="class disagreement")  # fmt: skip
+        axis.axhline(certificate.tolerance, color="grey", lw=0.8, ls="--")
+        axis.set_yscale("log")
+        axis.set_title(f"{family.family}: {'passes' if family.passes else 'fails'}", fontsize=9)
+        axis.set_xlabel("density")
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    axes[0, 0].set_ylabel(f"|Δ log-rate| (zeros at {floor:g})")
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle(f"locality of {Path(certificate.checkpoint).parent.name}: mode {certificate.mode}, "
+                    f"{certificate.criterion} <= {certificate.tolerance:g}; smallest passing: {certificate.family}",
+                    fontsize=9)  # fmt: skip
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)

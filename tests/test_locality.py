@@ -1,0 +1,162 @@
+"""The locality certificate: exact for hard-local models by construction, failing for unrestricted ones,
+written beside the checkpoint, and refusing bad input by name."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hpcdyn.cli.main import main
+from hpcdyn.learning.checkpoint import save_checkpoint
+from hpcdyn.learning.locality import (
+    Sample, certify, evaluate_patches, read_certificate, samples_from_store, write_certificate,
+)  # fmt: skip
+from hpcdyn.learning.training import load_model
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
+from hpcdyn.physics.environments import make_encoder, patches
+from hpcdyn.physics.replay import replay_segment
+from hpcdyn.physics.systems import ConfigurationError, make_system
+from hpcdyn.simulation.drivers import simulate, simulate_to_store
+
+SYSTEM = make_system("active", {"L": 8, "N": 8, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
+
+
+def perturbed(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(noise * 0.1 if name.endswith("offset_bias") else parameter + 0.3 * noise)
+    return model
+
+
+def save_run(directory, config, system=SYSTEM, seed=0):
+    """A run directory with best.pt holding a model of random weights trained, nominally, on system."""
+    model = perturbed(TransformerRates(config), seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"format": "hpcdyn.checkpoint/1", "model_config": config.as_dict(), "model_state": model.state_dict(),
+             "optimizer_state": {}, "training_config": {}, "metrics": [],
+             "store": {"system": system.name, "params": system.params()}}  # fmt: skip
+    save_checkpoint(state, directory / "best.pt")
+    return directory
+
+
+def random_samples(densities=(0.125, 0.5), configurations=6, seed=1):
+    rng = np.random.default_rng(seed)
+    samples = []
+    for density in densities:
+        system = make_system("active", {**SYSTEM.params(), "N": int(density * 64)})
+        drawn = [system.initial_configuration(rng) for _ in range(configurations)]
+        samples.append(Sample(f"density {density}", density, np.stack([p for p, _ in drawn]),
+                              np.stack([s for _, s in drawn]).astype(np.int64)))  # fmt: skip
+    return samples
+
+
+def local_config(stencil="vn1", layers=2, mode=1):
+    return TransformerConfig(lattice_size=8, d_model=16, n_heads=4, n_layers=layers, d_ff=16, mode=mode, n_classes=3,
+                             attention_stencil=stencil, rotary=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("stencil, layers, mode", [("vn1", 2, 1), ("vn1", 1, 2)])
+def test_a_hard_local_model_passes_at_its_receptive_field_and_only_at_families_covering_it(tmp_path, stencil, layers, mode):
+    run = save_run(tmp_path / "run", local_config(stencil, layers, mode))
+    families = ("vn1-occ", "vn1", "block3", "diamond2")
+    certificate = certify(run, random_samples(), families)
+    expected = "vn1" if layers == 1 else "diamond2"
+    assert certificate.receptive_family == expected and certificate.family == expected and certificate.passes
+    rows = {row.family: row for row in certificate.families}
+    covering = {"vn1", "block3", "diamond2"} if layers == 1 else {"diamond2"}
+    for family, row in rows.items():
+        worst = max(sample.max for sample in row.samples)
+        if family in covering:
+            assert row.passes and worst < 1e-5, (family, worst)  # float32 rounding only
+        else:
+            assert not row.passes and worst > 1e-3, (family, worst)  # random weights see what the key misses
+    if mode == 2:
+        assert all(sample.class_disagreement == 0 for sample in rows[expected].samples)
+    sample = rows[expected].samples[0]
+    assert set(sample.by_move_type) <= {"rotation", "forward_hop", "other_hop", "blocked_hop"}
+    assert sample.tokens == 6 * 8 and 0 < sample.distinct_keys <= sample.tokens
+
+
+def test_an_unrestricted_model_fails_and_its_certificate_says_by_how_much(tmp_path):
+    config = TransformerConfig(lattice_size=8, d_model=16, n_heads=4, n_layers=1, d_ff=16)
+    run = save_run(tmp_path / "run", config)
+    certificate = certify(run, random_samples(), ("vn1", "block5"))
+    assert certificate.family is None and not certificate.passes and certificate.receptive_family is None
+    assert all(row.samples[0].percentiles["p99"] > 0.01 for row in certificate.families)
+
+
+def test_patches_alone_are_placed_as_the_keys_say(tmp_path):
+    """Evaluating a key's patch alone equals the model on that patch centred on an empty lattice
+    (checked through a hard-local model, whose rates depend on the patch only)."""
+    model = perturbed(TransformerRates(local_config("vn1", 1))).eval()
+    encoder = make_encoder("vn1", SYSTEM)
+    positions = torch.tensor([[[4, 4], [5, 4], [4, 3]]])  # a centre, its +x and -y neighbours
+    states = torch.tensor([[2, 0, 3]])
+    digits = patches(encoder, SYSTEM, positions.numpy(), states.numpy())[0, :1]
+    alone, _ = evaluate_patches(model, encoder, SYSTEM, digits)
+    with torch.no_grad():
+        direct = model(positions, states)[0, 0].double().numpy()
+    np.testing.assert_allclose(alone[0], direct, atol=1e-6)
+
+
+def test_certificate_is_written_beside_the_checkpoint_and_read_back(tmp_path):
+    run = save_run(tmp_path / "run", local_config("vn1", 1, mode=2))
+    certificate = certify(run, random_samples(configurations=2), ("vn1-occ", "vn1"))
+    json_path, figure_path = write_certificate(certificate, run)
+    assert json_path == run / "locality.json" and figure_path.stat().st_size > 1000
+    stored = json.loads(json_path.read_text())
+    assert stored["passes"] is True and stored["family"] == "vn1" and len(stored["checkpoint_sha256"]) == 64
+    assert read_certificate(run) == certificate
+
+
+def test_samples_from_a_store_are_the_configurations_before_evenly_spaced_events(tmp_path):
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    path = simulate_to_store(SYSTEM, 5.0, seed=2, out=tmp_path / "run.zarr")
+    trajectory = open_trajectory(path)
+    sample = samples_from_store(trajectory, 4)
+    events = simulate(SYSTEM, 5.0, seed=2).events
+    every_positions, every_states = replay_segment(
+        SYSTEM, torch.as_tensor(events.initial_positions), torch.as_tensor(events.initial_states).long(),
+        torch.as_tensor(events.tokens), torch.as_tensor(events.moves),
+    )  # fmt: skip
+    stops = np.linspace(0, events.n_events, 4, endpoint=False).astype(int)
+    assert np.array_equal(sample.positions, every_positions[stops].numpy())
+    assert np.array_equal(sample.states, every_states[stops].numpy())
+
+
+def test_an_old_checkpoint_without_the_stencil_field_loads_as_unrestricted(tmp_path):
+    config = TransformerConfig(lattice_size=8, d_model=8, n_heads=2, n_layers=1, d_ff=8)
+    run = save_run(tmp_path / "run", config)
+    state = torch.load(run / "best.pt", weights_only=True)
+    del state["model_config"]["attention_stencil"]  # as written before the field existed
+    save_checkpoint(state, run / "best.pt")
+    model, _ = load_model(run)
+    assert model.config.attention_stencil is None and model.config.key_family is None
+
+
+@pytest.mark.slow
+def test_the_command_certifies_fresh_configurations_and_writes_beside_the_run(tmp_path, capsys):
+    run = save_run(tmp_path / "run", local_config("vn1", 1, mode=1))
+    assert main(["locality", str(run), "--family", "vn1", "--family", "vn1-occ", "--configurations", "2",
+                 "--burn-in", "1", "--spacing", "0.5"]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["family"] == "vn1" and printed["families"]["vn1"]["passes"]
+    stored = json.loads((run / "locality.json").read_text())
+    assert [sample["density"] for sample in stored["families"][0]["samples"]] == [0.125, 0.296875, 0.5]
+    assert (run / "locality.png").exists()
+
+
+def test_the_command_refuses_an_unknown_family_and_a_store_of_another_system_by_name(tmp_path, capsys):
+    run = save_run(tmp_path / "run", local_config("vn1", 1, mode=1))
+    assert main(["locality", str(run), "--family", "hexagon3"]) == 2
+    error = capsys.readouterr().err
+    assert "key family: must be one of" in error and "block5-occ" in error and "'hexagon3'" in error
+    fa = simulate_to_store(make_system("fa", {"L": 8, "dim": 2, "c": 0.3}), 1.0, seed=1, out=tmp_path / "fa.zarr")
+    assert main(["locality", str(run), "--store", str(fa)]) == 2
+    error = capsys.readouterr().err
+    assert "store: " in error and "'fa' system" in error and "trained on 'active'" in error
+    assert not (run / "locality.json").exists()
