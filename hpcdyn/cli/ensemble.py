@@ -40,7 +40,8 @@ def add_parser(commands) -> None:
     grid.add_argument("--replicas", type=int, required=True, help="independent replicas per model and density")
     grid.add_argument("--seed", type=non_negative_int, default=0, help="seed >= 0; replica streams derive from (seed, case, replica)")
     system = parser.add_argument_group("system (default: the checkpoints' training values, else the paper preset)")
-    system.add_argument("--L", type=int, help="lattice side; must equal a trained model's")
+    system.add_argument("--L", type=int, help="lattice side; must equal a trained model's on the network engine "
+                        "(default: the checkpoints' training size)")
     system.add_argument("--D", type=float, help="rotation rate of the original model")
     system.add_argument("--v-plus", dest="v_plus", type=float, help="hop rate along the orientation (original model)")
     system.add_argument("--v-other", dest="v_other", type=float, help="hop rate in the other directions (original model)")
@@ -52,6 +53,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
     parser.add_argument("--keep-overlaps", action="store_true",
                         help="apply learned moves onto occupied sites (recorded as overlaps) instead of rejecting them")  # fmt: skip
+    parser.add_argument("--engine", choices=("auto", "network", "table"), default="auto",
+                        help="how learned models run: 'table' (n-fold way over an environment table, millions of "
+                             "events/s, any --L), 'network' (one network call per event, training L only) or 'auto' "
+                             "(default): the table for a hard-local model or one whose `hpcdyn locality` certificate "
+                             "passes, else the network; the choice is recorded in the store")  # fmt: skip
     parser.add_argument("--replicas-per-unit", type=positive_int, help="replicas per unit of work and lock-step batch (default: automatic)")
     parser.add_argument("--force", action="store_true",
                         help="run even when the expected events, snapshot volume or memory look absurd for this machine")  # fmt: skip
@@ -96,6 +102,7 @@ def _ensemble(args: argparse.Namespace) -> dict[str, Any]:
         v_other=args.v_other,
         replicas_per_unit=args.replicas_per_unit,
         reject_overlaps=not args.keep_overlaps,
+        engine=args.engine,
     )
     check_output_path(args.out)
     placement = Placement(

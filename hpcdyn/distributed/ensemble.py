@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 import hpcdyn
+from hpcdyn.distributed.engines import ENGINES, TableUnits, choose_engine
 from hpcdyn.simulation.batched import replica_streams, simulate_batched, snapshot_grid
 from hpcdyn.simulation.compiled import CompiledSimulator
 from hpcdyn.simulation.work_size import (
@@ -76,6 +77,7 @@ class EnsembleConfig:
     v_other: float | None = None
     replicas_per_unit: int | None = None
     reject_overlaps: bool = True
+    engine: str = "auto"  # learned models: auto, network or table (hpcdyn.distributed.engines)
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -96,6 +98,7 @@ class EnsembleConfig:
             "burn_in",
             f"must be a time in [0, t_final = {self.t_final}], got {self.burn_in!r}",
         )
+        require(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
         block = self.replicas_per_unit
         require(block is None or (_is_int(block) and block >= 1), "replicas_per_unit", f"must be an integer >= 1, got {block!r}")
 
@@ -122,7 +125,7 @@ def checkpoint_path(source: str) -> Path:
     return path / "best.pt" if path.is_dir() else path
 
 
-def _describe_model(source: str, labels: set[str]) -> dict[str, Any]:
+def _describe_model(source: str, labels: set[str], engine: str = "auto") -> dict[str, Any]:
     """Identity of one model; a checkpoint is loaded to prove it is usable."""
     if source == ORIGINAL:
         return {"label": ORIGINAL, "kind": ORIGINAL}
@@ -143,13 +146,15 @@ def _describe_model(source: str, labels: set[str]) -> dict[str, Any]:
     label = path.parent.name if path.name == "best.pt" else f"{path.parent.name}/{path.stem}"
     while label in labels or label == ORIGINAL:
         label += "+"
+    sha256 = file_digest(path)
     return {
         "label": label,
         "kind": "checkpoint",
         "path": str(path),
-        "sha256": file_digest(path),
+        "sha256": sha256,
         "model_config": model_config.as_dict(),
         "trained_on": state["store"],
+        **choose_engine(engine, model_config, path, sha256),
     }
 
 
@@ -158,8 +163,9 @@ def _system_value(field: str, given: Any, models: list[dict[str, Any]], fallback
     if given is not None:
         return given
     learned = [model for model in models if model["kind"] != ORIGINAL]
-    if field == "L":
-        found = {model["model_config"]["lattice_size"] for model in learned}
+    if field == "L":  # network models fix L; table-engine models default to their training size
+        network = [model for model in learned if model.get("engine") != "table"]
+        found = {model["model_config"]["lattice_size"] for model in (network or learned)}
     else:
         found = {model["trained_on"].get("params", {}).get(field) for model in learned} - {None}
     if len(found) > 1:
@@ -174,14 +180,15 @@ def resolve(config: EnsembleConfig, out: Path | None = None, force: bool = False
     Unless ``force``, the work must fit this machine (``check_work_size``; the disk at ``out``)."""
     models: list[dict[str, Any]] = []
     for source in config.models:
-        models.append(_describe_model(source, {model["label"] for model in models}))
+        models.append(_describe_model(source, {model["label"] for model in models}, config.engine))
     paper = PRESETS["active"]["paper"]
     system = {field: _system_value(field, getattr(config, field), models, paper[field]) for field in ("L", "D", "v_plus", "v_other")}
     for model in models:
         size = model.get("model_config", {}).get("lattice_size", system["L"])
-        if size != system["L"]:
+        if size != system["L"] and model.get("engine") != "table":
             raise ConfigurationError(
-                f"L: model {model['label']} was trained on a {size} x {size} lattice and runs only there, got L = {system['L']}"
+                f"L: model {model['label']} was trained on a {size} x {size} lattice and runs only there, got L = {system['L']} "
+                f"(on the network engine; a hard-local model, or one whose locality certificate passes, runs at any L on the table)"
             )
     particles = [_particles(density, system) for density in config.densities]
     block = config.replicas_per_unit or _default_block(config, models, system, max(particles))
@@ -284,6 +291,7 @@ class UnitRunner:
         self.store = Path(store)
         self.device = device
         self.models: dict[int, Any] = {}
+        self.tables: dict[int, TableUnits] = {}
 
     def rate_model(self, index: int):
         if index not in self.models:
@@ -296,6 +304,12 @@ class UnitRunner:
             self.models[index], _ = load_model(path, self.device)
         return self.models[index]
 
+    def table_units(self, index: int) -> TableUnits:
+        if index not in self.tables:
+            described = self.config["models"][index]
+            self.tables[index] = TableUnits(self.rate_model(index), described, not self.config["reject_overlaps"])
+        return self.tables[index]
+
     def simulate(self, unit: dict[str, int]) -> dict[str, np.ndarray]:
         """The unit's arrays, indexed [replica in block, ...]."""
         config = self.config
@@ -305,9 +319,11 @@ class UnitRunner:
         starts = [system.initial_configuration(stream.configuration) for stream in streams]
         if config["models"][unit["model"]]["kind"] == ORIGINAL:
             return _original_unit(system, config, starts, streams)
+        times = snapshot_grid(config["t_final"], config["snapshot_every"], config["burn_in"])
+        if config["models"][unit["model"]].get("engine") == "table":
+            return self.table_units(unit["model"]).simulate(system, starts, streams, config["t_final"], times)
         positions = np.stack([start[0] for start in starts])
         states = np.stack([start[1] for start in starts]).astype(np.int64)
-        times = snapshot_grid(config["t_final"], config["snapshot_every"], config["burn_in"])
         result = simulate_batched(
             self.rate_model(unit["model"]), system, positions, states, [stream.key for stream in streams],
             config["t_final"], times, reject_overlaps=config["reject_overlaps"], device=self.device,
@@ -331,12 +347,14 @@ class UnitRunner:
         mark_running(self.store, unit, details)
         begin = time.perf_counter()
         arrays = self.simulate(unit)
+        table = arrays.pop("table", None)  # the table engine's misses and audit, for the manifest
         write_unit(self.store, unit, arrays)
         summary = {
             **details,
             "seconds": time.perf_counter() - begin,
             "events": int(arrays["events"].sum()),
             "rejected": int(arrays["rejected"].sum()),
+            **({"table": table} if table is not None else {}),
         }
         mark_done(self.store, unit, summary)
         return summary
@@ -546,6 +564,7 @@ def _run_locked(resolved: dict[str, Any], path: Path, placement: Placement, over
     finish(path, units, totals)
     return {
         "store": str(path),
+        "engines": {model["label"]: model.get("engine", "compiled") for model in resolved["models"]},
         "units": len(units),
         "units_run": len(pending),
         "units_skipped": len(units) - len(pending),

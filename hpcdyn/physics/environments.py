@@ -31,7 +31,6 @@ stencil table (``stencil_table``) for compiled simulators' local updates.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numba
 import numpy as np
@@ -329,8 +328,3 @@ def token_patch(grid, stencil_sites, first, n_sites, own_state, digit_of_content
     out[0] = own_state
     for i in range(n_sites):
         out[1 + i] = digit_of_content[grid[stencil_sites[first + i]]]
-
-
-def count_bits(encoder: EnvironmentEncoder) -> float:
-    """log2 of the key space: how many bits an exact key of this family needs."""
-    return math.log2(encoder.key_space)

@@ -1,0 +1,397 @@
+"""Environment tables and the table engine: exactness against the true rates and exp(Qt), misses,
+any lattice size, overlaps, the audit, persistence and merging.
+
+Statistical tests use fixed seeds, so each is deterministic. A family of comparisons passes when
+every z-score is below 3 in magnitude and the family's chi-square has p >= 0.01 (for distributions:
+each chi-square p >= 0.01 / the number of tests in the family).
+"""
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+
+from hpcdyn.learning.likelihood import iter_segments, path_log_likelihood
+from hpcdyn.physics.environments import environment_keys, make_encoder, patches
+from hpcdyn.physics.rates import true_rate_model
+from hpcdyn.physics.replay import replay_segment
+from hpcdyn.physics.systems import ConfigurationError, make_system
+from hpcdyn.simulation.batched import replica_streams, simulate_batched, snapshot_grid
+from hpcdyn.simulation.drivers import simulate
+from hpcdyn.simulation.environment_table import EnvironmentTable, PatchEvaluator, model_lattice
+from hpcdyn.simulation.table_engine import EngineOptions, TableEngine
+from hpcdyn.storage.environment_tables import (
+    TableMismatchError,
+    checkpoint_identity,
+    compact_table,
+    original_rates_identity,
+    part_names,
+    read_table,
+)
+
+from conftest import dense_generator, state_key
+from test_simulator import TINY, TINY_IDS, distribution_p_values, tiny_start
+
+FAMILY_P = 0.01
+
+
+def original_table(system, family="vn1", lattice=None):
+    """An empty table of the system's original rates, and its evaluator (patches on ``lattice``)."""
+    model = true_rate_model(lattice or system)
+    evaluator = PatchEvaluator(model, model_lattice(model, system))
+    encoder = make_encoder(family, system)
+    return EnvironmentTable(encoder, evaluator.header_for(encoder, original_rates_identity(system))), evaluator
+
+
+def run_engine(system, seed, t_final, family="vn1", table=None, evaluator=None, **options):
+    if table is None:
+        table, evaluator = original_table(system, family)
+    rng = np.random.default_rng(seed)
+    positions, states = system.initial_configuration(rng)
+    snapshot_times = options.pop("snapshot_times", None)
+    engine = TableEngine(table, evaluator, system, positions, states, rng, t_final, snapshot_times,
+                         EngineOptions(**options))  # fmt: skip
+    return engine, engine.run()
+
+
+class LeakyRates(torch.nn.Module):
+    """The true rates, but hops onto occupied sites get a positive rate, as a learned model's do."""
+
+    def __init__(self, system, leak: float):
+        super().__init__()
+        self.system, self.n_moves = system, system.n_moves
+        self.truth, self.leak = true_rate_model(system), math.log(leak)
+
+    def forward(self, positions, states):
+        log_rates = self.truth(positions, states)
+        return torch.where(torch.isinf(log_rates), torch.full_like(log_rates, self.leak), log_rates)
+
+
+class CrowdedRates(LeakyRates):
+    """Not local: every rate grows with the number of particles in the left half of the lattice."""
+
+    def forward(self, positions, states):
+        crowd = (positions[..., 0] < self.system.L // 2).sum(-1, keepdim=True).unsqueeze(-1)
+        return self.truth(positions, states) + 0.01 * crowd
+
+
+# ----------------------------------------------------------------------------- the table
+@pytest.mark.parametrize("family", ["vn1", "vn1-occ", "block3", "block7"])
+def test_a_table_of_the_original_rates_gives_the_rates_in_full_context(family):
+    system = make_system("active", {"L": 16, "density": 0.4})
+    table, evaluator = original_table(system, family)
+    positions, states = system.initial_configuration(np.random.default_rng(3))
+    keys, checks = environment_keys(table.encoder, system, positions[None], states[None])
+    entries = table.fill(evaluator, patches(table.encoder, system, positions[None], states[None])[0])
+    assert np.array_equal(entries, table.lookup(keys[0], checks[0]))
+    model, batch = true_rate_model(system), (torch.as_tensor(positions)[None], torch.as_tensor(states).long()[None])
+    assert np.array_equal(table.log_rates[entries], model(*batch)[0].numpy())
+    assert np.array_equal(table.classes[entries], model.move_types(*batch)[0].numpy())  # the move types, recorded
+
+
+def test_lookup_grows_past_its_capacity_and_finds_every_key():
+    system = make_system("active", {"L": 30, "density": 0.3})
+    empty, evaluator = original_table(system, "block3")
+    table = EnvironmentTable(empty.encoder, empty.header, capacity=16)
+    table_capacity = len(table.keys)
+    positions, states = system.initial_configuration(np.random.default_rng(1))
+    found = patches(table.encoder, system, positions[None], states[None])[0]
+    entries = table.fill(evaluator, found)
+    assert table.size > table_capacity and np.unique(entries).size == table.size
+    assert np.array_equal(table.fill(evaluator, found), entries)  # a second fill adds nothing
+    assert evaluator.patches_evaluated == table.size
+
+
+# ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize(
+    "system, family",
+    [
+        (make_system("active", preset="paper"), "vn1"),
+        (make_system("active", {"density": 0.5}, preset="paper"), "vn1-occ"),
+        (make_system("fa", {"L": 500, "dim": 1, "c": 0.4}), "vn1"),
+        (make_system("fa", {"L": 30, "dim": 2, "c": 0.2}), "block3"),
+    ],
+    ids=["active-paper-vn1", "active-0.5-vn1-occ", "fa-chain-vn1", "fa-square-block3"],
+)
+def test_running_log_likelihood_equals_recomputation(system, family):
+    _, run = run_engine(system, 11, 10.0, family)
+    assert run.events.n_events > 1000
+    recomputed = path_log_likelihood(run.events, true_rate_model(system), segment_events=1000)
+    assert recomputed.log_likelihood == pytest.approx(run.events.log_likelihood, rel=1e-9)
+    assert run.statistics.audited > 0 and run.statistics.audit_largest_difference == 0.0
+
+
+@pytest.mark.parametrize("system_name, params", [("active", {"L": 12, "density": 0.4}), ("fa", {"L": 10, "dim": 2})])
+def test_a_run_meeting_its_keys_one_by_one_equals_a_run_on_a_prefilled_table(system_name, params):
+    """Misses stop the loop anywhere; chunking, snapshots and the audit neither: same seed, same events."""
+    system = make_system(system_name, params)
+    times = snapshot_grid(15.0, 0.5)
+    _, lazy = run_engine(system, 4, 15.0, prefetch="none", snapshot_times=times)
+    table, evaluator = original_table(system)
+    table.fill_all(evaluator)
+    _, prefilled = run_engine(system, 4, 15.0, table=table, evaluator=evaluator, audit_fraction=0.5,
+                              chunk_events=97, snapshot_chunk=7, snapshot_times=times)  # fmt: skip
+    _, stepping = run_engine(system, 4, 15.0, prefetch="step", snapshot_times=times)
+    assert lazy.statistics.fill_calls > 10 and prefilled.statistics.fill_calls == 0
+    for run in (prefilled, stepping):
+        for name in ("tokens", "moves", "dwell"):
+            assert np.array_equal(getattr(lazy.events, name), getattr(run.events, name))
+        assert np.array_equal(lazy.snapshot_grids, run.snapshot_grids)
+        assert lazy.events.log_likelihood == run.events.log_likelihood
+    assert stepping.statistics.fill_calls < lazy.statistics.fill_calls
+    assert lazy.statistics.first_sightings == lazy.statistics.misses == lazy.statistics.keys_filled
+
+
+def test_token_keys_entries_and_sum_tree_stay_consistent():
+    system = make_system("active", {"L": 14, "density": 0.45})
+    engine, _ = run_engine(system, 2, 20.0)
+    positions, states = engine.configuration()
+    keys, _ = environment_keys(engine.table.encoder, system, positions[None], states[None])
+    assert np.array_equal(engine.token_keys, keys[0])
+    assert np.array_equal(engine.table.keys[engine.entry], keys[0])
+    log_rates = true_rate_model(system)(torch.as_tensor(positions)[None], torch.as_tensor(states).long()[None])
+    assert engine.escape_rate() == pytest.approx(float(log_rates.exp().sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("side", [12, 50])
+def test_a_table_filled_on_the_training_lattice_serves_any_lattice_exactly(side):
+    trained_on = make_system("active", {"L": 30, "density": 0.124})
+    table, evaluator = original_table(trained_on)
+    system = make_system("active", {"L": side, "density": 0.3})
+    _, run = run_engine(system, 5, 1.0, table=table, evaluator=evaluator, audit_fraction=0.0)
+    assert evaluator.lattice.shape == (30, 30)
+    recomputed = path_log_likelihood(run.events, true_rate_model(system), segment_events=2000)
+    assert recomputed.log_likelihood == pytest.approx(run.events.log_likelihood, rel=1e-9)
+
+
+def test_snapshots_are_the_configuration_at_each_grid_time():
+    system = make_system("active", {"L": 6, "N": 9, "D": 0.05, "v_plus": 0.4, "v_other": 0.1})
+    times = snapshot_grid(30.0, 0.25, start=2.0)
+    _, run = run_engine(system, 3, 30.0, snapshot_times=times, snapshot_chunk=5)
+    log = run.events
+    assert np.array_equal(run.snapshot_times, times)
+    event_times = np.cumsum(log.dwell)
+    assert np.sum(np.diff(np.searchsorted(event_times, times)) == 0) > 20  # several snapshots in one dwell
+    positions, states, applied = log.initial_positions.copy(), log.initial_states.astype(np.int64), 0
+    for index, when in enumerate(times):
+        while applied < log.n_events and event_times[applied] <= when:
+            dx, dy, dstate = system.move_table[log.moves[applied]]
+            token = log.tokens[applied]
+            positions[token] = (positions[token] + (dx, dy)) % system.L
+            states[token] = (states[token] + dstate) % 4
+            applied += 1
+        grid = np.zeros((system.L, system.L), np.int8)
+        grid[positions[:, 1], positions[:, 0]] = 1 + states
+        assert np.array_equal(run.snapshot_grids[index], grid), index
+    assert (run.snapshot_overlaps == 0).all()
+
+
+def final_state_counts(system, model, replicas, t, family="vn1", **options):
+    """Histogram over every configuration of the final states of independent short runs."""
+    _, index, all_positions, all_states = dense_generator(system)
+    table, evaluator = original_table(system, family) if model is None else (None, None)
+    if model is not None:
+        evaluator = PatchEvaluator(model, model_lattice(model, system))
+        encoder = make_encoder(family, system)
+        table = EnvironmentTable(encoder, evaluator.header_for(encoder, "test:leaky"))
+    positions, states = tiny_start(system)
+    counts = np.zeros(len(index))
+    engine_options = EngineOptions(audit_fraction=0.0, chunk_events=4096, **options)
+    statistics = []
+    for replica in range(replicas):
+        engine = TableEngine(table, evaluator, system, positions, states, np.random.default_rng(replica), t,
+                             options=engine_options)  # fmt: skip
+        for _ in engine.chunks():
+            pass
+        counts[index[state_key(*engine.configuration())]] += 1
+        statistics.append(engine.statistics())
+    return counts, index, all_positions, all_states, statistics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", [TINY[1], TINY[2], TINY[3]], ids=[TINY_IDS[1], TINY_IDS[2], TINY_IDS[3]])
+def test_state_distribution_matches_exp_qt(system):
+    """20 000 independent runs of a tiny system from a table of its original rates against exp(Qt)."""
+    t = 0.8
+    counts, index, all_positions, all_states, _ = final_state_counts(system, None, 20000, t)
+    generator = dense_generator(system)[0]
+    exact = scipy.linalg.expm(generator * t)[index[state_key(*tiny_start(system))]]
+    p_values = distribution_p_values(system, counts, exact, all_positions, all_states)
+    assert min(p_values) >= FAMILY_P / len(p_values), p_values
+
+
+@pytest.mark.slow
+def test_rejecting_learned_overlap_rates_is_exactly_the_true_dynamics():
+    """A model with a positive rate onto occupied sites, rejected when drawn, is the true dynamics;
+    each draw is rejected with the probability mass reported for it."""
+    system, t = TINY[1], 0.8
+    counts, index, all_positions, all_states, statistics = final_state_counts(system, LeakyRates(system, 0.7), 20000, t)
+    exact = scipy.linalg.expm(dense_generator(system)[0] * t)[index[state_key(*tiny_start(system))]]
+    p_values = distribution_p_values(system, counts, exact, all_positions, all_states)
+    assert min(p_values) >= FAMILY_P / len(p_values), p_values
+    draws = sum(item.draws for item in statistics)
+    rejected = sum(item.rejected for item in statistics)
+    expected = sum(item.rejected_mass * item.draws for item in statistics)  # sum over draws of the mass
+    assert rejected > 1000 and abs(rejected - expected) < 3 * math.sqrt(expected), (rejected, expected, draws)
+
+
+def event_statistics(system, events):
+    """Events per unit time and the fractions of rotations, forward hops and other hops."""
+    rates = true_rate_model(system)
+    fractions = np.zeros(3)
+    for positions, states, tokens, moves, _ in iter_segments(events, 4000):
+        configurations = replay_segment(system, positions, states, tokens, moves)
+        taken = rates.move_types(*configurations)[:-1][torch.arange(len(tokens)), tokens.long(), moves.long()]
+        fractions += np.bincount(taken.numpy(), minlength=4)[:3]
+    return np.concatenate([[events.n_events / events.t_final], fractions / events.n_events])
+
+
+def assert_family_agrees(first: np.ndarray, second: np.ndarray) -> None:
+    """Means over independent runs: every |z| < 3 and the chi-square of the z's has p >= 0.01."""
+    difference = first.mean(0) - second.mean(0)
+    standard_error = np.sqrt(first.var(0, ddof=1) / len(first) + second.var(0, ddof=1) / len(second))
+    z = difference / standard_error
+    assert np.all(np.abs(z) < 3), z
+    assert scipy.stats.chi2.sf((z**2).sum(), df=len(z)) >= FAMILY_P, z
+
+
+@pytest.mark.slow
+def test_event_rate_and_move_fractions_agree_with_the_compiled_simulator():
+    system = make_system("active", {"L": 10, "density": 0.3, "D": 0.5, "v_plus": 3.0, "v_other": 1.0})
+    table, evaluator = original_table(system)
+    compiled = np.array([event_statistics(system, simulate(system, 20.0, seed=100 + k).events) for k in range(12)])
+    engine = np.array([
+        event_statistics(system, run_engine(system, 200 + k, 20.0, table=table, evaluator=evaluator)[1].events)
+        for k in range(12)
+    ])  # fmt: skip
+    assert_family_agrees(engine, compiled)
+
+
+def test_kept_overlaps_agree_with_the_batched_simulator():
+    """keep_overlaps applies hops onto occupied sites as batched.py does with reject_overlaps=False."""
+    system = make_system("active", {"L": 5, "N": 8, "D": 0.5, "v_plus": 2.0, "v_other": 0.5})
+    model, replicas, t = LeakyRates(system, 0.6), 200, 2.0
+    evaluator = PatchEvaluator(model, system)
+    encoder = make_encoder("vn1", system)
+    table = EnvironmentTable(encoder, evaluator.header_for(encoder, "test:leaky"))
+    engine_rows = []
+    for replica in range(replicas):
+        rng = np.random.default_rng(replica)
+        positions, states = system.initial_configuration(rng)
+        engine = TableEngine(table, evaluator, system, positions, states, rng, t, snapshot_grid(t, t),
+                             EngineOptions(keep_overlaps=True))  # fmt: skip
+        run = engine.run()
+        engine_rows.append([run.statistics.events, run.statistics.overlap_events, run.snapshot_overlaps[-1]])
+        assert not run.statistics.audit_largest_difference > 0  # the leaky rates are local: 0 (or nan, no audit)
+    streams = [replica_streams(9, 0, replica) for replica in range(replicas)]
+    starts = [system.initial_configuration(stream.configuration) for stream in streams]
+    batched = simulate_batched(model, system, np.stack([p for p, _ in starts]), np.stack([s for _, s in starts]).astype(np.int64),
+                               np.array([stream.key for stream in streams]), t, snapshot_grid(t, t), reject_overlaps=False)  # fmt: skip
+    batched_rows = np.stack([batched.events, batched.overlap_events, batched.overlaps[:, -1]], axis=1)
+    assert np.mean(np.array(engine_rows)[:, 1]) > 3  # overlaps do happen
+    assert_family_agrees(np.array(engine_rows, float), batched_rows.astype(float))
+
+
+def test_the_audit_catches_a_model_that_is_not_local():
+    system = make_system("active", {"L": 12, "density": 0.3})
+    model = CrowdedRates(system, 1e-3)
+    evaluator = PatchEvaluator(model, system)
+    encoder = make_encoder("vn1", system)
+    table = EnvironmentTable(encoder, evaluator.header_for(encoder, "test:crowded"))
+    _, run = run_engine(system, 1, 5.0, table=table, evaluator=evaluator, audit_fraction=0.01)
+    assert run.statistics.audited > 10
+    assert run.statistics.audit_largest_difference > 0.05  # 0.01 per particle in the left half, ~20 there
+    _, local = run_engine(system, 1, 5.0, audit_fraction=0.01)
+    assert local.statistics.audit_largest_difference == 0.0
+
+
+# ----------------------------------------------------------------------------- persistence
+def test_tables_persist_merge_from_concurrent_writers_and_compact(tmp_path):
+    """Writers append their own parts at once; a read unions them with no key lost."""
+    system = make_system("active", {"L": 16, "density": 0.3})
+    path = tmp_path / "table.zarr"
+    tables = []
+    for seed in (1, 2, 3):
+        table, evaluator = original_table(system, "block3")
+        run_engine(system, seed, 1.0, table=table, evaluator=evaluator)
+        tables.append(table)
+    writers = [threading.Thread(target=table.save, args=(path, f"writer-{n}")) for n, table in enumerate(tables)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert len(part_names(path)) == 3
+    header, rows, report = read_table(path, tables[0].header)
+    union = set().union(*(set(table.keys[: table.size].tolist()) for table in tables))
+    assert set(rows.keys.tolist()) == union and report.largest_duplicate_difference == 0.0
+    sightings = {key: 0 for key in union}
+    for table in tables:
+        for key, seen in zip(table.keys[: table.size].tolist(), table.sightings[: table.size].tolist()):
+            sightings[key] += seen
+    assert dict(zip(rows.keys.tolist(), rows.sightings.tolist())) == sightings
+    assert rows.classes is not None
+    compact_table(path)
+    assert len(part_names(path)) == 1
+    assert np.array_equal(read_table(path)[1].keys, rows.keys)
+    loaded, _ = EnvironmentTable.load(path, tables[0].encoder, header)
+    assert loaded.size == len(union)
+    _, again = run_engine(system, 1, 1.0, table=loaded, evaluator=original_table(system, "block3")[1])
+    assert again.statistics.misses == 0  # the saved table serves a later run whole
+    loaded.save(path)  # only the new sightings: one more small part
+    assert read_table(path)[1].sightings.sum() == rows.sightings.sum() + again.statistics.lookups
+
+
+def test_a_hashed_table_survives_a_round_trip(tmp_path):
+    system = make_system("active", {"L": 16, "density": 0.3})
+    table, evaluator = original_table(system, "block7")
+    run_engine(system, 1, 0.5, table=table, evaluator=evaluator)
+    table.save(tmp_path / "hashed.zarr")
+    loaded, _ = EnvironmentTable.load(tmp_path / "hashed.zarr", table.encoder, table.header)
+    entries = loaded.lookup(table.keys[: table.size], table.checks[: table.size])
+    assert loaded.size == table.size and (entries >= 0).all()
+    assert np.array_equal(loaded.log_rates[entries], table.log_rates[: table.size])
+    assert np.array_equal(loaded.patches[entries], table.patches[: table.size])
+
+
+def test_a_table_of_another_model_or_family_is_refused_by_name(tmp_path):
+    system = make_system("active", {"L": 12, "density": 0.3})
+    table, evaluator = original_table(system)
+    run_engine(system, 1, 0.5, table=table, evaluator=evaluator)
+    table.save(tmp_path / "t.zarr")
+    other_rates = make_system("active", {"L": 12, "density": 0.3, "v_plus": 5.0})
+    other, _ = original_table(other_rates)
+    with pytest.raises(TableMismatchError) as error:
+        EnvironmentTable.load(tmp_path / "t.zarr", other.encoder, other.header)
+    assert original_rates_identity(system) in str(error.value) and original_rates_identity(other_rates) in str(error.value)
+    block, _ = original_table(system, "block3")
+    with pytest.raises(TableMismatchError, match="'vn1'.*'block3'"):
+        EnvironmentTable.load(tmp_path / "t.zarr", block.encoder, block.header)
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    assert checkpoint_identity(checkpoint).startswith("sha256:") and len(checkpoint_identity(checkpoint)) == 71
+    assert original_rates_identity(system) == original_rates_identity(make_system("active", {"L": 64, "density": 0.5}))
+
+
+def test_bad_input_is_refused_with_a_clear_error():
+    system = make_system("active", {"L": 8, "N": 5})
+    table, evaluator = original_table(system)
+    positions, states = np.array([[0, 0], [0, 0], [1, 1], [2, 2], [3, 3]]), np.zeros(5, np.int64)
+    with pytest.raises(ValueError, match="two particles on one site"):
+        TableEngine(table, evaluator, system, positions, states, np.random.default_rng(0), 1.0)
+    with pytest.raises(ConfigurationError, match="t_final"):
+        TableEngine(table, evaluator, system, positions[[0, 2, 3, 4]], states[:4], np.random.default_rng(0), -1.0)
+    with pytest.raises(ConfigurationError, match="prefetch"):
+        EngineOptions(prefetch="sometimes")
+    with pytest.raises(ConfigurationError, match="audit_fraction"):
+        EngineOptions(audit_fraction=2.0)
+    small = make_system("active", {"L": 4, "N": 3})
+    with pytest.raises(ConfigurationError, match="larger than the 4 x 4 lattice"):
+        TableEngine(original_table(make_system("active", {"L": 8, "N": 5}), "block5")[0], evaluator, small,
+                    positions[:3], states[:3], np.random.default_rng(0), 1.0)  # fmt: skip
+    fa = make_system("fa", {"L": 6, "dim": 1})
+    with pytest.raises(ConfigurationError, match="system 'active'"):
+        TableEngine(table, evaluator, fa, *fa.initial_configuration(np.random.default_rng(0)), np.random.default_rng(0), 1.0)
