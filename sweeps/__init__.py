@@ -12,8 +12,9 @@ from __future__ import annotations
 from hpcdyn.distributed.sweep import Study
 from hpcdyn.physics.systems import ConfigurationError
 from sweeps import activity, hparams, ntheta
+from sweeps import range as range_study
 
-STUDIES = {module.NAME: module for module in (ntheta, hparams, activity)}
+STUDIES = {module.NAME: module for module in (ntheta, hparams, activity, range_study)}
 
 
 def get_study(name: str, smoke: bool = False) -> Study:

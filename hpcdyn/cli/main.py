@@ -17,12 +17,12 @@ import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-from hpcdyn.cli import analyze, ensemble, evaluate, info, likelihood, locality, pipeline, simulate, slurm, sweep, train
+from hpcdyn.cli import analyze, ensemble, evaluate, info, likelihood, locality, pipeline, rules, simulate, slurm, sweep, train
 from hpcdyn.cli.options import CommandError, Parser
 from hpcdyn.physics.systems import ConfigurationError
 
 # The order of `hpcdyn --help`. Each module imports torch, ray or xarray only when its command runs.
-COMMANDS = (simulate, likelihood, info, train, evaluate, locality, sweep, ensemble, analyze, pipeline, slurm)
+COMMANDS = (simulate, likelihood, info, train, evaluate, rules, locality, sweep, ensemble, analyze, pipeline, slurm)
 
 
 def build_parser() -> argparse.ArgumentParser:

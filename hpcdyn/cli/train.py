@@ -59,6 +59,13 @@ def add_parser(commands) -> None:
                               help="Mode 2: from this epoch on, train the classifier by the exact gradient of the "
                                    "expected U instead of --estimator (e.g. 4 of 10 epochs, with --class-rate-fit "
                                    "closed_form_last; README)")  # fmt: skip
+    local = parser.add_argument_group("hard-local model (--attention-stencil)")
+    local.add_argument("--no-statistics", dest="statistics", action="store_false",
+                       help="train on segments of events instead of the exact sufficient statistics of the model's "
+                            "key family (default: statistics, computed once beside the store and reused)")  # fmt: skip
+    local.add_argument("--statistics-steps", type=int, default=50, help="gradient steps per epoch on the statistics")
+    local.add_argument("--statistics-batch-keys", type=int, metavar="KEYS",
+                       help="keys per gradient step (default: every key, full batch)")  # fmt: skip
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")
@@ -80,6 +87,16 @@ def interrupted(args: argparse.Namespace) -> str:
     )
 
 
+def check_mode_options(args: argparse.Namespace) -> None:
+    """Mode 2 recipes asked of a Mode 1 model are refused by name, before any work."""
+    from hpcdyn.physics.systems import ConfigurationError
+
+    if args.mode == 1 and args.class_rate_fit != "gradient":
+        raise ConfigurationError("--class-rate-fit: fits Mode 2 class rates; this model is Mode 1 (use --mode 2)")
+    if args.mode == 1 and args.expected_from_epoch is not None:
+        raise ConfigurationError("--expected-from-epoch: trains Mode 2's classifier; this model is Mode 1 (use --mode 2)")
+
+
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.storage.trajectory_store import open_trajectory
     from hpcdyn.learning.training import TrainingConfig, train
@@ -87,6 +104,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
     check_device(args.device)
     check_output_path(args.out)
+    check_mode_options(args)
     trajectory = open_trajectory(args.store)
     model = TransformerConfig(
         system=trajectory.system.name,
@@ -121,6 +139,9 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         bf16=args.bf16,
         compile=args.compile,
+        statistics=args.statistics,
+        statistics_steps=args.statistics_steps,
+        statistics_batch_keys=args.statistics_batch_keys,
     )
     result = train(config, trajectory, args.out, resume=args.resume, progress=show_progress(args))
     return {"run_dir": str(result.run_dir), "epochs": len(result.metrics), "stopped_early": result.stopped_early,

@@ -69,6 +69,12 @@ class TrainingConfig:
     device: str = "cpu"
     bf16: bool = False  # autocast the encoder to bfloat16 (CUDA); likelihood sums stay float64
     compile: bool = False  # torch.compile the model (CUDA)
+    # A hard-local model (model.attention_stencil) trains on the exact sufficient statistics of its key
+    # family (hpcdyn.learning.statistics; computed once beside the store and reused): an epoch is
+    # statistics_steps gradient steps over keys, whatever the trajectory's length. False: on segments.
+    statistics: bool = True
+    statistics_steps: int = 50
+    statistics_batch_keys: int | None = None  # keys per step; None: every key (full batch)
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -91,6 +97,10 @@ class TrainingConfig:
                 f"must be one of {CLASS_RATE_FITS}, got {self.class_rate_fit!r}")  # fmt: skip
         require(self.expected_from_epoch is None or (isinstance(self.expected_from_epoch, int) and self.expected_from_epoch >= 0),
                 "expected_from_epoch", f"must be None or an epoch >= 0, got {self.expected_from_epoch!r}")  # fmt: skip
+        require(isinstance(self.statistics_steps, int) and self.statistics_steps >= 1, "statistics_steps",
+                f"must be an integer >= 1, got {self.statistics_steps!r}")  # fmt: skip
+        require(self.statistics_batch_keys is None or (isinstance(self.statistics_batch_keys, int) and self.statistics_batch_keys >= 1),
+                "statistics_batch_keys", f"must be None or an integer >= 1, got {self.statistics_batch_keys!r}")  # fmt: skip
         start, end = self.gumbel_temperature
         require(0 < end <= start, "gumbel_temperature", f"must be (start, end) with 0 < end <= start, got {self.gumbel_temperature!r}")
 
@@ -271,6 +281,7 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
         optimizer.load_state_dict(state["optimizer_state"])
         metrics = state["metrics"]
     scored = compiled_model(model, config)
+    local = _statistics_objective(model, source, config)
     true_result = _true_validation(source, validation, config)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once everything checked out: a refused run leaves nothing
     best = max(metrics, key=lambda m: m["val_U_per_T"]) if metrics else None
@@ -285,11 +296,22 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
         torch.manual_seed(config.seed * 100_003 + epoch)  # Gumbel noise
         _set_schedules(model, optimizer, config, epoch)
         begin = time.perf_counter()
-        train_stats = _train_epoch(scored, optimizer, training, config, generator, bar)
-        if model.config.mode == 2 and _closed_form_epoch(config, epoch):
-            fit_class_rates(model, training, max(config.segment_events, 512), config.device)
-        validation_result = _validate(scored, validation, config)
+        if local is not None:  # a hard-local model: exact U from the sufficient statistics
+            from hpcdyn.learning import local_training
+
+            train_stats = local_training.train_epoch(local, scored, optimizer, config, generator, bar, epoch)
+            if model.config.mode == 2 and _closed_form_epoch(config, epoch):
+                local.fit_class_rates(model)
+                train_stats["train_U_per_T"] = local.both_parts(model)[0] / max(local.stats.t_train, 1e-300)
+            validation_result = local_training.validate(local, scored)
+        else:
+            train_stats = _train_epoch(scored, optimizer, training, config, generator, bar)
+            if model.config.mode == 2 and _closed_form_epoch(config, epoch):
+                fit_class_rates(model, training, max(config.segment_events, 512), config.device)
+            validation_result = _validate(scored, validation, config)
         epoch_metrics = _epoch_metrics(epoch, train_stats, validation_result, true_result, model, time.perf_counter() - begin)
+        if local is not None:
+            epoch_metrics.update(local_training.ceiling_metrics(local.stats), trained_on=f"statistics:{local.stats.family}")
         metrics.append(epoch_metrics)
         improved = best is None or epoch_metrics["val_U_per_T"] > best["val_U_per_T"]
         best, since_best = (epoch_metrics, 0) if improved else (best, since_best + 1)
@@ -303,6 +325,23 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
             report(epoch_metrics, run_dir)
     bar.close()
     return TrainingResult(run_dir, metrics, best or {}, stopped_early)
+
+
+def _statistics_objective(model: TransformerRates, source: EventSource, config: TrainingConfig):
+    """The statistics of a hard-local model's key family (cached beside the store), or None."""
+    if not (model.config.hard_local and config.statistics):
+        return None
+    from hpcdyn.learning.local_training import StatisticsObjective
+    from hpcdyn.learning.statistics import cached_statistics
+
+    family = model.config.key_family
+    if family is None:
+        raise ConfigurationError(
+            f"attention_stencil: {model.config.n_layers} layers of {model.config.attention_stencil!r} reach beyond every "
+            "key family; use fewer layers, a smaller stencil, or statistics=False"
+        )
+    stats, _ = cached_statistics(source, family, config.validation_fraction, config.max_train_events)
+    return StatisticsObjective(stats, source.system, config.device)
 
 
 def compiled_model(model: TransformerRates, config: TrainingConfig):

@@ -1,0 +1,216 @@
+"""Training a hard-local model on the exact sufficient statistics of a trajectory (DESIGN 1.6).
+
+    objective = StatisticsObjective(stats, lattice=source.system)
+    u = objective.log_likelihood(model, "train")        # exact U, differentiable, one call per key
+
+A hard-local model's rates depend on its key alone (``TransformerConfig.key_family``), so
+
+    U = sum_{p,m} n_{p,m} ln W_m(p) - sum_p E_p sum_m W_m(p)
+
+Each key's patch is placed alone on an empty lattice of the training size (as the environment
+table's evaluator does: ``hpcdyn.learning.locality.patch_configurations``) and evaluated once: an
+epoch costs one network call per distinct key, whatever the trajectory's length. The batches of
+patch configurations are built once per statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from hpcdyn.learning.locality import patch_configurations
+from hpcdyn.learning.statistics import PARTS, SufficientStatistics
+from hpcdyn.physics.environments import decode_keys, make_encoder
+from hpcdyn.physics.systems import ConfigurationError, System
+
+
+class StatisticsObjective:
+    """U of a hard-local model from sufficient statistics, in batches of keys."""
+
+    def __init__(self, stats: SufficientStatistics, lattice: System, device: str = "cpu"):
+        self.stats, self.lattice, self.device = stats, lattice, device
+        self.encoder = make_encoder(stats.family, lattice)
+        patch_rows = decode_keys(self.encoder, stats.keys)
+        # (rows, positions, states, centre) per batch of patches with the same number of tokens
+        self.batches = [
+            (torch.as_tensor(rows, device=device), torch.as_tensor(positions, device=device),
+             torch.as_tensor(states, device=device), centre)  # fmt: skip
+            for rows, positions, states, centre in patch_configurations(self.encoder, lattice, patch_rows)
+        ]
+        self.exposure = torch.as_tensor(stats.exposure, dtype=torch.float64, device=device)  # [2, K]
+        self.counts = torch.as_tensor(stats.counts, dtype=torch.float64, device=device)  # [2, K, M]
+
+    def check_model(self, model) -> None:
+        family = model.config.key_family
+        if not model.config.hard_local or family is None:
+            raise ConfigurationError("model: only a hard-local model (attention_stencil) trains on sufficient statistics")
+        if family != self.stats.family:
+            raise ConfigurationError(
+                f"statistics: they are of key family {self.stats.family!r}, the model needs {family!r}; "
+                "compute the statistics of the model's key family"
+            )
+
+    def key_log_rates(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(event, exposure) log-rates of the centre token of each patch of a batch, [B, M] each."""
+        _, positions, states, centre = batch
+        if getattr(model, "scores_events_apart", False):
+            event, exposure = model.split_log_rates(positions, states)
+            return event[:, centre], exposure[:, centre]
+        log_rates = model(positions, states)[:, centre]
+        return log_rates, log_rates
+
+    def batch_log_likelihood(self, model, batch, part: str | int = "train") -> torch.Tensor:
+        """U contributed by the keys of one batch (float64, differentiable)."""
+        index = PARTS.index(part) if isinstance(part, str) else part
+        rows = batch[0]
+        event, exposure = self.key_log_rates(model, batch)
+        counts = self.counts[index, rows]
+        event = event.double()
+        taken = torch.where(counts > 0, counts * event, torch.zeros_like(event)).sum()
+        return taken - (self.exposure[index, rows, None] * exposure.double().exp()).sum()
+
+    def log_likelihood(self, model, part: str = "train") -> torch.Tensor:
+        """U of the whole part (sum over every batch of keys)."""
+        self.check_model(model)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in self.batches:
+            total = total + self.batch_log_likelihood(model, batch, part)
+        return total
+
+    def both_parts(self, model) -> tuple[float, float]:
+        """(U train, U held-out), without gradients, one network call per key."""
+        totals = [0.0, 0.0]
+        with torch.no_grad():
+            for batch in self.batches:
+                rows = batch[0]
+                log_rates = model(batch[1], batch[2])[:, batch[3]].double()
+                for index in range(2):
+                    counts = self.counts[index, rows]
+                    taken = torch.where(counts > 0, counts * log_rates, torch.zeros_like(log_rates)).sum()
+                    totals[index] += float(taken - (self.exposure[index, rows, None] * log_rates.exp()).sum())
+        return totals[0], totals[1]
+
+    @torch.no_grad()
+    def fit_class_rates(self, model) -> torch.Tensor:
+        """Mode 2: class rates set to n_k / E_k over the training part (a class without events keeps its rate)."""
+        n_classes = model.config.n_classes
+        events = torch.zeros(n_classes, dtype=torch.float64, device=self.device)
+        exposure = torch.zeros(n_classes, dtype=torch.float64, device=self.device)
+        for rows, positions, states, centre in self.batches:
+            classes = model.move_classes(positions, states)[:, centre]  # [B, M], -1 masked
+            valid = classes >= 0
+            safe = classes.clamp_min(0)
+            events.index_add_(0, safe[valid], self.counts[0, rows][valid])
+            exposure.index_add_(0, safe[valid], self.exposure[0, rows, None].expand_as(classes)[valid])
+        rates = events / exposure.clamp_min(torch.finfo(torch.float64).tiny)
+        fitted = events > 0
+        model.class_log_rates[fitted] = rates[fitted].log().to(model.class_log_rates.dtype)
+        return rates
+
+    @torch.no_grad()
+    def key_classes(self, model) -> np.ndarray:
+        """Mode 2: the class of every (key, move), int64 [K, M] (-1 masked)."""
+        out = np.zeros((self.stats.n_keys, model.n_moves), np.int64)
+        for rows, positions, states, centre in self.batches:
+            out[rows.cpu().numpy()] = model.move_classes(positions, states)[:, centre].cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def key_log_rates_all(self, model) -> np.ndarray:
+        out = np.zeros((self.stats.n_keys, model.n_moves))
+        for rows, positions, states, centre in self.batches:
+            out[rows.cpu().numpy()] = model(positions, states)[:, centre].double().cpu().numpy()
+        return out
+
+
+def statistics_log_likelihood(model, stats: SufficientStatistics, lattice: System, part: str = "train") -> float:
+    """U of ``model`` on one part of a trajectory, from its sufficient statistics (no gradient)."""
+    objective = StatisticsObjective(stats, lattice)
+    objective.check_model(model)
+    with torch.no_grad():
+        return float(objective.log_likelihood(model, part))
+
+
+def ml_rates(stats: SufficientStatistics) -> np.ndarray:
+    """The non-parametric maximum-likelihood rates n_{p,m} / E_p on the training part, [K, M]."""
+    exposure, counts = stats.part("train")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(exposure[:, None] > 0, counts / exposure[:, None], 0.0)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else float("nan")
+
+
+# ----------------------------------------------------------------------------- the trainer's epoch
+CLOSED_FORM_EVERY = 5
+def train_epoch(objective: StatisticsObjective, model, optimizer, config, generator: torch.Generator, progress,
+                epoch: int = 0) -> dict:  # fmt: skip
+    """``config.statistics_steps`` gradient steps on -U / T of the training part.
+
+    Full batch (every key each step) unless ``config.statistics_batch_keys`` is smaller than the
+    number of keys: then each step takes random groups of keys (the patch batches) adding up to about
+    that many, their U scaled up to the whole (an unbiased estimate of U).
+    """
+    model.train()
+    t_train = max(objective.stats.t_train, 1e-300)
+    n_keys = objective.stats.n_keys
+    sizes = [len(batch[0]) for batch in objective.batches]
+    limit = config.statistics_batch_keys
+    total_u = 0.0
+    # Mode 2 with closed-form class rates and the expected-U gradient: after one epoch in which the
+    # classifier sorts the moves by the rates as they are, the rates are refitted every
+    # CLOSED_FORM_EVERY steps (hard EM; cheap on statistics: one no-grad call per key). Refitted
+    # earlier, while the moves still sit in arbitrary classes, every class goes to the mean rate.
+    start = config.expected_from_epoch
+    refit = (model.config.mode == 2 and config.class_rate_fit == "closed_form" and start is not None and epoch > start)
+    for step in range(config.statistics_steps):
+        if limit is None or limit >= n_keys:
+            chosen, scale = range(len(objective.batches)), 1.0
+        else:
+            order = torch.randperm(len(objective.batches), generator=generator).tolist()
+            chosen, taken = [], 0
+            for index in order:
+                if taken >= limit:
+                    break
+                chosen.append(index)
+                taken += sizes[index]
+            scale = n_keys / taken
+        u = sum(objective.batch_log_likelihood(model, objective.batches[index], "train") for index in chosen) * scale
+        loss = -u / t_train
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
+        optimizer.step()
+        total_u = float(u.detach())
+        if refit and (step + 1) % CLOSED_FORM_EVERY == 0:  # cheap on statistics: one no-grad call per key
+            objective.fit_class_rates(model)
+    progress.update(objective.stats.n_events[0])
+    model.eval()
+    u_train, _ = objective.both_parts(model)
+    return {
+        "train_U_per_T": u_train / t_train,
+        "train_events": objective.stats.n_events[0],
+        "train_step_U_per_T": total_u / t_train,
+    }
+
+
+def validate(objective: StatisticsObjective, model):
+    """Held-out U as the trainer's LikelihoodResult (exactly path_log_likelihood's, from the statistics)."""
+    from hpcdyn.learning.likelihood import LikelihoodResult
+
+    model.eval()
+    _, u_heldout = objective.both_parts(model)
+    stats = objective.stats
+    return LikelihoodResult(u_heldout, stats.t_heldout, stats.n_events[1], float(stats.split.get("tail", 0.0)))
+
+
+def ceiling_metrics(stats: SufficientStatistics) -> dict:
+    """The non-parametric ML rates' U/T (every key its own rate, fitted on the training part)."""
+    return {
+        "statistics_keys": stats.n_keys,
+        "ml_train_U_per_T": stats.ml_log_likelihood("train") / max(stats.t_train, 1e-300),
+        "ml_val_U_per_T": _finite(stats.ml_log_likelihood("heldout") / max(stats.t_heldout, 1e-300)),
+    }

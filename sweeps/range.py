@@ -1,0 +1,138 @@
+"""Range scan: hard-local models of increasing stencil, Mode 2 at N_theta = N* and Mode 1, x seeds.
+
+Each trial trains a one-layer hard-local model (attention within the stencil, relative offsets
+only) on the exact sufficient statistics of its key family (``hpcdyn.learning.statistics``). The
+held-out U/T rises with the stencil until it covers the interaction range of the dynamics and then
+flattens: r* = vn1, the nearest neighbours, for the active model (volume exclusion acts on the
+target site of a hop) and for the FA model (the constraint counts up neighbours). ``find_range``
+reads r* off the results Dataset as ``find_plateau`` reads N*; ``plot_range`` draws it.
+
+    hpcdyn sweep range --smoke
+    python -c "from sweeps.range import summarise; summarise('runs/sweeps/range')"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcdyn.distributed.sweep import Study
+from sweeps.common import ACTIVE_DATA, SMOKE_DATA, TINY_MODEL
+
+NAME = "range"
+STENCILS = ["vn1", "block3", "diamond2", "block5"]  # in order of size (ATTENTION_STENCILS)
+N_STAR = 4  # the active model's N* (sweeps/ntheta.py)
+LOCAL = {"model.rotary": False, "model.n_layers": 1, "training.statistics": True, "training.statistics_steps": 50}
+RECIPE = {"training.epochs": 10, "training.patience": 10, "training.lr": 1e-2, "training.expected_from_epoch": 3,
+          "training.class_rate_fit": "closed_form_last"}  # fmt: skip
+PER_EVENT = 1e-3  # a larger stencil must gain more than this (nats per held-out event) to count
+
+FULL = Study(
+    NAME,
+    base={**ACTIVE_DATA, **LOCAL, **RECIPE, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64},
+    grids=(
+        {"model.attention_stencil": STENCILS, "model.mode": [2], "model.n_classes": [N_STAR], "training.seed": [0, 1, 2]},
+        {"model.attention_stencil": STENCILS, "model.mode": [1], "training.seed": [0, 1, 2]},
+    ),
+    description=__doc__,
+)
+
+SMOKE = Study(
+    NAME,
+    base={**SMOKE_DATA, **TINY_MODEL, **LOCAL, **RECIPE, "training.epochs": 3, "training.patience": 3,
+          "training.statistics_steps": 20, "training.expected_from_epoch": 1},  # fmt: skip
+    grids=(
+        {"model.attention_stencil": STENCILS[:3], "model.mode": [2], "model.n_classes": [N_STAR], "training.seed": [0]},
+        {"model.attention_stencil": STENCILS[:3], "model.mode": [1], "training.seed": [0]},
+    ),
+    description=__doc__,
+)
+
+
+@dataclasses.dataclass
+class RangePlateau:
+    """Held-out U/T against the stencil (mean, spread over seeds) per mode, and r* per mode."""
+
+    stencils: list[str]
+    mean: dict[int, list[float]]
+    spread: dict[int, list[float]]
+    r_star: dict[int, str | None]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def find_range(dataset, per_event: float = PER_EVENT) -> RangePlateau:
+    """r*: the smallest stencil whose mean held-out U/T is within reach of the best stencil's.
+
+    Reach = max(per_event x held-out events per unit time, the best stencil's spread over seeds).
+    """
+    present = [name for name in STENCILS if name in [str(v) for v in dataset["attention_stencil"].values]]
+    modes = [int(m) for m in dataset["mode"].values] if "mode" in dataset.dims else [0]
+    mean, spread, r_star = {}, {}, {}
+    for mode in modes:
+        part = dataset.sel(mode=mode) if "mode" in dataset.dims else dataset
+        values = part["val_U_per_T"]
+        others = [dim for dim in values.dims if dim != "attention_stencil"]
+        rows = [values.sel(attention_stencil=name).values.reshape(-1) for name in present]
+        rows = [row[np.isfinite(row)] for row in rows]
+        means = [float(row.mean()) if row.size else math.nan for row in rows]
+        spreads = [float(row.std()) if row.size else math.nan for row in rows]
+        ratio = (part["val_U_per_T"] / part["val_U_per_event"]).values if "val_U_per_event" in part else np.array([])
+        ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+        rate = float(np.median(ratio)) if ratio.size else math.nan
+        finite = [i for i, value in enumerate(means) if math.isfinite(value)]
+        if not finite:
+            mean[mode], spread[mode], r_star[mode] = means, spreads, None
+            continue
+        best = max(finite, key=lambda i: means[i])
+        reach = max(per_event * rate if math.isfinite(rate) else 0.0, np.nan_to_num(spreads[best]))
+        r_star[mode] = next(present[i] for i in finite if means[i] >= means[best] - reach)
+        mean[mode], spread[mode] = means, spreads
+        _ = others
+    return RangePlateau(present, mean, spread, r_star)
+
+
+def plot_range(dataset, plateau: RangePlateau, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    x = np.arange(len(plateau.stencils))
+    for mode, means in plateau.mean.items():
+        axes.errorbar(x, means, yerr=plateau.spread[mode], marker="o", capsize=3,
+                      label=f"Mode {mode}" + (f" (N_theta = {N_STAR})" if mode == 2 else "") + f": r* = {plateau.r_star[mode]}")  # fmt: skip
+    if "true_val_U_per_T" in dataset:
+        truth = float(np.nanmedian(dataset["true_val_U_per_T"].values))
+        axes.axhline(truth, color="k", linestyle="--", label="generating rates")
+    axes.set_xticks(x, plateau.stencils)
+    axes.set_xlabel("attention stencil (one layer)")
+    axes.set_ylabel("held-out U/T")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def summarise(sweep_directory: str | Path) -> RangePlateau:
+    """Print r* of a finished range sweep (its results Dataset) and draw range.png beside it."""
+    from hpcdyn.distributed.sweep_results import load_sweep_results
+
+    directory = Path(sweep_directory)
+    candidates = sorted(directory.glob("*.zarr")) or [directory]
+    dataset = load_sweep_results(candidates[0])
+    plateau = find_range(dataset)
+    figure = plot_range(dataset, plateau, directory / "range.png")
+    for mode, name in plateau.r_star.items():
+        print(f"r* = {name} (Mode {mode}; held-out U/T against the stencil: "
+              + ", ".join(f"{s}: {v:.4g}" for s, v in zip(plateau.stencils, plateau.mean[mode])) + ")")  # fmt: skip
+    print(f"figure: {figure}")
+    return plateau

@@ -1,0 +1,140 @@
+"""Training a hard-local model on sufficient statistics through train() (hpcdyn.learning.local_training)."""
+
+import json
+
+import pytest
+import torch
+
+from hpcdyn.cli.main import main
+from hpcdyn.learning.likelihood import path_log_likelihood
+from hpcdyn.learning.statistics import split_points
+from hpcdyn.learning.training import TrainingConfig, load_model, train
+from hpcdyn.learning.transformer import TransformerConfig
+from hpcdyn.physics.systems import ConfigurationError, make_system
+from hpcdyn.simulation.drivers import simulate, simulate_to_store
+from hpcdyn.storage.events import EventWindow
+
+SYSTEM = make_system("active", {"L": 10, "N": 14, "D": 0.1, "v_plus": 10.0, "v_other": 1.0})
+
+
+@pytest.fixture(scope="module")
+def events():
+    return simulate(SYSTEM, 30.0, seed=1).events
+
+
+def local_config(mode=2, **training) -> TrainingConfig:
+    model = TransformerConfig(system="active", lattice_size=10, d_model=16, n_heads=2, n_layers=1, d_ff=32, mode=mode,
+                              n_classes=4, rotary=False, attention_stencil="vn1")  # fmt: skip
+    values = {"epochs": 3, "lr": 2e-2, "statistics_steps": 20, "segment_events": 64, **training}
+    return TrainingConfig(model=model, **values)
+
+
+def test_train_dispatches_hard_local_models_to_statistics(events, tmp_path):
+    result = train(local_config(class_rate_fit="closed_form"), events, tmp_path / "run")
+    last = result.metrics[-1]
+    assert last["trained_on"] == "statistics:vn1"
+    assert last["statistics_keys"] > 10
+    assert last["train_U_per_T"] <= last["ml_train_U_per_T"] + 1e-9  # the ceiling of every vn1 model
+    # the validation U/T reported is the path likelihood of the held-out tail, exactly (float32 model: 1e-5)
+    model, _ = load_model(tmp_path / "run")
+    _, boundary = split_points(events.n_events, 0.1)
+    heldout = path_log_likelihood(EventWindow(events, boundary, events.n_events), model)
+    best = result.best
+    assert best["val_U_per_T"] == pytest.approx(heldout.per_time, rel=1e-5)
+    assert best["gap_per_event"] >= -0.05  # the true rates explain the held-out data at least about as well
+
+
+@pytest.mark.slow
+def test_statistics_training_improves_and_resumes_identically(events, tmp_path):
+    config = local_config(epochs=4, lr_schedule="constant", patience=10)
+    full = train(config, events, tmp_path / "full")
+    assert full.metrics[-1]["train_U_per_T"] > full.metrics[0]["train_U_per_T"]
+    train(local_config(epochs=2, lr_schedule="constant", patience=10), events, tmp_path / "half")
+    resumed = train(config, events, tmp_path / "half", resume=True)
+    assert [m["val_U_per_T"] for m in resumed.metrics] == [m["val_U_per_T"] for m in full.metrics]
+
+
+def test_mode_1_and_mini_batches(events, tmp_path):
+    result = train(local_config(mode=1, statistics_batch_keys=8), events, tmp_path / "mode1")
+    assert result.metrics[-1]["trained_on"] == "statistics:vn1"
+    assert result.metrics[-1]["val_U_per_T"] > result.metrics[0]["val_U_per_T"] - 1.0
+
+
+def test_bad_statistics_options_refused():
+    with pytest.raises(ConfigurationError, match="^statistics_steps:"):
+        TrainingConfig(statistics_steps=0)
+    with pytest.raises(ConfigurationError, match="^statistics_batch_keys:"):
+        TrainingConfig(statistics_batch_keys=0)
+
+
+def test_cli_trains_from_statistics_and_refuses_mode_2_recipes_on_mode_1(tmp_path, capsys):
+    store = simulate_to_store(SYSTEM, 8.0, seed=2, out=tmp_path / "run.zarr")
+    common = ["train", str(store), "--attention-stencil", "vn1", "--d-model", "16", "--n-heads", "2", "--n-layers", "1",
+              "--d-ff", "16", "--epochs", "1", "--statistics-steps", "5", "--segment-events", "32"]  # fmt: skip
+    assert main([*common, "--mode", "2", "--out", str(tmp_path / "out")]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["trained_on"] == "statistics:vn1"
+    assert list((tmp_path / "run.zarr.statistics").glob("vn1-*.zarr"))  # kept beside the store
+    capsys.readouterr()
+    for option in (["--class-rate-fit", "closed_form"], ["--expected-from-epoch", "1"]):
+        assert main([*common, "--mode", "1", *option, "--out", str(tmp_path / "refused")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and option[0] in error
+        assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit) as exit_info:  # a stencil no system knows: argparse refuses it by name
+        main([*common, "--attention-stencil", "hex7", "--out", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2 and "hex7" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_rules_reads_classes_and_a_tree(tmp_path, capsys):
+    store = simulate_to_store(SYSTEM, 8.0, seed=4, out=tmp_path / "run.zarr")
+    common = ["train", str(store), "--attention-stencil", "vn1", "--d-model", "16", "--n-heads", "2", "--n-layers", "1",
+              "--d-ff", "16", "--epochs", "2", "--statistics-steps", "10"]  # fmt: skip
+    assert main([*common, "--mode", "2", "--out", str(tmp_path / "m2")]) == 0
+    assert main([*common, "--mode", "1", "--out", str(tmp_path / "m1")]) == 0
+    capsys.readouterr()
+    assert main(["rules", str(tmp_path / "m2")]) == 0
+    text = capsys.readouterr().out
+    assert "events/exposure" in text and "accuracy" in text and "if " in text
+    header = text.splitlines().index("class  rate        events      exposure        events/exposure")
+    assert all(line.split()[0].isdigit() for line in text.splitlines()[header + 1 : header + 5])
+    assert main(["rules", str(tmp_path / "m1"), "--bins", "3"]) == 0
+    assert "level 2" in capsys.readouterr().out
+
+
+def test_range_study_and_its_plateau(tmp_path):
+    import numpy as np
+    import xarray as xr
+
+    from hpcdyn.distributed.sweep import check_study
+    from sweeps import get_study
+    from sweeps.range import STENCILS, find_range, plot_range
+
+    points = check_study(get_study("range", smoke=True))
+    assert {p["model.attention_stencil"] for p in points} == set(STENCILS[:3]) and {p["model.mode"] for p in points} == {1, 2}
+    # held-out U/T (1000 events per unit time): vn1 already at the plateau for Mode 2, block3 for Mode 1
+    values = np.array([[[100.0, 100.1], [80.0, 80.2]], [[100.2, 100.1], [99.9, 100.0]],
+                       [[100.3, 100.2], [100.1, 100.0]], [[100.1, 100.0], [100.0, 100.2]]])  # fmt: skip
+    dataset = xr.Dataset(
+        {"val_U_per_T": (("attention_stencil", "mode", "seed"), values),
+         "val_U_per_event": (("attention_stencil", "mode", "seed"), values / 1000.0)},  # fmt: skip
+        coords={"attention_stencil": STENCILS, "mode": [2, 1], "seed": [0, 1]},
+    )
+    plateau = find_range(dataset)
+    assert plateau.r_star == {2: "vn1", 1: "block3"}
+    assert plot_range(dataset, plateau, tmp_path / "range.png").exists()
+
+
+def test_tree_rules_name_the_classes_the_tree_saw():
+    import numpy as np
+    from sklearn.tree import DecisionTreeClassifier
+
+    from hpcdyn.cli.rules import tree_rules
+
+    features = np.array([[0], [1], [2], [3]])
+    target = np.array([1, 1, 3, 3])  # classes 0 and 2 unused: the tree's own indices are 0 and 1
+    tree = DecisionTreeClassifier(max_depth=2, random_state=0).fit(features, target)
+    text = tree_rules(tree, ["move"], ["class 0", "class 1", "class 2", "class 3"])
+    assert "-> class 1" in text and "-> class 3" in text and "class 0" not in text and "class 2" not in text
