@@ -10,13 +10,15 @@ largest cluster as a fraction of the particles. Per replica, after the burn-in: 
 these and the variance of f4 over time. Per (model, density): the mean over replicas and its standard
 error std / sqrt(n_replicas). Nothing is computed until ``.compute()`` (or ``compute`` below) is called;
 each dask task labels one chunk of snapshots, so memory follows the store's chunks, not its size.
+With ``per_chunk=analysis.chunk_tasks.OnWorkers(...)`` the chunks are labelled by tasks elsewhere (a
+Ray cluster's workers) and only the reductions run here, with identical results.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,10 @@ OBSERVABLES = {
     "largest_cluster_fraction": "largest cluster as a fraction of the particles",
 }
 TIME_MEANS = ("f4", "n_clusters", "mean_cluster_size", "largest_cluster_fraction")
+
+# A hook of snapshot_dataset: (occupancy with y and x merged, the lazy per-chunk columns) -> the same
+# columns, with the same chunks, computed elsewhere (analysis.chunk_tasks.OnWorkers: Ray tasks).
+PerChunk = Callable[[xr.DataArray, tuple[xr.DataArray, ...]], tuple[xr.DataArray, ...]]
 
 
 def open_ensemble(path: str | Path, chunks: Any = None) -> xr.Dataset:
@@ -115,11 +121,13 @@ def _columns(grid: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(table[..., index] for index in range(table.shape[-1]))
 
 
-def snapshot_dataset(ensemble: xr.Dataset) -> xr.Dataset:
+def snapshot_dataset(ensemble: xr.Dataset, per_chunk: PerChunk | None = None) -> xr.Dataset:
     """Per-snapshot observables (model, density, replica, time), lazy: one dask task per store chunk.
 
     Chunks along y and x are merged first (a cluster may span the whole lattice); chunks along the
     other dims are kept. Snapshots without particles (never written) are NaN throughout.
+    ``per_chunk`` (e.g. ``analysis.chunk_tasks.OnWorkers``) computes the same per-chunk columns
+    elsewhere, such as on a Ray cluster's workers; everything after them is unchanged.
     """
     check_ensemble(ensemble)
     occupancy = ensemble["occupancy"].chunk({"y": -1, "x": -1})  # also makes a numpy-backed array lazy
@@ -132,6 +140,8 @@ def snapshot_dataset(ensemble: xr.Dataset) -> xr.Dataset:
         dask="parallelized",
         output_dtypes=[np.float64] * len(SNAPSHOT_OBSERVABLES),
     )
+    if per_chunk is not None:
+        columns = per_chunk(occupancy, columns)
     per_snapshot = xr.Dataset(dict(zip(SNAPSHOT_OBSERVABLES, columns)))
     written = per_snapshot["n_particles"] > 0
     for name in SNAPSHOT_OBSERVABLES[1:]:
@@ -170,15 +180,18 @@ def replica_statistics(per_replica: xr.Dataset) -> xr.Dataset:
     return xr.Dataset(statistics, attrs=per_replica.attrs).transpose("model", "density", ...)
 
 
-def summarize(ensemble: xr.Dataset | str | Path, burn_in: float | None = None) -> xr.Dataset:
+def summarize(
+    ensemble: xr.Dataset | str | Path, burn_in: float | None = None, per_chunk: PerChunk | None = None
+) -> xr.Dataset:
     """Observables per (model, density) with standard errors across replicas, lazily.
 
-    ``ensemble`` is a store path or an opened dataset; ``burn_in`` defaults to the store's attribute.
+    ``ensemble`` is a store path or an opened dataset; ``burn_in`` defaults to the store's attribute;
+    ``per_chunk`` as in ``snapshot_dataset``.
     """
     if not isinstance(ensemble, xr.Dataset):
         ensemble = open_ensemble(ensemble)
     burn_in = resolve_burn_in(ensemble, burn_in)
-    return replica_statistics(replica_averages(snapshot_dataset(ensemble), burn_in))
+    return replica_statistics(replica_averages(snapshot_dataset(ensemble, per_chunk), burn_in))
 
 
 def compute(data: xr.Dataset | xr.DataArray, progress: bool = False):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from analysis.chunk_tasks import Submit, summarize_on_workers
 from analysis.observables import (
     OBSERVABLES,
     REFERENCE_MODEL,
@@ -55,10 +56,14 @@ def write_report(
     burn_in: float | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    run_tasks: Submit | None = None,
 ) -> dict[str, Any]:
     """Analyse ``store`` (and optionally sweep results and stores at other activities) into ``out``.
 
     Every input is opened and checked before any work; the directory appears only once complete.
+    ``run_tasks`` (e.g. ``hpcdyn.distributed.analysis_tasks.RayTasks``) submits the per-chunk
+    observables of every store as tasks elsewhere (``analysis.chunk_tasks``), the reductions stay
+    here; None: everything with dask threads here.
     Returns the summary that is also written to summary.json.
     """
     out = Path(out)
@@ -73,7 +78,9 @@ def write_report(
     partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     partial.mkdir(parents=True)
     try:
-        summary = _write_contents(store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress)
+        summary = _write_contents(
+            store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks
+        )
         _move_into_place(partial, out, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -81,16 +88,27 @@ def write_report(
     return summary
 
 
-def _write_contents(store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress):
-    statistics = compute(summarize(ensemble, burn_in), progress=progress)
+def _summary(path, ensemble, burn_in, progress, run_tasks) -> xr.Dataset:
+    """The computed summary of one store: here with dask threads, or per chunk through ``run_tasks``."""
+    if run_tasks is None:
+        return compute(summarize(ensemble, burn_in), progress=progress)
+    return summarize_on_workers(path, run_tasks, burn_in, ensemble=ensemble, progress=progress)
+
+
+def _write_contents(
+    store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks=None
+):
+    statistics = _summary(store, ensemble, burn_in, progress, run_tasks)
     figures = save_figure(plot_learned_vs_original(statistics), directory / "learned_vs_original")
     figures += save_figure(plot_snapshots(ensemble), directory / "snapshots")
     models = statistics["model"].values.tolist()
     differences = difference_table(statistics) if REFERENCE_MODEL in models and len(models) > 1 else None
     if differences is not None:
         differences.to_csv(directory / "differences.csv", index=False)
-    if activity_ensembles:
-        stores = [ensemble, *activity_ensembles]
+    if activity_ensembles:  # each store summarised once, the main one already is
+        stores = [statistics] + [
+            _summary(path, data, burn_in, progress, run_tasks) for path, data in zip(activity_stores, activity_ensembles)
+        ]
         learned = stores if all(len(learned_models(data)) == 1 for data in stores) else None
         figure = plot_activity_maps(stores, learned=learned, burn_in=burn_in)
         figures += save_figure(figure, directory / "activity_maps")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from analysis.chunk_tasks import OnWorkers, run_here, summarize_on_workers
 from analysis.observables import ENSEMBLE_DIMS, open_ensemble, summarize
 from analysis.phase_diagram import (
     PANELS,
@@ -222,6 +223,75 @@ def test_cli_analyze(stores, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work
     with pytest.raises(SystemExit):
         main(["analyze", str(stores["main"]), "--out", str(tmp_path / "z"), "--burn-in", "-1"])
+
+
+def test_per_chunk_tasks_give_the_local_results_to_the_last_digit(stores):
+    """The per-chunk tables computed as separate tasks (here: in process), reduced by the same dask graph."""
+    for store in stores.values():  # "slow" is chunked along y and x: the plan merges them like snapshot_dataset
+        local = summarize(store).compute()
+        for min_task_sites in (1, None):  # one chunk per task; the default grouping (several chunks a task)
+            hook = OnWorkers(store, run_here, min_task_sites=min_task_sites)
+            xr.testing.assert_identical(summarize(store, per_chunk=hook).compute(), local)
+            assert hook.tasks >= (1 if min_task_sites is None else 2)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray of 2 CPUs for the module's Ray tests (started by the first that needs it)."""
+    pytest.importorskip("ray")
+    from hpcdyn.distributed.cluster import init_ray
+
+    ray = init_ray(num_cpus=2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def test_analyze_address_on_ray_equals_the_local_analysis(stores, ray_address, tmp_path, capsys, monkeypatch):
+    """`hpcdyn analyze --address` against the plain local analysis: summary.json identical (but its
+    creation time), the summary Datasets identical; chunks spread over several Ray tasks."""
+    import analysis.chunk_tasks
+    from hpcdyn.distributed.analysis_tasks import ray_tasks
+
+    monkeypatch.setattr(analysis.chunk_tasks, "MIN_TASK_SITES", 10_000)  # several tasks on the small stores
+    common = [str(stores["main"]), "--activity", str(stores["slow"]), "--no-progress"]
+    assert main(["analyze", *common, "--out", str(tmp_path / "local")]) == 0
+    capsys.readouterr()
+    assert main(["analyze", *common, "--out", str(tmp_path / "ray"), "--address", ray_address]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ray"]["address"] == ray_address and printed["ray"]["tasks"] > 2
+    local, on_ray = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("local", "ray"))
+    assert local.pop("created") and on_ray.pop("created")
+    assert on_ray == local
+    assert (tmp_path / "ray" / "differences.csv").read_bytes() == (tmp_path / "local" / "differences.csv").read_bytes()
+    assert {"activity_maps.png", "learned_vs_original.pdf"} <= {path.name for path in (tmp_path / "ray").iterdir()}
+
+    with ray_tasks(ray_address) as run:
+        for store in stores.values():
+            xr.testing.assert_identical(summarize_on_workers(store, run), summarize(store).compute())
+        # a task that fails on its worker raises its own error here: the store's occupancy is not the planned one
+        with pytest.raises(ConfigurationError, match="not the occupancy the driver planned for"):
+            summarize_on_workers(stores["main"], run, ensemble=open_ensemble(stores["slow"]))
+
+
+def test_analyze_address_refusals_are_one_line(stores, tmp_path, capsys, monkeypatch):
+    """Refused in one line (exit 2) before Ray is joined or started, and before anything is written."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started for input that should have been refused")
+
+    monkeypatch.setattr("hpcdyn.distributed.cluster.init_ray", refuse)
+    out = tmp_path / "report"
+    for arguments, message in [
+        (["--address", "127.0.0.1:1"], "address: no Ray cluster answers at --address 127.0.0.1:1"),
+        (["--address", "not an address"], "address: --address 'not an address' is not HOST:PORT"),
+        (["--num-cpus", "2"], "num_cpus: --num-cpus sizes the Ray that --address local starts"),
+        (["--address", "auto", "--num-cpus", "2"], "num_cpus:"),
+        (["--address", "local", "--sweep", str(stores["slow"])], "sweep:"),  # inputs checked before Ray starts
+    ]:
+        assert main(["analyze", str(stores["main"]), "--out", str(out), "--no-progress", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error
+        assert not out.exists()
 
 
 @pytest.mark.slow
