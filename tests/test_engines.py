@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from hpcdyn.distributed.engines import choose_engine
@@ -38,6 +39,7 @@ def manifest_entries(store):
 
 
 def test_a_hard_local_model_runs_on_its_table_at_its_training_size_and_at_another(tmp_path):
+    torch.manual_seed(0)  # the model's initial weights, so the audited lookups are the same every run
     run = save_run(tmp_path / "run", hard_local(), SYSTEM)
     for L in (8, 12):
         out = tmp_path / f"ensemble-{L}.zarr"
@@ -76,3 +78,33 @@ def test_an_unrestricted_model_without_certificate_runs_on_the_network_and_a_for
     assert any("engine:" in str(warning.message) for warning in caught)
     with pytest.raises(ConfigurationError, match="^engine: must be one of"):
         choose_engine("gpu", config, run / "best.pt", "0" * 64)
+
+
+def certificate_passing_at(family, checkpoint_sha256, mode=2):
+    """A certificate that passes at ``family`` (vn1's key space is smaller than diamond2's)."""
+    from hpcdyn.learning.locality import Certificate, FamilyResult
+
+    spaces = {"vn1": 2_500, "diamond2": 4 * 5**12}
+    rows = tuple(FamilyResult(name, space, name == family or name == "diamond2", ()) for name, space in spaces.items())
+    return Certificate("best.pt", checkpoint_sha256, mode, "class_disagreement", 1e-4, "diamond2", rows, family)
+
+
+def write_certificate_json(certificate, directory):
+    from hpcdyn.learning.locality import CERTIFICATE_FILE
+    from hpcdyn.storage.strict_json import dumps
+
+    (directory / CERTIFICATE_FILE).write_text(dumps(certificate.as_dict()))
+
+
+def test_a_hard_local_model_takes_a_smaller_family_that_its_certificate_passes(tmp_path):
+    config = TransformerConfig(lattice_size=8, d_model=16, n_heads=4, n_layers=2, d_ff=16, mode=2, n_classes=3,
+                               attention_stencil="vn1", rotary=False)  # fmt: skip
+    assert config.key_family == "diamond2"
+    exact = choose_engine("auto", config, tmp_path / "best.pt", "a" * 64)  # no certificate: the receptive family
+    assert exact["key_family"] == "diamond2" and "exactly" in exact["reason"]
+    write_certificate_json(certificate_passing_at("vn1", "a" * 64), tmp_path)
+    smaller = choose_engine("auto", config, tmp_path / "best.pt", "a" * 64)
+    assert smaller["engine"] == "table" and smaller["key_family"] == "vn1" and "passes at vn1" in smaller["reason"]
+    assert choose_engine("auto", config, tmp_path / "best.pt", "b" * 64)["key_family"] == "diamond2"  # another checkpoint's
+    write_certificate_json(certificate_passing_at("diamond2", "a" * 64), tmp_path)
+    assert choose_engine("auto", config, tmp_path / "best.pt", "a" * 64)["key_family"] == "diamond2"
