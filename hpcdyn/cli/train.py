@@ -92,9 +92,9 @@ def check_mode_options(args: argparse.Namespace) -> None:
     from hpcdyn.physics.systems import ConfigurationError
 
     if args.mode == 1 and args.class_rate_fit != "gradient":
-        raise ConfigurationError("--class-rate-fit: fits Mode 2 class rates; this model is Mode 1 (use --mode 2)")
+        raise ConfigurationError("class_rate_fit: --class-rate-fit fits Mode 2 class rates; this model is Mode 1 (use --mode 2)")
     if args.mode == 1 and args.expected_from_epoch is not None:
-        raise ConfigurationError("--expected-from-epoch: trains Mode 2's classifier; this model is Mode 1 (use --mode 2)")
+        raise ConfigurationError("expected_from_epoch: --expected-from-epoch trains Mode 2's classifier; this model is Mode 1 (use --mode 2)")
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
