@@ -8,7 +8,7 @@ A hard-local model's rates depend on its key alone (``TransformerConfig.key_fami
     U = sum_{p,m} n_{p,m} ln W_m(p) - sum_p E_p sum_m W_m(p)
 
 Each key's patch is placed alone on an empty lattice of the training size (as the environment
-table's evaluator does: ``hpcdyn.learning.locality.patch_configurations``) and evaluated once: an
+table's evaluator does: ``hpcdyn.physics.environments.patch_configurations``) and evaluated once: an
 epoch costs one network call per distinct key, whatever the trajectory's length. The batches of
 patch configurations are built once per statistics.
 """
@@ -20,9 +20,8 @@ import math
 import numpy as np
 import torch
 
-from hpcdyn.learning.locality import patch_configurations
 from hpcdyn.learning.statistics import PARTS, SufficientStatistics
-from hpcdyn.physics.environments import decode_keys, make_encoder
+from hpcdyn.physics.environments import decode_keys, make_encoder, patch_configurations
 from hpcdyn.physics.systems import ConfigurationError, System
 
 

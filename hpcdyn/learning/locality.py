@@ -26,14 +26,14 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from hpcdyn.learning.checkpoint import load_checkpoint
 from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
-from hpcdyn.physics.environments import EnvironmentEncoder, check_fits, make_encoder, patches
+from hpcdyn.physics.environments import EnvironmentEncoder, check_fits, make_encoder, patch_configurations, patches
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.physics.replay import advance
 from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, FASystem, System, make_system
@@ -182,48 +182,13 @@ def samples_from_store(trajectory, count: int, label: str | None = None) -> Samp
 
 
 # ----------------------------------------------------------------------------- patches placed alone
-def patch_configurations(encoder: EnvironmentEncoder, lattice: System, patch_rows: np.ndarray) -> Iterator[tuple]:
-    """(rows, positions [B, T, 2], states [B, T], centre token) per batch of patches of equal token count.
-
-    Each patch is placed alone, centred at (Lx // 2, Ly // 2) of an empty lattice; active: the centre
-    particle first, then the stencil's particles (an occupancy digit stands for orientation 0); fa:
-    every site a token, spin 0 outside the stencil. As the environment table's evaluator places them.
-    """
-    ly, lx = lattice.shape
-    centre = np.array([lx // 2, ly // 2])
-    sites = (centre + encoder.offset_array) % [lx, ly]  # [S, 2]
-    content_of_digit = np.array([encoder.digit_of_content.index(digit) for digit in range(encoder.base)])
-    patch_rows = np.asarray(patch_rows, np.int64)
-    if isinstance(lattice, FASystem):
-        per_call = max(1, min(PATCHES_PER_CALL, SITES_PER_CALL // (lx * ly)))
-        every = np.stack(np.meshgrid(np.arange(lx), np.arange(ly)), -1).reshape(-1, 2)
-        for start in range(0, len(patch_rows), per_call):
-            rows = np.arange(start, min(start + per_call, len(patch_rows)))
-            spins = np.zeros((len(rows), ly, lx), np.int64)
-            spins[:, sites[:, 1], sites[:, 0]] = content_of_digit[patch_rows[rows, 1:]]
-            spins[:, centre[1], centre[0]] = patch_rows[rows, 0]
-            positions = np.broadcast_to(every, (len(rows), lx * ly, 2)).copy()
-            yield rows, positions, spins.reshape(len(rows), -1), centre[1] * lx + centre[0]
-        return
-    occupied = patch_rows[:, 1:] > 0
-    counts = occupied.sum(1)
-    for count in np.unique(counts):
-        group = np.flatnonzero(counts == count)
-        for start in range(0, len(group), PATCHES_PER_CALL):
-            rows = group[start : start + PATCHES_PER_CALL]
-            site_index = np.nonzero(occupied[rows])[1].reshape(len(rows), count)
-            positions = np.concatenate([np.broadcast_to(centre, (len(rows), 1, 2)), sites[site_index]], axis=1)
-            neighbour_states = content_of_digit[np.take_along_axis(patch_rows[rows, 1:], site_index, 1)] - 1
-            yield rows, positions, np.concatenate([patch_rows[rows, :1], neighbour_states], axis=1), 0
-
-
 def evaluate_patches(model, encoder: EnvironmentEncoder, lattice: System, patch_rows: np.ndarray,
                      device: str = "cpu") -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """(log_rates float64 [K, M], Mode 2 classes long [K, M] or None) of each patch placed alone."""
     check_fits(encoder, lattice.shape)
     log_rates = np.zeros((len(patch_rows), model.n_moves))
     classes = np.zeros((len(patch_rows), model.n_moves), np.int64) if model.config.mode == 2 else None
-    for rows, positions, states, centre in patch_configurations(encoder, lattice, patch_rows):
+    for rows, positions, states, centre in patch_configurations(encoder, lattice, patch_rows, PATCHES_PER_CALL, SITES_PER_CALL):
         positions = torch.as_tensor(positions, device=device)
         states = torch.as_tensor(states, device=device)
         with torch.inference_mode():

@@ -31,6 +31,7 @@ stencil table (``stencil_table``) for compiled simulators' local updates.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numba
 import numpy as np
@@ -328,3 +329,41 @@ def token_patch(grid, stencil_sites, first, n_sites, own_state, digit_of_content
     out[0] = own_state
     for i in range(n_sites):
         out[1 + i] = digit_of_content[grid[stencil_sites[first + i]]]
+
+
+def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_rows: np.ndarray, batch_size: int = 4096,
+                         sites_per_call: int = 1 << 22) -> Iterator[tuple]:
+    """(rows, positions [B, T, 2], states [B, T], centre token) per batch of patches of equal token count.
+
+    Each patch is placed alone, centred at (Lx // 2, Ly // 2) of an empty lattice; active: the centre
+    particle first, then the stencil's particles (an occupancy digit stands for orientation 0); fa:
+    every site a token, spin 0 outside the stencil. Batches hold at most ``batch_size`` patches and,
+    for fa (whose patches fill the lattice), about ``sites_per_call`` lattice sites. The environment
+    table's evaluator and the locality certificate both place patches here, so they cannot drift apart.
+    """
+    ly, lx = lattice.shape
+    centre = np.array([lx // 2, ly // 2])
+    sites = (centre + encoder.offset_array) % [lx, ly]  # [S, 2]
+    content_of_digit = np.array([encoder.digit_of_content.index(digit) for digit in range(encoder.base)])
+    patch_rows = np.asarray(patch_rows, np.int64)
+    if isinstance(lattice, FASystem):
+        per_call = max(1, min(batch_size, sites_per_call // (lx * ly)))
+        every = np.stack(np.meshgrid(np.arange(lx), np.arange(ly)), -1).reshape(-1, 2)
+        for start in range(0, len(patch_rows), per_call):
+            rows = np.arange(start, min(start + per_call, len(patch_rows)))
+            spins = np.zeros((len(rows), ly, lx), np.int64)
+            spins[:, sites[:, 1], sites[:, 0]] = content_of_digit[patch_rows[rows, 1:]]
+            spins[:, centre[1], centre[0]] = patch_rows[rows, 0]
+            positions = np.broadcast_to(every, (len(rows), lx * ly, 2)).copy()
+            yield rows, positions, spins.reshape(len(rows), -1), centre[1] * lx + centre[0]
+        return
+    occupied = patch_rows[:, 1:] > 0
+    counts = occupied.sum(1)
+    for count in np.unique(counts):
+        group = np.flatnonzero(counts == count)
+        for start in range(0, len(group), batch_size):
+            rows = group[start : start + batch_size]
+            site_index = np.nonzero(occupied[rows])[1].reshape(len(rows), count)
+            positions = np.concatenate([np.broadcast_to(centre, (len(rows), 1, 2)), sites[site_index]], axis=1)
+            neighbour_states = content_of_digit[np.take_along_axis(patch_rows[rows, 1:], site_index, 1)] - 1
+            yield rows, positions, np.concatenate([patch_rows[rows, :1], neighbour_states], axis=1), 0

@@ -31,8 +31,8 @@ import numba
 import numpy as np
 import torch
 
-from hpcdyn.physics.environments import EnvironmentEncoder, all_patches, keys_of_patches
-from hpcdyn.physics.systems import SYSTEMS, ActiveSystem, ConfigurationError, FASystem, System
+from hpcdyn.physics.environments import EnvironmentEncoder, all_patches, keys_of_patches, patch_configurations
+from hpcdyn.physics.systems import SYSTEMS, ActiveSystem, ConfigurationError, System
 from hpcdyn.storage.environment_tables import (
     CollisionError,
     MergeReport,
@@ -327,32 +327,7 @@ class PatchEvaluator:
 
     def _configurations(self, encoder, patches):
         """(rows, positions [B, T, 2], states [B, T], centre token) per batch of equal token count."""
-        ly, lx = self.lattice.shape
-        centre = np.array([lx // 2, ly // 2])
-        sites = (centre + encoder.offset_array) % [lx, ly]  # [S, 2]
-        per_call = max(1, min(self.batch_size, (1 << 22) // (lx * ly)))
-        # content of each digit: the first content giving it (occupancy keys stand for orientation 0)
-        content_of_digit = np.array([encoder.digit_of_content.index(d) for d in range(encoder.base)])
-        if isinstance(self.lattice, FASystem):
-            for start in range(0, len(patches), per_call):
-                rows = np.arange(start, min(start + per_call, len(patches)))
-                spins = np.zeros((len(rows), ly, lx), np.int64)
-                spins[:, sites[:, 1], sites[:, 0]] = content_of_digit[patches[rows, 1:]]
-                spins[:, centre[1], centre[0]] = patches[rows, 0]
-                every = np.stack(np.meshgrid(np.arange(lx), np.arange(ly)), -1).reshape(-1, 2)
-                yield rows, np.broadcast_to(every, (len(rows), lx * ly, 2)).copy(), spins.reshape(len(rows), -1), centre[1] * lx + centre[0]
-            return
-        occupied = patches[:, 1:] > 0
-        counts = occupied.sum(1)
-        for count in np.unique(counts):
-            group = np.flatnonzero(counts == count)
-            for start in range(0, len(group), per_call):
-                rows = group[start : start + per_call]
-                site_index = np.nonzero(occupied[rows])[1].reshape(len(rows), count)
-                positions = np.concatenate([np.broadcast_to(centre, (len(rows), 1, 2)), sites[site_index]], axis=1)
-                neighbour_states = content_of_digit[np.take_along_axis(patches[rows, 1:], site_index, 1)] - 1
-                states = np.concatenate([patches[rows, :1], neighbour_states], axis=1)
-                yield rows, positions, states, 0
+        return patch_configurations(encoder, self.lattice, patches, self.batch_size, 1 << 22)
 
 
 def log_rate_difference(table_values: np.ndarray, model_values: np.ndarray) -> np.ndarray:
