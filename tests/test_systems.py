@@ -54,7 +54,7 @@ def test_invalid_parameters_are_refused_by_name(name, params, field):
 
 
 def test_unknown_system_and_preset_list_the_valid_ones():
-    with pytest.raises(ConfigurationError, match="system: must be one of \\['active', 'fa'\\]"):
+    with pytest.raises(ConfigurationError, match="system: must be one of \\['active', 'fa', 'quorum'\\]"):
         make_system("ising")
     with pytest.raises(ConfigurationError, match="preset: .*chain"):
         make_system("fa", preset="paper")

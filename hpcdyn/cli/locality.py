@@ -124,7 +124,7 @@ def _fresh_samples(system, args: argparse.Namespace) -> list:
     for index, density in enumerate(dict.fromkeys(round(value, 6) for value in densities)):
         params = {**system.params(), "density": density}
         params.pop("N")
-        at_density = make_system("active", params)
+        at_density = make_system(system.name, params)
         samples.append(_draw(at_density, f"density {density:g}", at_density.density, args, seed_offset=index))
     return samples
 

@@ -10,15 +10,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hpcdyn.physics.systems import SYSTEMS, ConfigurationError
+from hpcdyn.physics.systems import SYSTEMS, ActiveSystem, ConfigurationError
 
 SYSTEM_OPTIONS = {  # CLI option -> (parameter name, type, help)
     "--L": ("L", int, "lattice side (sites per dimension)"),
-    "--N": ("N", int, "number of particles (active)"),
-    "--density": ("density", float, "particle density N/L^2 in (0, 1] (active; instead of --N)"),
-    "--D": ("D", float, "rotation rate (active)"),
-    "--v-plus": ("v_plus", float, "hop rate along the orientation (active)"),
-    "--v-other": ("v_other", float, "hop rate in the three other directions (active)"),
+    "--N": ("N", int, "number of particles (active, quorum)"),
+    "--density": ("density", float, "particle density N/L^2 in (0, 1] (active, quorum; instead of --N)"),
+    "--D": ("D", float, "rotation rate (active, quorum)"),
+    "--v-plus": ("v_plus", float, "hop rate along the orientation (active; quorum: when not crowded)"),
+    "--v-other": ("v_other", float, "hop rate in the three other directions (active, quorum)"),
+    "--R": ("R", int, "quorum: the block counted is (2R+1) x (2R+1) sites around the particle"),
+    "--q": ("q", int, "quorum: crowded when at least q other particles sit in the block"),
+    "--v-crowded": ("v_crowded", float, "quorum: hop rate along the orientation when crowded"),
     "--c": ("c", float, "FA up-spin bias: flip rates m*c (0->1) and m*(1-c) (1->0)"),
     "--dim": ("dim", int, "FA lattice dimension, 1 or 2"),
 }
@@ -129,7 +132,7 @@ def system_parameters(args: argparse.Namespace) -> dict[str, Any]:
     given = {name: getattr(args, name) for name, _, _ in SYSTEM_OPTIONS.values()}
     given = {name: value for name, value in given.items() if value is not None}
     known = {field for field in SYSTEMS[args.system].__dataclass_fields__} | (
-        {"density"} if args.system == "active" else set()
+        {"density"} if issubclass(SYSTEMS[args.system], ActiveSystem) else set()
     )
     foreign = sorted(set(given) - known)
     if foreign:

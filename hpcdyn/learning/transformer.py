@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as functional
 
-from hpcdyn.physics.systems import SYSTEMS, ConfigurationError
+from hpcdyn.physics.systems import PARTICLE_SYSTEMS, SYSTEMS, ConfigurationError
 
 
 ESTIMATORS = ("straight_through", "gumbel")
@@ -114,7 +114,7 @@ class TransformerConfig:
     mode: int = 1
     n_classes: int = 4  # N_theta, Mode 2 only
     estimator: str = "straight_through"  # Mode 2 gradient: straight_through or gumbel
-    exclusion_mask: bool = False  # opt-in: forbid hops onto occupied sites (active only)
+    exclusion_mask: bool = False  # opt-in: forbid hops onto occupied sites (particle systems only)
     rotary: bool = True  # periodic 2-D rotary encoding of q and k (relative offsets on the torus)
     attention_sink: bool = True  # a learned key/value every query can attend to (add_bias_kv)
     relative_bias: bool = True  # a learned score per head for every offset on the torus (all L^2 of them)
@@ -147,9 +147,9 @@ class TransformerConfig:
         )
         require(self.estimator in ESTIMATORS, "estimator", f"must be one of {ESTIMATORS}, got {self.estimator!r}")
         require(
-            not self.exclusion_mask or self.system == "active",
+            not self.exclusion_mask or self.system in PARTICLE_SYSTEMS,
             "exclusion_mask",
-            "only the active system has volume exclusion to mask",
+            f"only the particle systems {PARTICLE_SYSTEMS} have volume exclusion to mask",
         )
         require(math.isfinite(self.initial_log_rate), "initial_log_rate", "must be finite")
         require(math.isfinite(self.initial_offset_score), "initial_offset_score", "must be finite")

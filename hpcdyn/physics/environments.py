@@ -36,7 +36,7 @@ from typing import Iterator
 import numba
 import numpy as np
 
-from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, FASystem, System
+from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, FASystem, QuorumSystem, System
 
 CONTENTS = ("state", "occupancy")
 KEY_BITS = 63
@@ -186,6 +186,23 @@ def make_encoder(family: str | KeyFamily, system: System) -> EnvironmentEncoder:
     else:
         raise TypeError(f"no environment keys for {type(system).__name__}")
     return EnvironmentEncoder(family, system.name, offsets, system.n_states, digits, max(digits) + 1)
+
+
+def rate_family(system: System) -> str:
+    """The smallest registered family whose keys fix a system's true rates.
+
+    active: the nearest neighbours' occupancy (``vn1-occ``); fa: the nearest neighbours' spins
+    (``vn1``); quorum: the occupancy of the (2R+1) x (2R+1) block it counts (``block5-occ`` for R 2),
+    which holds the hop targets too. Quorum blocks wider than the registered ones are refused.
+    """
+    if isinstance(system, QuorumSystem):
+        name = f"block{system.block_side}-occ"
+        if name not in FAMILIES:
+            widest = max(int(family[5:-4]) for family in FAMILIES if family.startswith("block") and family.endswith("-occ"))
+            raise ConfigurationError(f"R: no key family covers a {system.block_side} x {system.block_side} block; "
+                                     f"the widest is block{widest} (R <= {widest // 2})")  # fmt: skip
+        return name
+    return "vn1-occ" if isinstance(system, ActiveSystem) else "vn1"
 
 
 # ----------------------------------------------------------------------------- lattice tables

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from hpcdyn.physics.systems import HOP_DISPLACEMENTS, ActiveSystem, FASystem, System, neighbour_directions
+from hpcdyn.physics.systems import HOP_DISPLACEMENTS, ActiveSystem, FASystem, QuorumSystem, System, neighbour_directions
 
 
 @runtime_checkable
@@ -95,6 +95,42 @@ class ActiveRates(_PhysicsRates):
         return self.type_log_rates(states.device)[types]
 
 
+def block_counts(positions: torch.Tensor, shape: tuple[int, int], radius: int) -> torch.Tensor:
+    """Number of OTHER particles in the (2 radius + 1)^2 block centred on each token, long [batch, n_tokens]."""
+    batch, n_tokens = positions.shape[:2]
+    ones = torch.ones(batch, n_tokens, dtype=torch.long, device=positions.device)
+    particles = torch.zeros(batch, shape[0] * shape[1], dtype=torch.long, device=positions.device)
+    particles.scatter_add_(1, _flat_sites(positions, shape), ones)  # particles per site
+    span = torch.arange(-radius, radius + 1, device=positions.device)
+    offsets = torch.cartesian_prod(span, span)  # [(2R+1)^2, 2] (dx, dy), the centre included
+    x = (positions[..., 0, None] + offsets[:, 0]) % shape[1]  # [batch, n_tokens, (2R+1)^2]
+    y = (positions[..., 1, None] + offsets[:, 1]) % shape[0]
+    inside = particles.gather(1, (y * shape[1] + x).reshape(batch, -1)).reshape(x.shape)
+    return inside.sum(-1) - 1  # the token itself sits at the centre
+
+
+class QuorumRates(ActiveRates):
+    """True rates of the quorum-sensing active model (DESIGN 1.7) as a rate model.
+
+    As ``ActiveRates``, plus one move type: the forward hop of a crowded particle (at least q other
+    particles in its block), at rate v_crowded.
+    """
+
+    CROWDED_HOP = 4
+    TYPE_NAMES = ActiveRates.TYPE_NAMES + ("crowded_forward_hop",)
+    type_names = TYPE_NAMES
+
+    def move_types(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        types = super().move_types(positions, states)
+        crowded = block_counts(positions, self.system.shape, self.system.R) >= self.system.q  # [batch, n_tokens]
+        forward = (types == self.FORWARD_HOP) & crowded.unsqueeze(-1)
+        return torch.where(forward, self.CROWDED_HOP, types)
+
+    def type_log_rates(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        crowded = torch.tensor([_log(self.system.v_crowded)], dtype=self.dtype, device=device)
+        return torch.cat([super().type_log_rates(device), crowded])
+
+
 class FARates(_PhysicsRates):
     """True rates of the Fredrickson-Andersen model (DESIGN 1.2) as a rate model."""
 
@@ -128,6 +164,8 @@ class FARates(_PhysicsRates):
 
 def true_rate_model(system: System, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     """The generating rates of a system, as a rate model."""
+    if isinstance(system, QuorumSystem):  # before ActiveSystem, of which it is a kind
+        return QuorumRates(system, dtype)
     if isinstance(system, ActiveSystem):
         return ActiveRates(system, dtype)
     if isinstance(system, FASystem):
@@ -138,7 +176,9 @@ def true_rate_model(system: System, dtype: torch.dtype = torch.float64) -> torch
 def distinct_rates(system: System) -> dict[str, float]:
     """The distinct non-zero rates of a system's generating dynamics by name, for comparison with learned classes."""
     params = system.params()
-    if system.name == "active":
+    if isinstance(system, QuorumSystem):
+        return {name: float(params[name]) for name in ("D", "v_crowded", "v_other", "v_plus")}
+    if isinstance(system, ActiveSystem):
         return {name: float(params[name]) for name in ("D", "v_other", "v_plus")}
     c, neighbours = float(params["c"]), 2 * int(params["dim"])
     rates = {f"{m}c": m * c for m in range(1, neighbours + 1)}

@@ -2,6 +2,7 @@
 
 A configuration is a set of tokens, each with a lattice position (x, y) and an integer state:
 - "active": one token per particle, state = orientation o in {0, 1, 2, 3} (+x, +y, -x, -y);
+- "quorum": the active model with quorum sensing (same tokens, states and moves; DESIGN 1.7);
 - "fa": one token per lattice site, state = spin in {0, 1}.
 
 Every move of every system is an additive step (dx, dy, dstate) applied to one token, positions
@@ -117,6 +118,36 @@ class ActiveSystem:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuorumSystem(ActiveSystem):
+    """Active matter with quorum sensing (DESIGN 1.7): a nonlocal rule of range R.
+
+    Tokens, states and moves are the active model's (so it is an ``ActiveSystem`` wherever only
+    those matter); only the forward hop's rate differs: v_plus while fewer than q other particles
+    sit in the (2R+1) x (2R+1) block centred on the particle, v_crowded otherwise.
+    """
+
+    R: int = 2
+    q: int = 3
+    v_crowded: float = 5.0
+
+    name: ClassVar[str] = "quorum"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_int(self.R, "R", 1)
+        _require(2 * self.R < self.L, "R", f"must be < L/2 (the block must not wrap onto itself), got R={self.R} with L={self.L}")
+        most = (2 * self.R + 1) ** 2 - 1
+        _require_int(self.q, "q", 0)
+        _require(self.q <= most, "q", f"must be <= (2R+1)^2 - 1 = {most} other sites of the block, got {self.q}")
+        _require_rate(self.v_crowded, "v_crowded")
+
+    @property
+    def block_side(self) -> int:
+        """Side 2R + 1 of the square block whose particles are counted."""
+        return 2 * self.R + 1
+
+
+@dataclasses.dataclass(frozen=True)
 class FASystem:
     """Fredrickson-Andersen model (DESIGN 1.2) on a periodic chain (dim 1) or square lattice (dim 2).
 
@@ -169,11 +200,19 @@ class FASystem:
         return positions, states
 
 
-System = ActiveSystem | FASystem
-SYSTEMS: dict[str, type] = {"active": ActiveSystem, "fa": FASystem}
+System = ActiveSystem | QuorumSystem | FASystem
+SYSTEMS: dict[str, type] = {"active": ActiveSystem, "quorum": QuorumSystem, "fa": FASystem}
+# Systems whose tokens are particles with volume exclusion (the active model's tokens, states and moves).
+PARTICLE_SYSTEMS: tuple[str, ...] = tuple(name for name, cls in SYSTEMS.items() if issubclass(cls, ActiveSystem))
 
+_ACTIVE_PAPER = {"L": 30, "density": 0.124, "D": 0.1, "v_plus": 25.0, "v_other": 1.0}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "active": {"paper": {"L": 30, "density": 0.124, "D": 0.1, "v_plus": 25.0, "v_other": 1.0}},
+    "active": {"paper": dict(_ACTIVE_PAPER)},
+    "quorum": {
+        "paper": {**_ACTIVE_PAPER, "R": 2, "q": 3, "v_crowded": 5.0},
+        # CPU-sized: 18 particles on 12 x 12, about as often crowded as not (3 others expected in a block of 24).
+        "small": {**_ACTIVE_PAPER, "L": 12, "R": 2, "q": 3, "v_crowded": 5.0},
+    },
     "fa": {"chain": {"L": 64, "dim": 1, "c": 0.3}, "square": {"L": 32, "dim": 2, "c": 0.3}},
 }
 
@@ -181,7 +220,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 def make_system(name: str, params: Mapping[str, Any] | None = None, preset: str | None = None) -> System:
     """Build a validated system from a name, an optional preset and parameter overrides.
 
-    For "active", ``density`` may stand in for ``N`` (N = round(density * L^2)).
+    For particle systems ("active", "quorum"), ``density`` may stand in for ``N`` (N = round(density * L^2)).
     Unknown fields are refused with the list of known ones.
     """
     if name not in SYSTEMS:
@@ -199,7 +238,8 @@ def make_system(name: str, params: Mapping[str, Any] | None = None, preset: str 
     merged.update(overrides)
     cls = SYSTEMS[name]
     known = {field.name for field in dataclasses.fields(cls)}
-    if name == "active" and "density" in merged:
+    particles = issubclass(cls, ActiveSystem)
+    if particles and "density" in merged:
         _require("N" not in merged, "density", "give either N or density, not both")
         density = merged.pop("density")
         _require(
@@ -214,6 +254,6 @@ def make_system(name: str, params: Mapping[str, Any] | None = None, preset: str 
     if unknown:
         raise ConfigurationError(
             f"{unknown[0]}: unknown parameter for system {name!r}; known parameters are {sorted(known)}"
-            + (" (and density)" if name == "active" else "")
+            + (" (and density)" if particles else "")
         )
     return cls(**merged)

@@ -1,11 +1,13 @@
 """Compiled exact simulator of the original dynamics: the n-fold way (BKL) with local updates.
 
 Every candidate move with a non-zero rate sits in the list of its rate class (active: rotation D,
-forward hop v_plus, other hop v_other; fa: one class per (spin, up-neighbour count)). An event:
+forward hop v_plus, other hop v_other; quorum: the same plus a crowded forward hop v_crowded; fa:
+one class per (spin, up-neighbour count)). An event:
 draw the dwell time from the escape rate R = sum_c count_c * rate_c, pick a class with probability
 count_c * rate_c / R, pick a member uniformly, apply it, and re-class only the few moves whose rate
-it changed (the mover's own hops and its old and new neighbours' hops onto those sites). The cost
-per event is O(1) in the system size.
+it changed (the mover's own hops and its old and new neighbours' hops onto those sites; for quorum,
+also the forward hop of every particle whose block around it holds the hop's source or target and
+whose crowding flipped). The cost per event is O(1) in the system size (O(R^2) for quorum).
 
 The loops run in numba with an explicit ``numpy.random.Generator``, so a seed fixes the trajectory
 whatever the chunk sizes the caller drains it in. Events are returned in bounded chunks so long
@@ -21,7 +23,8 @@ from typing import Iterator
 import numba
 import numpy as np
 
-from hpcdyn.physics.systems import HOP_DISPLACEMENTS, ActiveSystem, FASystem, System, neighbour_directions
+from hpcdyn.physics.environments import block_offsets, stencil_table
+from hpcdyn.physics.systems import HOP_DISPLACEMENTS, ActiveSystem, FASystem, QuorumSystem, System, neighbour_directions
 
 DX = HOP_DISPLACEMENTS[:, 0].copy()
 DY = HOP_DISPLACEMENTS[:, 1].copy()
@@ -211,6 +214,157 @@ def _active_run(
     return n_events, n_snapshots, False
 
 
+# ----------------------------------------------------------------------------- quorum model
+# Classes: 0 rotation (D), 1 forward hop (v_plus), 2 other hop (v_other), 3 crowded forward hop
+# (v_crowded); -1 blocked. ``others[token]`` counts the other particles in the token's block. The
+# block is symmetric, so a site lies in a particle's block exactly when the particle lies in the
+# site's block: a hop from a to b changes the count of the particles in block(a) xor block(b) only,
+# the block's trailing edge (-1) and the edge it moves onto (+1), 2R + 1 sites each.
+def block_edges(radius: int, shape: tuple[int, int]) -> np.ndarray:
+    """int64 [sites * 4 * 2 * (2R+1)]: for a hop from site a in direction d, the sites of
+    block(a) - block(b) at [((a * 4 + d) * 2 + 0) * (2R+1) + i] and of block(b) - block(a) at
+    [((a * 4 + d) * 2 + 1) * (2R+1) + i]. On a side of exactly 2R + 1 sites the two edges coincide
+    (the blocks are equal), and their -1 and +1 cancel."""
+    span = range(-radius, radius + 1)
+    block = {(dx, dy) for dx in span for dy in span}
+    columns = []
+    for dx, dy in HOP_DISPLACEMENTS.tolist():
+        moved = {(x + dx, y + dy) for x, y in block}
+        trailing = sorted(block - moved, key=lambda o: (o[1], o[0]))
+        leading = sorted(moved - block, key=lambda o: (o[1], o[0]))
+        columns.append(stencil_table(np.array(trailing + leading), shape).reshape(-1, len(trailing) + len(leading)))
+    return np.stack(columns, axis=1).reshape(-1).astype(np.int64)
+
+
+@numba.njit(cache=True)
+def _quorum_class(token, move, site, orient, occupancy, neighbours, others, q):
+    if move < 2:
+        return 0
+    direction = move - 2
+    if occupancy[neighbours[site[token] * 4 + direction]] > 0:
+        return -1
+    if direction != orient[token]:
+        return 2
+    return 3 if others[token] >= q else 1
+
+
+@numba.njit(cache=True)
+def _quorum_init(site, orient, occupancy, neighbours, block, others, q, class_of, slot, members, count):
+    width = block.shape[0] // occupancy.shape[0]
+    for token in range(site.shape[0]):
+        found = 0
+        for i in range(width):
+            if occupancy[block[site[token] * width + i]] > 0:
+                found += 1
+        others[token] = found
+    for token in range(site.shape[0]):
+        for move in range(6):
+            new = _quorum_class(token, move, site, orient, occupancy, neighbours, others, q)
+            _set_class(token * 6 + move, new, class_of, slot, members, count)
+
+
+@numba.njit(cache=True)
+def _quorum_run(
+    site, orient, occupancy, neighbours, edges, others, q, class_of, slot, members, count, rate, log_rate,
+    rng, clock, t_final, out_token, out_move, out_dwell, snapshot_every, snapshot_time, snapshot_grid,
+):  # fmt: skip
+    span = edges.shape[0] // (occupancy.shape[0] * 8)  # 2R + 1 sites per edge
+    touched = np.empty(12 + 2 * span, np.int64)  # moves whose class an event may change
+    n_events = 0
+    n_snapshots = 0
+    while n_events < out_token.shape[0]:
+        escape = _escape_rate(count, rate)
+        dwell = _next_dwell(clock, escape, rng)
+        now = clock[TIME]
+        if snapshot_every > 0.0:
+            while True:
+                when = clock[NEXT_SNAPSHOT] * snapshot_every
+                if when > t_final or when >= now + dwell:
+                    break
+                if n_snapshots == snapshot_time.shape[0]:
+                    clock[PENDING] = dwell
+                    return n_events, n_snapshots, False
+                _active_snapshot(site, orient, snapshot_grid[n_snapshots])
+                snapshot_time[n_snapshots] = when
+                n_snapshots += 1
+                clock[NEXT_SNAPSHOT] += 1.0
+        if now + dwell > t_final:
+            clock[LOG_LIKELIHOOD] -= (t_final - now) * escape
+            clock[TIME] = t_final
+            return n_events, n_snapshots, True
+        move_id, chosen_class = _pick(rng.random() * escape, count, rate, members)
+        token = move_id // 6
+        move = move_id - token * 6
+        for direction in range(4):  # the mover's hops, as in the active loop
+            touched[direction] = token * 6 + 2 + direction
+        n_touched = 4
+        if move < 2:
+            orient[token] = (orient[token] + (1 if move == 0 else 3)) & 3
+        else:
+            old_site = site[token]
+            new_site = neighbours[old_site * 4 + move - 2]
+            occupancy[old_site] = 0
+            occupancy[new_site] = token + 1
+            site[token] = new_site
+            for centre in (old_site, new_site):  # exclusion: neighbours' hops onto the two sites
+                for direction in range(4):
+                    neighbour = occupancy[neighbours[centre * 4 + direction]] - 1
+                    if neighbour >= 0 and neighbour != token:
+                        touched[n_touched] = neighbour * 6 + 2 + ((direction + 2) & 3)
+                        n_touched += 1
+            # Quorum: re-rate a forward hop when the particle's count crosses q.
+            first = (old_site * 4 + move - 2) * 2 * span
+            change = 0
+            for i in range(span):  # the trailing edge: block(a) - block(b) loses the particle
+                other = occupancy[edges[first + i]] - 1
+                if other >= 0:
+                    change -= 1
+                    others[other] -= 1
+                    if others[other] == q - 1:
+                        touched[n_touched] = other * 6 + 2 + orient[other]
+                        n_touched += 1
+            for i in range(span, 2 * span):  # the leading edge: block(b) - block(a) gains it
+                other = occupancy[edges[first + i]] - 1
+                if other >= 0:
+                    change += 1
+                    others[other] += 1
+                    if others[other] == q:
+                        touched[n_touched] = other * 6 + 2 + orient[other]
+                        n_touched += 1
+            others[token] += change  # its block lost the trailing edge and gained the leading one
+        for index in range(n_touched):  # _set_class, written out (see the note on class lists)
+            changed = touched[index]
+            hopper = changed // 6
+            direction = changed - hopper * 6 - 2
+            if occupancy[neighbours[site[hopper] * 4 + direction]] > 0:
+                new = -1  # blocked: rate zero
+            elif direction != orient[hopper]:
+                new = 2
+            else:
+                new = 3 if others[hopper] >= q else 1
+            old = class_of[changed]
+            if old == new:
+                continue
+            if old >= 0:
+                position = slot[changed]
+                last = members[old, count[old] - 1]
+                members[old, position] = last
+                slot[last] = position
+                count[old] -= 1
+            if new >= 0:
+                members[new, count[new]] = changed
+                slot[changed] = count[new]
+                count[new] += 1
+            class_of[changed] = new
+        clock[LOG_LIKELIHOOD] += log_rate[chosen_class] - dwell * escape
+        clock[TIME] = now + dwell
+        out_token[n_events] = token
+        out_move[n_events] = move
+        out_dwell[n_events] = dwell
+        n_events += 1
+    return n_events, n_snapshots, False
+
+
 # ----------------------------------------------------------------------------- FA model
 @numba.njit(cache=True)
 def _fa_class(site, spin, neighbours, degree):
@@ -341,7 +495,9 @@ class CompiledSimulator:
             snapshot_chunk = max(1, min(1024, (64 << 20) // (system.shape[0] * system.shape[1])))
         self.snapshot_time = np.empty(snapshot_chunk if snapshot_every else 0, np.float64)
         self.snapshot_grid = np.empty((len(self.snapshot_time), *system.shape), np.int8)
-        if isinstance(system, ActiveSystem):
+        if isinstance(system, QuorumSystem):  # before ActiveSystem, of which it is a kind
+            self._init_quorum(positions, states)
+        elif isinstance(system, ActiveSystem):
             self._init_active(positions, states)
         elif isinstance(system, FASystem):
             self._init_fa(positions, states)
@@ -356,18 +512,32 @@ class CompiledSimulator:
         self.rate = np.array(rates, np.float64)
         self.log_rate = np.array([_log(rate) for rate in rates], np.float64)
 
-    def _init_active(self, positions: np.ndarray, states: np.ndarray) -> None:
+    def _particles(self, positions: np.ndarray, states: np.ndarray) -> None:
         system = self.system
         side = system.L
         self.site = np.ascontiguousarray(positions[:, 1] * side + positions[:, 0], dtype=np.int64)
         self.orient = np.ascontiguousarray(states, dtype=np.int64)
         if len(np.unique(self.site)) != len(self.site):
-            raise ValueError("positions: two particles on one site; the active model excludes overlaps")
+            raise ValueError(f"positions: two particles on one site; the {system.name} model excludes overlaps")
         self.occupancy = np.zeros(side * side, np.int64)
         self.occupancy[self.site] = np.arange(1, system.N + 1)
         self.neighbours = neighbour_table(system.shape, np.arange(4))
+
+    def _init_active(self, positions: np.ndarray, states: np.ndarray) -> None:
+        system = self.system
+        self._particles(positions, states)
         self._class_lists(system.N * 6, 3, [system.D, system.v_plus, system.v_other])
         _active_init(self.site, self.orient, self.occupancy, self.neighbours, *self._lists()[:4])
+
+    def _init_quorum(self, positions: np.ndarray, states: np.ndarray) -> None:
+        system = self.system
+        self._particles(positions, states)
+        block = stencil_table(np.array(block_offsets(system.block_side)), system.shape)
+        self.edges = block_edges(system.R, system.shape)
+        self.others = np.zeros(system.N, np.int64)  # other particles in each particle's block
+        self._class_lists(system.N * 6, 4, [system.D, system.v_plus, system.v_other, system.v_crowded])
+        state = (self.site, self.orient, self.occupancy, self.neighbours, block, self.others, system.q)
+        _quorum_init(*state, *self._lists()[:4])
 
     def _init_fa(self, positions: np.ndarray, states: np.ndarray) -> None:
         system = self.system
@@ -411,7 +581,10 @@ class CompiledSimulator:
     def _step(self) -> Chunk:
         outputs = (self.rng, self.clock, self.t_final, self.out_token, self.out_move, self.out_dwell,
                    self.snapshot_every, self.snapshot_time, self.snapshot_grid)  # fmt: skip
-        if isinstance(self.system, ActiveSystem):
+        if isinstance(self.system, QuorumSystem):
+            state = (self.site, self.orient, self.occupancy, self.neighbours, self.edges, self.others, self.system.q)
+            n_events, n_snapshots, self.done = _quorum_run(*state, *self._lists(), *outputs)
+        elif isinstance(self.system, ActiveSystem):
             state = (self.site, self.orient, self.occupancy, self.neighbours)
             n_events, n_snapshots, self.done = _active_run(*state, *self._lists(), *outputs)
         else:

@@ -1,7 +1,7 @@
 """A plain numpy simulator that rebuilds every rate at every event.
 
 It is the baseline the compiled simulator is measured against and an independent implementation
-of the physics for the statistical tests: the rates here are written directly from DESIGN 1.1-1.2
+of the physics for the statistical tests: the rates here are written directly from DESIGN 1.1, 1.2 and 1.7
 in numpy, sharing no code with ``hpcdyn.physics.rates`` (torch) or ``hpcdyn.simulation.compiled`` (numba).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcdyn.storage.events import EventLog
-from hpcdyn.physics.systems import HOP_DISPLACEMENTS, ActiveSystem, FASystem, System, neighbour_directions
+from hpcdyn.physics.systems import HOP_DISPLACEMENTS, ActiveSystem, FASystem, QuorumSystem, System, neighbour_directions
 
 
 def active_rates(system: ActiveSystem, positions: np.ndarray, states: np.ndarray) -> np.ndarray:
@@ -28,6 +28,22 @@ def active_rates(system: ActiveSystem, positions: np.ndarray, states: np.ndarray
     return rates
 
 
+def quorum_rates(system: QuorumSystem, positions: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """Rates [N, 6] of the quorum model: the active rates, the forward hop at v_crowded when crowded."""
+    side, radius = system.L, system.R
+    particles = np.zeros((side, side), dtype=np.int64)
+    np.add.at(particles, (positions[:, 1], positions[:, 0]), 1)
+    others = -np.ones(len(states), dtype=np.int64)  # the particle itself is counted below
+    for dx in range(-radius, radius + 1):
+        for dy in range(-radius, radius + 1):
+            others += particles[(positions[:, 1] + dy) % side, (positions[:, 0] + dx) % side]
+    rates = active_rates(system, positions, states)
+    forward = rates[np.arange(len(states)), 2 + states]  # 0 if blocked, else v_plus
+    crowded = (others >= system.q) & (forward > 0)
+    rates[np.arange(len(states)), 2 + states] = np.where(crowded, system.v_crowded, forward)
+    return rates
+
+
 def fa_rates(system: FASystem, positions: np.ndarray, states: np.ndarray) -> np.ndarray:
     """Rates [n_sites, 1] of the FA model."""
     ly, lx = system.shape
@@ -40,6 +56,8 @@ def fa_rates(system: FASystem, positions: np.ndarray, states: np.ndarray) -> np.
 
 
 def rates(system: System, positions: np.ndarray, states: np.ndarray) -> np.ndarray:
+    if isinstance(system, QuorumSystem):
+        return quorum_rates(system, positions, states)
     if isinstance(system, ActiveSystem):
         return active_rates(system, positions, states)
     return fa_rates(system, positions, states)

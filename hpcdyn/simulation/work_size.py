@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, System, neighbour_directions
+from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, QuorumSystem, System, neighbour_directions
 
 EVENT_LIMIT = 1e11  # about 4 hours of the compiled simulator on one core (7-9 M events/s)
 SNAPSHOT_LIMIT = 1e8  # snapshots of one trajectory (the paper's runs record hundreds)
@@ -41,7 +41,8 @@ class WorkEstimate:
 def max_escape_rate(system: System) -> float:
     """The largest total rate of the system: every move of every token at its rate (nothing blocked)."""
     if isinstance(system, ActiveSystem):
-        return system.N * (2 * system.D + system.v_plus + 3 * system.v_other)
+        forward = max(system.v_plus, system.v_crowded) if isinstance(system, QuorumSystem) else system.v_plus
+        return system.N * (2 * system.D + forward + 3 * system.v_other)
     degree = len(neighbour_directions(system.dim))
     return system.n_tokens * degree * max(system.c, 1.0 - system.c)
 
@@ -56,7 +57,10 @@ def snapshot_count(t_final: float, snapshot_every: float | None, burn_in: float 
 def simulator_memory(system: System, snapshots: bool) -> float:
     """Bytes of the compiled simulator's tables (class lists, lattice, neighbours) and buffers."""
     sites = system.shape[0] * system.shape[1]
-    classes = 3 if isinstance(system, ActiveSystem) else 2 * (len(neighbour_directions(system.dim)) + 1)
+    if isinstance(system, ActiveSystem):
+        classes = 4 if isinstance(system, QuorumSystem) else 3
+    else:
+        classes = 2 * (len(neighbour_directions(system.dim)) + 1)
     move_ids = system.n_tokens * system.n_moves
     tables = 8.0 * move_ids * (classes + 2) + 64.0 * sites + 32.0 * system.n_tokens
     buffers = (1 << 20) * 13.0 + (SNAPSHOT_BUFFER_BYTES if snapshots else 0)
