@@ -28,8 +28,8 @@ def unrestricted():
     return TransformerConfig(lattice_size=8, d_model=16, n_heads=4, n_layers=1, d_ff=16)
 
 
-def ensemble(run, out, engine="auto", L=None):
-    config = EnsembleConfig(models=("original", str(run)), densities=(0.125, 0.25), replicas=2, t_final=2.0,
+def ensemble(run, out, engine="auto", L=None, t_final=2.0):
+    config = EnsembleConfig(models=("original", str(run)), densities=(0.125, 0.25), replicas=2, t_final=t_final,
                             snapshot_every=0.5, seed=3, L=L, D=0.3, v_plus=4.0, v_other=0.8, engine=engine)  # fmt: skip
     return run_ensemble(config, out, Placement(in_process=True))
 
@@ -43,7 +43,7 @@ def test_a_hard_local_model_runs_on_its_table_at_its_training_size_and_at_anothe
     run = save_run(tmp_path / "run", hard_local(), SYSTEM)
     for L in (8, 12):
         out = tmp_path / f"ensemble-{L}.zarr"
-        summary = ensemble(run, out, L=L)
+        summary = ensemble(run, out, L=L, t_final=10.0)  # long enough for about 10 audited lookups (1 in 1000)
         assert summary["engines"] == {"original": "compiled", "run": "table"}
         learned = stored_config(out)["models"][1]
         assert learned["engine"] == "table" and learned["key_family"] == "vn1" and "hard-local" in learned["reason"]

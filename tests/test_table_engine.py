@@ -24,7 +24,8 @@ from hpcdyn.physics.replay import replay_segment
 from hpcdyn.physics.systems import ConfigurationError, make_system
 from hpcdyn.simulation.batched import replica_streams, simulate_batched, snapshot_grid
 from hpcdyn.simulation.drivers import simulate
-from hpcdyn.simulation.environment_table import EnvironmentTable, PatchEvaluator, model_lattice
+from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
+from hpcdyn.simulation.environment_table import EnvironmentTable, PatchEvaluator, TableRates, model_lattice
 from hpcdyn.simulation.table_engine import EngineOptions, TableEngine
 from hpcdyn.storage.environment_tables import (
     TableMismatchError,
@@ -39,6 +40,7 @@ from conftest import dense_generator, state_key
 from test_simulator import TINY, TINY_IDS, distribution_p_values, tiny_start
 
 FAMILY_P = 0.01
+SELECTIONS = ["groups", "tree"]  # the table engine's two selection structures: every exactness test runs both
 
 
 def original_table(system, family="vn1", lattice=None):
@@ -71,6 +73,13 @@ class LeakyRates(torch.nn.Module):
     def forward(self, positions, states):
         log_rates = self.truth(positions, states)
         return torch.where(torch.isinf(log_rates), torch.full_like(log_rates, self.leak), log_rates)
+
+
+class SpreadRates(LeakyRates):
+    """Local rates with many distinct values (as a Mode 1 model's): each rate shifted by the patch's orientations."""
+
+    def forward(self, positions, states):
+        return super().forward(positions, states) + 0.01 * states.sum(-1, keepdim=True).unsqueeze(-1)
 
 
 class CrowdedRates(LeakyRates):
@@ -119,8 +128,10 @@ def test_lookup_grows_past_its_capacity_and_finds_every_key():
     ],
     ids=["active-paper-vn1", "active-0.5-vn1-occ", "fa-chain-vn1", "fa-square-block3"],
 )
-def test_running_log_likelihood_equals_recomputation(system, family):
-    _, run = run_engine(system, 11, 10.0, family)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_running_log_likelihood_equals_recomputation(system, family, selection):
+    engine, run = run_engine(system, 11, 10.0, family, selection=selection)
+    assert engine.selection == selection
     assert run.events.n_events > 1000
     recomputed = path_log_likelihood(run.events, true_rate_model(system), segment_events=1000)
     assert recomputed.log_likelihood == pytest.approx(run.events.log_likelihood, rel=1e-9)
@@ -128,16 +139,17 @@ def test_running_log_likelihood_equals_recomputation(system, family):
 
 
 @pytest.mark.parametrize("system_name, params", [("active", {"L": 12, "density": 0.4}), ("fa", {"L": 10, "dim": 2})])
-def test_a_run_meeting_its_keys_one_by_one_equals_a_run_on_a_prefilled_table(system_name, params):
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_a_run_meeting_its_keys_one_by_one_equals_a_run_on_a_prefilled_table(system_name, params, selection):
     """Misses stop the loop anywhere; chunking, snapshots and the audit neither: same seed, same events."""
     system = make_system(system_name, params)
     times = snapshot_grid(15.0, 0.5)
-    _, lazy = run_engine(system, 4, 15.0, prefetch="none", snapshot_times=times)
+    _, lazy = run_engine(system, 4, 15.0, prefetch="none", snapshot_times=times, selection=selection)
     table, evaluator = original_table(system)
     table.fill_all(evaluator)
     _, prefilled = run_engine(system, 4, 15.0, table=table, evaluator=evaluator, audit_fraction=0.5,
-                              chunk_events=97, snapshot_chunk=7, snapshot_times=times)  # fmt: skip
-    _, stepping = run_engine(system, 4, 15.0, prefetch="step", snapshot_times=times)
+                              chunk_events=97, snapshot_chunk=7, snapshot_times=times, selection=selection)  # fmt: skip
+    _, stepping = run_engine(system, 4, 15.0, prefetch="step", snapshot_times=times, selection=selection)
     assert lazy.statistics.fill_calls > 10 and prefilled.statistics.fill_calls == 0
     for run in (prefilled, stepping):
         for name in ("tokens", "moves", "dwell"):
@@ -148,15 +160,30 @@ def test_a_run_meeting_its_keys_one_by_one_equals_a_run_on_a_prefilled_table(sys
     assert lazy.statistics.first_sightings == lazy.statistics.misses == lazy.statistics.keys_filled
 
 
-def test_token_keys_entries_and_sum_tree_stay_consistent():
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_token_keys_entries_and_the_selection_structure_stay_consistent(selection):
     system = make_system("active", {"L": 14, "density": 0.45})
-    engine, _ = run_engine(system, 2, 20.0)
+    engine, _ = run_engine(system, 2, 20.0, selection=selection)
     positions, states = engine.configuration()
     keys, _ = environment_keys(engine.table.encoder, system, positions[None], states[None])
     assert np.array_equal(engine.token_keys, keys[0])
     assert np.array_equal(engine.table.keys[engine.entry], keys[0])
     log_rates = true_rate_model(system)(torch.as_tensor(positions)[None], torch.as_tensor(states).long()[None])
     assert engine.escape_rate() == pytest.approx(float(log_rates.exp().sum()), rel=1e-12)
+    if selection == "groups":
+        assert_group_lists_hold_every_positive_move(engine, log_rates[0].exp().numpy())
+
+
+def assert_group_lists_hold_every_positive_move(engine, rates):
+    """Each group's list holds exactly the (token, move) pairs of its rate, and each slot points at its member."""
+    groups, n_moves = engine.groups, engine.system.n_moves
+    assert len(groups.rate) == 3  # D, v_other, v_plus
+    for group, rate in enumerate(groups.rate):
+        members = groups.members[group, : groups.count[group]]
+        assert np.array_equal(np.sort(members), np.flatnonzero(rates.reshape(-1) == rate))
+        assert np.array_equal(groups.slot[members], np.arange(len(members)))
+    assert (groups.slot[np.flatnonzero(rates.reshape(-1) == 0)] == -1).all()
+    assert n_moves == 6
 
 
 @pytest.mark.parametrize("side", [12, 50])
@@ -216,10 +243,11 @@ def final_state_counts(system, model, replicas, t, family="vn1", **options):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("system", [TINY[1], TINY[2], TINY[3]], ids=[TINY_IDS[1], TINY_IDS[2], TINY_IDS[3]])
-def test_state_distribution_matches_exp_qt(system):
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_state_distribution_matches_exp_qt(system, selection):
     """20 000 independent runs of a tiny system from a table of its original rates against exp(Qt)."""
     t = 0.8
-    counts, index, all_positions, all_states, _ = final_state_counts(system, None, 20000, t)
+    counts, index, all_positions, all_states, _ = final_state_counts(system, None, 20000, t, selection=selection)
     generator = dense_generator(system)[0]
     exact = scipy.linalg.expm(generator * t)[index[state_key(*tiny_start(system))]]
     p_values = distribution_p_values(system, counts, exact, all_positions, all_states)
@@ -227,11 +255,13 @@ def test_state_distribution_matches_exp_qt(system):
 
 
 @pytest.mark.slow
-def test_rejecting_learned_overlap_rates_is_exactly_the_true_dynamics():
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_rejecting_learned_overlap_rates_is_exactly_the_true_dynamics(selection):
     """A model with a positive rate onto occupied sites, rejected when drawn, is the true dynamics;
     each draw is rejected with the probability mass reported for it."""
     system, t = TINY[1], 0.8
-    counts, index, all_positions, all_states, statistics = final_state_counts(system, LeakyRates(system, 0.7), 20000, t)
+    counts, index, all_positions, all_states, statistics = final_state_counts(system, LeakyRates(system, 0.7), 20000, t,
+                                                                              selection=selection)  # fmt: skip
     exact = scipy.linalg.expm(dense_generator(system)[0] * t)[index[state_key(*tiny_start(system))]]
     p_values = distribution_p_values(system, counts, exact, all_positions, all_states)
     assert min(p_values) >= FAMILY_P / len(p_values), p_values
@@ -262,18 +292,21 @@ def assert_family_agrees(first: np.ndarray, second: np.ndarray) -> None:
 
 
 @pytest.mark.slow
-def test_event_rate_and_move_fractions_agree_with_the_compiled_simulator():
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_event_rate_and_move_fractions_agree_with_the_compiled_simulator(selection):
     system = make_system("active", {"L": 10, "density": 0.3, "D": 0.5, "v_plus": 3.0, "v_other": 1.0})
     table, evaluator = original_table(system)
     compiled = np.array([event_statistics(system, simulate(system, 20.0, seed=100 + k).events) for k in range(12)])
     engine = np.array([
-        event_statistics(system, run_engine(system, 200 + k, 20.0, table=table, evaluator=evaluator)[1].events)
+        event_statistics(system, run_engine(system, 200 + k, 20.0, table=table, evaluator=evaluator,
+                                            selection=selection)[1].events)
         for k in range(12)
     ])  # fmt: skip
     assert_family_agrees(engine, compiled)
 
 
-def test_kept_overlaps_agree_with_the_batched_simulator():
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_kept_overlaps_agree_with_the_batched_simulator(selection):
     """keep_overlaps applies hops onto occupied sites as batched.py does with reject_overlaps=False."""
     system = make_system("active", {"L": 5, "N": 8, "D": 0.5, "v_plus": 2.0, "v_other": 0.5})
     model, replicas, t = LeakyRates(system, 0.6), 200, 2.0
@@ -285,7 +318,7 @@ def test_kept_overlaps_agree_with_the_batched_simulator():
         rng = np.random.default_rng(replica)
         positions, states = system.initial_configuration(rng)
         engine = TableEngine(table, evaluator, system, positions, states, rng, t, snapshot_grid(t, t),
-                             EngineOptions(keep_overlaps=True))  # fmt: skip
+                             EngineOptions(keep_overlaps=True, selection=selection))  # fmt: skip
         run = engine.run()
         engine_rows.append([run.statistics.events, run.statistics.overlap_events, run.snapshot_overlaps[-1]])
         assert not run.statistics.audit_largest_difference > 0  # the leaky rates are local: 0 (or nan, no audit)
@@ -309,6 +342,40 @@ def test_the_audit_catches_a_model_that_is_not_local():
     assert run.statistics.audit_largest_difference > 0.05  # 0.01 per particle in the left half, ~20 there
     _, local = run_engine(system, 1, 5.0, audit_fraction=0.01)
     assert local.statistics.audit_largest_difference == 0.0
+
+
+def test_auto_selection_takes_groups_for_few_distinct_rates_and_the_tree_otherwise():
+    options = EngineOptions(group_limit=3)
+    assert options.selection_for(np.array([[0.1, 0.1, 25.0, 1.0, 1.0, 0.0]])) == "groups"
+    assert options.selection_for(np.array([[0.1, 0.2, 25.0, 1.0, 1.5, 0.0]])) == "tree"
+    system = make_system("active", {"L": 12, "density": 0.3})
+    assert run_engine(system, 1, 1.0)[0].selection == "groups"  # D, v_plus, v_other
+    model = SpreadRates(system, 1e-3)
+    evaluator = PatchEvaluator(model, system)
+    encoder = make_encoder("vn1", system)
+    table = EnvironmentTable(encoder, evaluator.header_for(encoder, "test:spread"))
+    engine, _ = run_engine(system, 1, 1.0, table=table, evaluator=evaluator, audit_fraction=0.0)
+    assert len(np.unique(table.rates[: table.size])) > 16 and engine.selection == "tree"
+
+
+def test_a_hard_local_model_and_its_table_give_the_same_held_out_likelihood():
+    """The table as a rate model (filled by a seeded hard-local Mode 2 model) against the model itself,
+    on a trajectory of the original dynamics: the same U to float32 rounding (the issue asks 1e-3 nats/event)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(lattice_size=8, d_model=16, n_heads=4, n_layers=1, d_ff=16, mode=2, n_classes=3,
+                               attention_stencil="vn1", rotary=False)  # fmt: skip
+    model = TransformerRates(config).eval()
+    system = make_system("active", {"L": 8, "N": 12, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
+    log = simulate(system, 30.0, seed=7).events
+    evaluator = PatchEvaluator(model, model_lattice(model, system))
+    encoder = make_encoder(config.key_family, system)
+    table = EnvironmentTable(encoder, evaluator.header_for(encoder, "sha256:" + "0" * 64))
+    with torch.inference_mode():
+        network = path_log_likelihood(log, model, segment_events=512).log_likelihood
+        tabled = path_log_likelihood(log, TableRates(table, evaluator, system), segment_events=512).log_likelihood
+    assert log.n_events > 1000 and table.size > 50  # many environments met
+    assert len(np.unique(table.classes[: table.size])) == 3  # the random classifier uses every class
+    assert abs(network - tabled) / log.n_events < 1e-6, (network, tabled)
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -390,6 +457,8 @@ def test_bad_input_is_refused_with_a_clear_error():
         EngineOptions(prefetch="sometimes")
     with pytest.raises(ConfigurationError, match="audit_fraction"):
         EngineOptions(audit_fraction=2.0)
+    with pytest.raises(ConfigurationError, match="selection: must be one of"):
+        EngineOptions(selection="fastest")
     small = make_system("active", {"L": 4, "N": 3})
     with pytest.raises(ConfigurationError, match="larger than the 4 x 4 lattice"):
         TableEngine(original_table(make_system("active", {"L": 8, "N": 5}), "block5")[0], evaluator, small,

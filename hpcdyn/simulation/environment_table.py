@@ -6,6 +6,7 @@
     table = EnvironmentTable(encoder, evaluator.header_for(encoder, original_rates_identity(system)))
     table.fill(evaluator, patches)                               # first sight of keys: one batched call
     entries = table.lookup(keys, checks)                         # -1 where not yet in the table
+    log_rates = TableRates(table, evaluator, system)(positions, states)  # the table as a rate model
 
 An entry is a function of its key alone: the key's patch (own state and stencil digits) is placed
 alone on an otherwise empty lattice of the model's own size (the training lattice of a checkpoint,
@@ -31,7 +32,13 @@ import numba
 import numpy as np
 import torch
 
-from hpcdyn.physics.environments import EnvironmentEncoder, all_patches, keys_of_patches, patch_configurations
+from hpcdyn.physics.environments import (
+    EnvironmentEncoder,
+    all_patches,
+    keys_of_patches,
+    patch_configurations,
+    patches,
+)
 from hpcdyn.physics.systems import SYSTEMS, ActiveSystem, ConfigurationError, System
 from hpcdyn.storage.environment_tables import (
     CollisionError,
@@ -328,6 +335,30 @@ class PatchEvaluator:
     def _configurations(self, encoder, patches):
         """(rows, positions [B, T, 2], states [B, T], centre token) per batch of equal token count."""
         return patch_configurations(encoder, self.lattice, patches, self.batch_size, 1 << 22)
+
+
+class TableRates(torch.nn.Module):
+    """The table as a rate model (``hpcdyn.physics.rates.RateModel``) on ``system``'s lattice, any size.
+
+    Each token's log-rates are its key's row; keys not in the table yet are filled by ``evaluator``
+    first. So the path log-likelihood of a trajectory under the table, ``path_log_likelihood(log,
+    TableRates(...))``, can be set against the network's: they agree when the model is local in the
+    table's key family.
+    """
+
+    def __init__(self, table: EnvironmentTable, evaluator: PatchEvaluator, system: System):
+        super().__init__()
+        self.table, self.evaluator, self.system = table, evaluator, system
+        self.n_moves = system.n_moves
+
+    def forward(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Log-rates float64 [batch, n_tokens, n_moves] of configurations positions [batch, n_tokens, 2], states."""
+        found = patches(self.table.encoder, self.system, positions.cpu().numpy(), states.cpu().numpy())
+        keys, checks = keys_of_patches(self.table.encoder, found.reshape(-1, found.shape[-1]))
+        entries = self.table.lookup(keys, checks)
+        if (entries == EMPTY).any():
+            entries = self.table.fill(self.evaluator, found.reshape(-1, found.shape[-1]))
+        return torch.as_tensor(self.table.log_rates[entries.reshape(found.shape[:2])], device=positions.device)
 
 
 def log_rate_difference(table_values: np.ndarray, model_values: np.ndarray) -> np.ndarray:

@@ -9,19 +9,24 @@
     engine.statistics()                        # events, rejections, first sightings, audit
 
 Each token's rates are the table's row for its environment key (``hpcdyn.physics.environments``).
-A sum tree over tokens holds each token's total rate (the leaves) and the escape rate (the root);
-an event draws its dwell time from the root, descends the tree to a token and picks the move within
-the token's row. Then only the tokens whose key changed are looked up again: the mover, and every
-token whose stencil holds the source or the target site of the move (a particle's hop targets are
-stencil sites, so its blocked moves are covered too); their exact keys move by one digit each,
-O(1) per token. The cost per event is O(stencil + log n_tokens), on a lattice of any size: the
-table's rows do not depend on L.
+An event is drawn from one of two selection structures (``EngineOptions.selection``): when the
+table's rates take few distinct values (Mode 2 class rates, the original rates), rate groups: one
+list of candidate moves per distinct rate, a group drawn by its total rate and a member uniformly
+(``hpcdyn.simulation.rate_groups``); otherwise a sum tree over tokens holding each token's total
+rate (the leaves) and the escape rate (the root): the draw descends the tree to a token and picks
+the move within the token's row. Then only the tokens whose key changed are looked up again: the
+mover, and every token whose stencil holds the source or the target site of the move (a particle's
+hop targets are stencil sites, so its blocked moves are covered too); their exact keys move by one
+digit each, O(1) per token. The cost per event is O(stencil) with groups, O(stencil + log
+n_tokens) with the tree, on a lattice of any size: the table's rows do not depend on L.
 
 Misses. A key not yet in the table stops the compiled loop right after the event that made it:
 the loop returns the missing patches, Python evaluates them in one batched call of the rate model
-(``PatchEvaluator``), and the loop resumes with the same random stream where it stopped. Nothing
-drawn depends on when the table was filled, so a run that meets its keys one by one is identical,
-event for event, to a run on a pre-filled table.
+(``PatchEvaluator``), and the loop resumes with the same random stream where it stopped. The
+tokens re-keyed after an event are updated all together or not at all (a miss leaves them queued),
+so nothing drawn depends on when the table was filled: a run that meets its keys one by one is
+identical, event for event, to a run on a pre-filled table (with either structure, as long as both
+choose the same one).
 
 Overlaps (active). A hop onto an occupied site has whatever rate the table gives it (zero for the
 original rates, a small learned rate for a transformer). As in ``hpcdyn.simulation.batched``: by
@@ -69,6 +74,7 @@ from hpcdyn.simulation.environment_table import (
     find_entry,
     log_rate_difference,
 )
+from hpcdyn.simulation.rate_groups import RateGroups, distinct_rates, escape_rate, pick, regroup
 from hpcdyn.storage.environment_tables import CollisionError
 from hpcdyn.storage.events import EventLog
 
@@ -87,7 +93,8 @@ DONE, EVENTS_FULL, SNAPSHOTS_FULL, MISSED, AUDIT_FULL, COLLIDED, RUNNING = range
 #   configuration: site, state, head, next_token (the tokens on each site as linked lists: one token
 #     per site without overlaps; for fa, token s is site s), count (tokens per site), grid (each
 #     site's content: 0 empty, 1 + state; the spin for fa), entry (each token's table row),
-#     token_keys (each token's exact key, kept current by digit deltas), tree (the sum tree)
+#     token_keys (each token's exact key, kept current by digit deltas), tree (the sum tree), the
+#     group arrays (``RateGroups.arrays``; empty when the tree is used, and the tree then one leaf)
 #   lattice: stencil_sites [site * S + i] = site + offset_i, reverse_sites = site - offset_i,
 #     move_site [site * M + m], move_state [state * M + m], displacing [M], digit_of_content, weights
 #   table: direct, slots, keys, checks, rates, log_rates, totals, blocked_totals, sightings
@@ -241,17 +248,19 @@ def _audit_gap(audit_rng, log_keep):
 
 
 @numba.njit(cache=True, inline="always")
-def _rekey_pending(
-    site, state, grid, entry, token_keys, tree, tree_offsets, stencil_sites, digit_of_content, weights, n_own_states, hashed,
-    direct, slots, keys, checks, totals, blocked_totals, sightings,
-    pending, clock, counters, miss_keys, miss_checks, miss_patches, audit_tokens, audit_rng, log_keep,
+def _find_pending(
+    site, state, grid, token_keys, stencil_sites, digit_of_content, weights, n_own_states, hashed,
+    direct, slots, keys, checks, pending, counters, found_entries, miss_keys, miss_checks, miss_patches,
 ):  # fmt: skip
-    """Look up every queued token's key; misses stay queued and their patches are returned."""
+    """Table entry of every queued token's key into ``found_entries``; nothing changes yet.
+
+    All or nothing: when a key is missing, the missing patches are returned (MISSED) and the queue
+    is looked up again after the fill, so the selection structure sees the same updates in the same
+    order whenever the table was filled (group lists depend on that order, a sum tree does not).
+    """
     n_sites = weights.shape[0]
-    kept = 0
-    countdown, n_audit, blocked = counters[AUDIT_COUNTDOWN], counters[N_AUDIT], clock[BLOCKED_SUM]
-    n_pending = counters[N_PENDING]
-    for index in range(n_pending):
+    missing = 0
+    for index in range(counters[N_PENDING]):
         token = pending[index]
         if hashed:
             key, check = token_key(grid, stencil_sites, site[token] * n_sites, n_sites, state[token], digit_of_content,
@@ -261,17 +270,33 @@ def _rekey_pending(
         found = find_entry(direct, slots, keys, checks, key, check)
         if found == COLLISION:
             return COLLIDED
+        found_entries[index] = found
         if found == EMPTY:
-            miss_keys[kept] = key
-            miss_checks[kept] = check
-            token_patch(grid, stencil_sites, site[token] * n_sites, n_sites, state[token], digit_of_content, miss_patches[kept])
-            pending[kept] = token
-            kept += 1
-            continue
+            miss_keys[missing] = key
+            miss_checks[missing] = check
+            token_patch(grid, stencil_sites, site[token] * n_sites, n_sites, state[token], digit_of_content, miss_patches[missing])
+            missing += 1
+    counters[N_MISSES] = missing
+    return MISSED if missing else RUNNING
+
+
+@numba.njit(cache=True, inline="always")
+def _apply_pending(
+    use_groups, n_moves, entry, tree, tree_offsets, entry_group, group_count, members, slot, totals, blocked_totals,
+    sightings, pending, found_entries, clock, counters, audit_tokens, audit_rng, log_keep,
+):  # fmt: skip
+    """Give every queued token its found entry: its leaf or its group lists, the blocked sum, the audit."""
+    countdown, n_audit, blocked = counters[AUDIT_COUNTDOWN], counters[N_AUDIT], clock[BLOCKED_SUM]
+    n_pending = counters[N_PENDING]
+    for index in range(n_pending):
+        token, found = pending[index], found_entries[index]
         old = entry[token]
         if old != found:
             entry[token] = found
-            _set_leaf(tree, tree_offsets, token, totals[found])
+            if use_groups:
+                regroup(token, old, found, n_moves, entry_group, group_count, members, slot)
+            else:
+                _set_leaf(tree, tree_offsets, token, totals[found])
             blocked += blocked_totals[found] - (blocked_totals[old] if old >= 0 else 0.0)
         sightings[found] += 1
         countdown -= 1
@@ -279,10 +304,20 @@ def _rekey_pending(
             audit_tokens[n_audit] = token
             n_audit += 1
             countdown = _audit_gap(audit_rng, log_keep)
-    counters[LOOKUPS] += n_pending - kept
+    counters[LOOKUPS] += n_pending
     counters[AUDIT_COUNTDOWN], counters[N_AUDIT], clock[BLOCKED_SUM] = countdown, n_audit, blocked
-    counters[N_PENDING] = counters[N_MISSES] = kept
-    return MISSED if kept else RUNNING
+    counters[N_PENDING] = 0
+
+
+@numba.njit(cache=True, inline="always")
+def _draw(use_groups, r, n_moves, tree, tree_offsets, rates, entry, group_rate, group_order, group_count, members):
+    """(token, move) chosen by r uniform in [0, escape rate): from the group lists or down the sum tree."""
+    if use_groups:
+        member = pick(r, group_rate, group_order, group_count, members)
+        token = member // n_moves
+        return token, member - token * n_moves
+    token, remainder = _descend(tree, tree_offsets, r)
+    return token, _pick_move(rates, entry[token], remainder)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -296,25 +331,30 @@ def _snapshot(grid, n_overlapping, slot, when, out_snapshot_time, out_grid, out_
 
 @numba.njit(cache=True)
 def _run(
-    particles, keep_overlaps, hashed, n_own_states, log_keep, audit_capacity, t_final, rng, audit_rng, clock, counters,
-    site, state, head, next_token, count, grid, entry, token_keys, tree, tree_offsets,
+    particles, keep_overlaps, hashed, use_groups, n_own_states, log_keep, audit_capacity, t_final, rng, audit_rng, clock,
+    counters, site, state, head, next_token, count, grid, entry, token_keys, tree, tree_offsets,
+    entry_group, group_rate, group_order, group_count, members, member_slot,
     stencil_sites, reverse_sites, move_site, move_state, displacing, digit_of_content, weights,
     direct, slots, keys, checks, rates, log_rates, totals, blocked_totals, sightings,
-    pending, stamp, miss_keys, miss_checks, miss_patches, audit_tokens,
+    pending, found_entries, stamp, miss_keys, miss_checks, miss_patches, audit_tokens,
     out_token, out_move, out_dwell, move_counts, snapshot_times, out_snapshot_time, out_grid, out_overlap,
 ):  # fmt: skip
     """Advance until t_final or a stop (see the status codes); every stop is resumable."""
     n_moves = displacing.shape[0]
     n_sites = weights.shape[0]
-    status = _rekey_pending(site, state, grid, entry, token_keys, tree, tree_offsets, stencil_sites, digit_of_content, weights,
-                            n_own_states, hashed, direct, slots, keys, checks, totals, blocked_totals, sightings,
-                            pending, clock, counters, miss_keys, miss_checks, miss_patches, audit_tokens, audit_rng, log_keep)  # fmt: skip
+    status = _find_pending(site, state, grid, token_keys, stencil_sites, digit_of_content, weights, n_own_states, hashed,
+                           direct, slots, keys, checks, pending, counters, found_entries, miss_keys, miss_checks,
+                           miss_patches)  # fmt: skip
+    if status == RUNNING:
+        _apply_pending(use_groups, n_moves, entry, tree, tree_offsets, entry_group, group_count, members, member_slot,
+                       totals, blocked_totals, sightings, pending, found_entries, clock, counters, audit_tokens,
+                       audit_rng, log_keep)  # fmt: skip
     while status == RUNNING:
         if counters[OUT_EVENTS] == out_token.shape[0]:
             return EVENTS_FULL
         if counters[N_AUDIT] >= audit_capacity:
             return AUDIT_FULL
-        escape = tree[0]
+        escape = escape_rate(group_rate, group_order, group_count) if use_groups else tree[0]
         if clock[PENDING] >= 0.0:
             dwell, clock[PENDING] = clock[PENDING], -1.0
         else:
@@ -336,8 +376,8 @@ def _run(
             clock[LOG_LIKELIHOOD] -= (t_final - now) * escape
             clock[TIME] = t_final
             return DONE
-        token, remainder = _descend(tree, tree_offsets, rng.random() * escape)
-        move = _pick_move(rates, entry[token], remainder)
+        token, move = _draw(use_groups, rng.random() * escape, n_moves, tree, tree_offsets, rates, entry,
+                            group_rate, group_order, group_count, members)  # fmt: skip
         counters[DRAWS] += 1
         clock[LOG_LIKELIHOOD] -= dwell * escape
         clock[TIME] = now + dwell
@@ -387,9 +427,13 @@ def _run(
             pending[n_pending] = token
             n_pending += 1
         counters[N_PENDING] = n_pending
-        status = _rekey_pending(site, state, grid, entry, token_keys, tree, tree_offsets, stencil_sites, digit_of_content, weights,
-                                n_own_states, hashed, direct, slots, keys, checks, totals, blocked_totals, sightings,
-                                pending, clock, counters, miss_keys, miss_checks, miss_patches, audit_tokens, audit_rng, log_keep)  # fmt: skip
+        status = _find_pending(site, state, grid, token_keys, stencil_sites, digit_of_content, weights, n_own_states, hashed,
+                               direct, slots, keys, checks, pending, counters, found_entries, miss_keys, miss_checks,
+                               miss_patches)  # fmt: skip
+        if status == RUNNING:
+            _apply_pending(use_groups, n_moves, entry, tree, tree_offsets, entry_group, group_count, members, member_slot,
+                           totals, blocked_totals, sightings, pending, found_entries, clock, counters, audit_tokens,
+                           audit_rng, log_keep)  # fmt: skip
     return status
 
 
@@ -496,6 +540,7 @@ def _one_event_ahead(
 
 # ----------------------------------------------------------------------------- driver
 PREFETCH = ("auto", "space", "step", "none")
+SELECTIONS = ("auto", "groups", "tree")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,6 +553,13 @@ class EngineOptions:
     ``step_limit`` patches); "none": only the missing keys; "auto": "space" when the key space is
     at most ``space_limit``, else "step". Prefetching changes what the table holds, never the
     trajectory.
+
+    selection: how an event is drawn. "groups": one list of candidate moves per distinct rate
+    (``hpcdyn.simulation.rate_groups``); "tree": a sum tree over tokens; "auto": "groups" when the
+    table's rates take at most ``group_limit`` distinct positive values once every token's first key
+    is in it (class rates of Mode 2, the original rates), else "tree". Both are exact; the choice is
+    made once per run (a run that meets new rates later keeps its structure: groups stay exact with
+    more groups, only slower).
     """
 
     keep_overlaps: bool = False  # apply hops onto occupied sites instead of rejecting them (active)
@@ -517,6 +569,8 @@ class EngineOptions:
     prefetch: str = "auto"
     space_limit: int = 1 << 15
     step_limit: int = 4096  # patches one "step" prefetch collects at most
+    selection: str = "auto"
+    group_limit: int = 16  # "auto" takes groups up to this many distinct rates
     chunk_events: int = 1 << 20
     snapshot_chunk: int = 1024
 
@@ -525,10 +579,18 @@ class EngineOptions:
             raise ConfigurationError(f"audit_fraction: must be in [0, 1], got {self.audit_fraction!r}")
         if self.prefetch not in PREFETCH:
             raise ConfigurationError(f"prefetch: must be one of {PREFETCH}, got {self.prefetch!r}")
-        for name in ("audit_capacity", "space_limit", "step_limit", "chunk_events", "snapshot_chunk"):
+        if self.selection not in SELECTIONS:
+            raise ConfigurationError(f"selection: must be one of {SELECTIONS}, got {self.selection!r}")
+        for name in ("audit_capacity", "space_limit", "step_limit", "chunk_events", "snapshot_chunk", "group_limit"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigurationError(f"{name}: must be an integer >= 1, got {value!r}")
+
+    def selection_for(self, rates: np.ndarray) -> str:
+        """The structure for a table whose rows so far are ``rates`` [K, M]."""
+        if self.selection != "auto":
+            return self.selection
+        return "groups" if len(distinct_rates(rates)) <= self.group_limit else "tree"
 
     def prefetch_for(self, encoder) -> str:
         if self.prefetch != "auto":
@@ -644,7 +706,10 @@ class TableEngine:
                                         self.head, self.next_token, self.count, self.grid, self.token_keys,
                                         stencil_sites, digits, weights)  # fmt: skip
         self.entry = np.full(n_tokens, -1, np.int64)
-        self.tree, self.tree_offsets = sum_tree(n_tokens)
+        self.selection = None  # chosen once every token's first key is in the table (``_choose_selection``)
+        self.tree, self.tree_offsets = sum_tree(1)
+        self.groups = RateGroups(0, self.system.n_moves)
+        self.found_entries = np.zeros(n_tokens, np.int64)
         self.clock = np.array([0.0, -1.0, 0.0, 0.0, 0.0, 0.0])
         self.counters = np.zeros(14, np.int64)
         self.counters[OCCUPIED_SITES] = occupied
@@ -673,18 +738,40 @@ class TableEngine:
         self.out_overlap = np.empty(capacity, np.int32)
 
     # ------------------------------------------------------------------------- running
+    def _choose_selection(self) -> int:
+        """Before the first event: find every token's first key (MISSED until all are in the table),
+        then choose the selection structure from the table's rates so far."""
+        table, encoder = self.table.arrays(), self.table.encoder
+        status = _find_pending(self.site, self.state, self.grid, self.token_keys, self.lattice[0], self.lattice[5],
+                               self.lattice[6], encoder.n_own_states, encoder.hashed, *table[:4], self.pending,
+                               self.counters, self.found_entries, self.miss_keys, self.miss_checks, self.miss_patches)  # fmt: skip
+        if status != RUNNING:
+            return status
+        self.selection = self.options.selection_for(self.table.rates[: self.table.size])
+        if self.selection == "groups":
+            self.groups = RateGroups(len(self.site), self.system.n_moves)
+        else:
+            self.tree, self.tree_offsets = sum_tree(len(self.site))
+        return RUNNING
+
     def _call(self) -> int:
+        if self.selection is None and (status := self._choose_selection()) != RUNNING:
+            return status
+        use_groups = self.selection == "groups"
+        if use_groups:
+            self.groups.map_rows(self.table.rates[: self.table.size])
         table = self.table.arrays()  # fetched each call: a fill may have grown them
         blocked_totals, known = table[7], self.entry >= 0
         self.clock[BLOCKED_SUM] = blocked_totals[self.entry[known]].sum()  # the running sum, exact again
         encoder = self.table.encoder
         return _run(
-            self.particles, self.options.keep_overlaps, encoder.hashed, encoder.n_own_states, self.log_keep,
+            self.particles, self.options.keep_overlaps, encoder.hashed, use_groups, encoder.n_own_states, self.log_keep,
             self.options.audit_capacity, self.t_final, self.rng, self.audit_rng, self.clock, self.counters,
             self.site, self.state, self.head, self.next_token, self.count, self.grid, self.entry, self.token_keys,
-            self.tree, self.tree_offsets,
+            self.tree, self.tree_offsets, *self.groups.arrays(),
             *self.lattice, *table,
-            self.pending, self.stamp, self.miss_keys, self.miss_checks, self.miss_patches, self.audit_tokens,
+            self.pending, self.found_entries, self.stamp, self.miss_keys, self.miss_checks, self.miss_patches,
+            self.audit_tokens,
             self.out_token, self.out_move, self.out_dwell, self.move_counts, self.snapshot_times,
             self.out_snapshot_time, self.out_grid, self.out_overlap,
         )  # fmt: skip
@@ -779,7 +866,7 @@ class TableEngine:
         return float(self.clock[LOG_LIKELIHOOD])
 
     def escape_rate(self) -> float:
-        return float(self.tree[0])
+        return self.groups.escape_rate() if self.selection == "groups" else float(self.tree[0])
 
     def configuration(self) -> tuple[np.ndarray, np.ndarray]:
         """Positions int64 [T, 2] and states int8 [T] now."""
@@ -832,10 +919,10 @@ def _lattice_tables(encoder, system: System) -> tuple[np.ndarray, ...]:
     shared by every engine on the same lattice)."""
     shape, steps = system.shape, system.move_table
     states = np.arange(system.n_states)[:, None]
-    return (
-        stencil_table(encoder.offset_array, shape),  # site + offset_i at [site * S + i]
-        stencil_table(-encoder.offset_array, shape),  # site - offset_i: the token that sees it as digit i
-        stencil_table(steps[:, :2], shape),  # where move m takes a token: [site * M + m]
+    return (  # int32 site tables: half the cache lines of int64 (large lattices are bound by memory latency)
+        stencil_table(encoder.offset_array, shape).astype(np.int32),  # site + offset_i at [site * S + i]
+        stencil_table(-encoder.offset_array, shape).astype(np.int32),  # site - offset_i: the token that sees it as digit i
+        stencil_table(steps[:, :2], shape).astype(np.int32),  # where move m takes a token: [site * M + m]
         ((states + steps[:, 2]) % system.n_states).reshape(-1),  # its new state: [state * M + m]
         (steps[:, :2] != 0).any(1),  # moves that change a position
         encoder.digit_array,
