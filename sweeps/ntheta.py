@@ -1,7 +1,8 @@
 """N_theta scan: Mode 2 with N_theta = 1..8 classes x 3 seeds, and Mode 1 as the reference.
 
 U/T rises with N_theta up to the number of distinct processes of the dynamics and then flattens:
-N* = 4 for the active model (rotations D, forward hops v_plus, other hops v_other, blocked hops 0).
+N* = 4 for the active model (rotations D, forward hops v_plus, other hops v_other, blocked hops 0),
+5 for quorum (``hpcdyn sweep ntheta --system quorum``: crowded forward hops v_crowded besides).
 Every trial learns from the same trajectory, so the seed spread is the spread of training. The full
 study trains Mode 2 with the expected-U gradient from epoch 4 (``CLASS_RECIPE``), which puts every
 kind of move in a class of its own; the smoke study keeps the plain straight-through gradient.

@@ -26,6 +26,7 @@ from sweeps.common import ACTIVE_DATA, SMOKE_DATA, TINY_MODEL
 NAME = "range"
 STENCILS = ["vn1", "block3", "diamond2", "block5"]  # in order of size (ATTENTION_STENCILS)
 N_STAR = 4  # the active model's N* (sweeps/ntheta.py)
+N_STARS = {"active": N_STAR, "quorum": 5}  # quorum adds v_crowded; its range R 2 makes r* = block5 (preset paper)
 LOCAL = {"model.rotary": False, "model.n_layers": 1, "training.statistics": True, "training.statistics_steps": 50}
 RECIPE = {"training.epochs": 10, "training.patience": 10, "training.lr": 1e-2, "training.expected_from_epoch": 3,
           "training.class_rate_fit": "closed_form_last"}  # fmt: skip
@@ -51,6 +52,11 @@ SMOKE = Study(
     ),
     description=__doc__,
 )
+
+
+def for_system(study: Study, system: str) -> Study:
+    """The study on another particle system's trajectory, Mode 2 at that system's N*."""
+    return study.with_overrides({"data.system": system}, {"model.n_classes": [N_STARS[system]]})
 
 
 @dataclasses.dataclass

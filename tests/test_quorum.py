@@ -389,3 +389,32 @@ def test_simulate_and_train_from_the_command_line(tmp_path, capsys):
     assert result["epochs"] == 1 and np.isfinite(result["best"]["val_U_per_T"])
     recorded = json.loads((tmp_path / "model" / "config.json").read_text())
     assert recorded["config"]["model"]["system"] == "quorum"
+
+
+# ----------------------------------------------------------------------------- studies
+def test_ntheta_and_range_studies_accept_the_quorum_system():
+    from hpcdyn.distributed.sweep import check_study, trial_setup
+    from sweeps import get_study
+
+    for smoke in (True, False):
+        ntheta = check_study(get_study("ntheta", smoke=smoke, system="quorum"))
+        assert {point["data.system"] for point in ntheta} == {"quorum"}
+        assert 5 in {point.get("model.n_classes") for point in ntheta}  # N* = 5 is scanned
+        ranges = check_study(get_study("range", smoke=smoke, system="quorum"))
+        assert {point["model.n_classes"] for point in ranges if point["model.mode"] == 2} == {5}
+        assert len(ranges) == len(check_study(get_study("range", smoke=smoke)))
+    setup = trial_setup(ntheta[0])
+    assert isinstance(setup.system, QuorumSystem) and setup.training.model.system == "quorum"
+    assert (setup.system.L, setup.system.R, setup.system.q) == (12, 2, 3)
+    with pytest.raises(ConfigurationError, match="system:"):
+        get_study("ntheta", system="fa")
+
+
+def test_sweep_command_takes_the_system(tmp_path, capsys):
+    storage = tmp_path / "storage"
+    arguments = ["sweep", "range", "--smoke", "--system", "quorum", "--storage", str(storage), "--grid", "model.nclasses=1"]
+    assert main(arguments) == 2  # parsed up to the study's keys, refused before Ray starts
+    assert "model.nclasses: unknown sweep parameter" in capsys.readouterr().err and not storage.exists()
+    with pytest.raises(SystemExit):
+        main(["sweep", "range", "--smoke", "--system", "fa", "--storage", str(storage)])
+    assert "--system" in capsys.readouterr().err

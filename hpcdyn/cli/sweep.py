@@ -25,6 +25,7 @@ from hpcdyn.cli.options import (
     positive_int,
     show_progress,
 )
+from hpcdyn.physics.systems import PARTICLE_SYSTEMS
 from hpcdyn.storage import strict_json
 
 
@@ -41,6 +42,8 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("study", help="study name: ntheta, hparams or activity (modules of sweeps/)")
     parser.add_argument("--smoke", action="store_true", help="the study's small size (minutes on 2 CPU cores)")
+    parser.add_argument("--system", choices=PARTICLE_SYSTEMS,
+                        help="learn from this particle system's trajectory instead of the study's (e.g. quorum)")  # fmt: skip
     parser.add_argument("--address", help="join the Ray cluster at this address (e.g. auto); default: start a local Ray")
     parser.add_argument("--storage", default="runs/sweeps", help="directory of sweeps and shared trajectories (default runs/sweeps)")
     parser.add_argument("--name", help="experiment name under --storage (default: STUDY, or STUDY-smoke)")
@@ -92,7 +95,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.physics.systems import ConfigurationError
     from sweeps import get_study
 
-    study = get_study(args.study, smoke=args.smoke).with_overrides(
+    study = get_study(args.study, smoke=args.smoke, system=args.system).with_overrides(
         _assignments(args.set, "--set", axis=False), _assignments(args.grid, "--grid", axis=True)
     )
     if args.address and args.num_cpus is not None:
