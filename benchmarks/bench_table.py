@@ -1,20 +1,29 @@
-"""Benchmark: the table engine on the original rates against the compiled simulator, same run, one core.
+"""Benchmark: the table engine against the compiled simulator (and a trained model's network), same run, one core.
 
-    python benchmarks/bench_table.py                      # print the table
-    python benchmarks/bench_table.py --write              # and replace its section of RESULTS.md
+    python benchmarks/bench_table.py                                  # print the tables
+    python benchmarks/bench_table.py --model runs/locality/mode2_local --write   # a trained model too; RESULTS.md
 
 Each case runs the compiled n-fold-way simulator and the table engine (family ``vn1``, exact for
 the active model) from the same initial configuration for the same time. The table engine runs
-twice: "cold" from an empty table (its misses stop the loop and are filled by the true rate model;
-the run's events/s include that), then "warm" on the table the cold run left. Rates are events
+"cold" from an empty table (its misses stop the loop and are filled by the rate model; the run's
+events/s include that, with the selection structure "auto" chooses), then "warm" on the table the
+cold run left, once with each selection structure (rate groups and the sum tree). Rates are events
 per CPU second of this process (``time.process_time``, one thread), so machines shared with other
-jobs give comparable figures for both simulators. A last case runs the 3 x 3 block family
-('block3', 0.2-0.9 M keys in long runs), where misses dominate.
+jobs give comparable figures for all of them. A last case runs the 3 x 3 block family ('block3',
+0.2-0.9 M keys in long runs), where misses dominate.
+
+``--model RUN``: a trained hard-local model on its table (the family ``hpcdyn ensemble --engine auto``
+chooses) at L 30 (N 112, N 450) and L 256 (density 0.5): the cold run's misses are filled by the
+network on each key's patch (its wall time is the network time on first sightings); at L 30 also
+the network engine itself (lock-step, ``--network-replicas`` replicas, the same weights on the
+larger lattice: a hard-local model has no position tables) for about ``--network-events`` events.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import time
@@ -24,19 +33,28 @@ import numpy as np
 import torch
 from results import write_section
 
+from hpcdyn.distributed.engines import choose_engine
+from hpcdyn.learning.training import load_model
+from hpcdyn.learning.transformer import TransformerRates
 from hpcdyn.physics.environments import make_encoder
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.physics.systems import make_system
+from hpcdyn.simulation.batched import replica_streams, simulate_batched
 from hpcdyn.simulation.compiled import CompiledSimulator
 from hpcdyn.simulation.environment_table import EnvironmentTable, PatchEvaluator, model_lattice
 from hpcdyn.simulation.table_engine import EngineOptions, TableEngine
-from hpcdyn.storage.environment_tables import original_rates_identity
+from hpcdyn.storage.environment_tables import checkpoint_identity, original_rates_identity
 
 CASES = [
     ("active L30 N112 (paper)", {"L": 30, "density": 0.124}, "vn1"),
     ("active L30 N450 (density 0.5)", {"L": 30, "density": 0.5}, "vn1"),
     ("active L256 N32768 (density 0.5)", {"L": 256, "density": 0.5}, "vn1"),
     ("active L30 N112, block3 keys", {"L": 30, "density": 0.124}, "block3"),
+]
+MODEL_CASES = [
+    ("L30 N112 (paper)", {"L": 30, "density": 0.124}, True),
+    ("L30 N450 (density 0.5)", {"L": 30, "density": 0.5}, True),
+    ("L256 N32768 (density 0.5)", {"L": 256, "density": 0.5}, False),
 ]
 
 
@@ -54,13 +72,39 @@ def compiled_run(system, t_final, seed) -> tuple[int, float]:
     return events, time.process_time() - begin
 
 
-def table_run(system, t_final, seed, table, evaluator, options) -> tuple[int, float, float, object]:
-    """Events, CPU seconds, wall seconds and statistics of one table-engine run."""
+def table_run(system, t_final, seed, table, evaluator, options, audit_model=None) -> tuple[int, float, float, object, str]:
+    """Events, CPU seconds, wall seconds, statistics and selection structure of one table-engine run."""
     positions, states, rng = start(system, seed)
     begin, wall = time.process_time(), time.perf_counter()
-    engine = TableEngine(table, evaluator, system, positions, states, rng, t_final, options=options)
+    audit = {} if audit_model is None else {"audit_model": audit_model}
+    engine = TableEngine(table, evaluator, system, positions, states, rng, t_final, options=options, **audit)
     events = sum(len(chunk.tokens) for chunk in engine.chunks())
-    return events, time.process_time() - begin, time.perf_counter() - wall, engine.statistics()
+    return events, time.process_time() - begin, time.perf_counter() - wall, engine.statistics(), engine.selection
+
+
+def table_runs(system, t_final, seed, table, evaluator, options, audit_model=None) -> dict:
+    """Cold (from ``table`` as given, misses filled) and warm runs with each selection structure.
+
+    The two structures draw different trajectories from one seed: the structure the cold run did not
+    choose runs once untimed first, so that its timed run meets its keys in the table too.
+    """
+    events, seconds, wall, cold, chosen = table_run(system, t_final, seed, table, evaluator, options, audit_model)
+    row = {"events": events, "cold": events / seconds, "chosen": chosen, "cold_wall": wall,
+           "first_sightings": cold.first_sightings, "misses": cold.misses, "filled": cold.keys_filled,
+           "fill_calls": cold.fill_calls, "fill_seconds": cold.fill_seconds}  # fmt: skip
+    audits = [cold]
+    for selection in ("groups", "tree"):
+        warm_options = dataclasses.replace(options, selection=selection)
+        if selection != chosen:
+            table_run(system, t_final, seed, table, evaluator, warm_options)
+        warm_events, warm_seconds, _, warm, _ = table_run(system, t_final, seed, table, evaluator, warm_options, audit_model)
+        row[selection] = warm_events / warm_seconds
+        audits.append(warm)
+    row["keys"] = table.size
+    row["audited"] = sum(item.audited for item in audits)
+    found = [item.audit_largest_difference for item in audits if item.audited]
+    row["audit"] = max(found) if found else None
+    return row
 
 
 def t_final_for(system, events: int) -> float:
@@ -79,27 +123,87 @@ def measure(label, params, family, args) -> dict:
     events = args.block_events if family != "vn1" else args.min_events
     t_final = t_final_for(system, events)
     compiled_run(system, 0.01, seed=0)  # compile or load the caches outside the timings
-    warmup = EnvironmentTable(encoder, table.header)
-    table_run(system, 0.01, 0, warmup, evaluator, options)
+    warm_up(system, encoder, table.header, evaluator, options)
     compiled_events, compiled_seconds = compiled_run(system, t_final, args.seed)
-    cold_events, cold_seconds, cold_wall, cold = table_run(system, t_final, args.seed, table, evaluator, options)
-    warm_events, warm_seconds, _, warm = table_run(system, t_final, args.seed, table, evaluator, options)
-    row = {
-        "label": label, "family": family, "t_final": t_final, "keys": table.size,
-        "compiled": compiled_events / compiled_seconds, "compiled_events": compiled_events,
-        "cold": cold_events / cold_seconds, "warm": warm_events / warm_seconds, "events": cold_events,
-        "first_sightings": cold.first_sightings, "misses": cold.misses, "filled": cold.keys_filled,
-        "fill_calls": cold.fill_calls, "fill_seconds": cold.fill_seconds, "cold_wall": cold_wall,
-        "audited": cold.audited + warm.audited,
-        "audit": np.nanmax([cold.audit_largest_difference, warm.audit_largest_difference]),
-    }  # fmt: skip
+    row = {"label": label, "family": family, "t_final": t_final, "compiled": compiled_events / compiled_seconds,
+           **table_runs(system, t_final, args.seed, table, evaluator, options)}  # fmt: skip
+    report(row)
+    return row
+
+
+def warm_up(system, encoder, header, evaluator, options) -> None:
+    """Compile (or load the caches of) both simulators and both selection structures outside the timings."""
+    compiled_run(system, 0.01, seed=0)
+    for selection in ("groups", "tree"):
+        warmup = EnvironmentTable(encoder, header)
+        table_run(system, 0.01, 0, warmup, evaluator, dataclasses.replace(options, selection=selection))
+
+
+def report(row: dict) -> None:
+    network = f"   network {row['network'] / 1e3:5.2f} k/s" if row.get("network") else ""
     print(
-        f"{label:36s} compiled {row['compiled'] / 1e6:5.2f} M/s   table cold {row['cold'] / 1e6:5.2f} M/s "
-        f"warm {row['warm'] / 1e6:5.2f} M/s   keys {row['keys']:,}, first sightings {row['first_sightings']:,}, "
-        f"fill {row['fill_seconds']:.2f} s in {row['fill_calls']} calls, audit max |dlog| {row['audit']:.3g}",
+        f"{row['label']:36s} compiled {row['compiled'] / 1e6:5.2f} M/s   table cold ({row['chosen']}) "
+        f"{row['cold'] / 1e6:5.2f} M/s, warm groups {row['groups'] / 1e6:5.2f} M/s, tree {row['tree'] / 1e6:5.2f} M/s"
+        f"{network}   keys {row['keys']:,}, first sightings {row['first_sightings']:,}, fill {row['fill_seconds']:.2f} s "
+        f"in {row['fill_calls']} calls, audit max |dlog| {audit(row)}",
         flush=True,
     )
+
+
+# ----------------------------------------------------------------------------- a trained model
+def on_lattice(model: TransformerRates, side: int) -> TransformerRates:
+    """The same hard-local weights on an L x L lattice (no position tables: only the torus size changes)."""
+    if side == model.config.lattice_size:
+        return model
+    copy = TransformerRates(dataclasses.replace(model.config, lattice_size=side))
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def network_run(model, system, events: int, replicas: int, events_per_time: float, seed: int) -> float:
+    """Events per CPU second of the lock-step network engine, ``replicas`` replicas, about ``events`` events."""
+    streams = [replica_streams(seed, 0, replica) for replica in range(replicas)]
+    starts = [system.initial_configuration(stream.configuration) for stream in streams]
+    positions = np.stack([p for p, _ in starts])
+    states = np.stack([s for _, s in starts]).astype(np.int64)
+    keys = np.array([stream.key for stream in streams])
+    t_final = events / (replicas * events_per_time)
+    begin = time.process_time()
+    result = simulate_batched(model, system, positions, states, keys, t_final)
+    return float(result.events.sum()) / (time.process_time() - begin)
+
+
+def measure_model(label, params, with_network, model, family, identity, args) -> dict:
+    system = make_system("active", params)
+    evaluator = PatchEvaluator(model, model_lattice(model, system))
+    encoder = make_encoder(family, system)
+    header = evaluator.header_for(encoder, identity)
+    options = EngineOptions(audit_fraction=args.audit_fraction)
+    lattice_model = on_lattice(model, system.L) if with_network else None  # audits and the network engine at L 30
+    t_final = t_final_for(system, args.model_events)
+    warm_up(system, encoder, header, evaluator, options)
+    compiled_events, compiled_seconds = compiled_run(system, t_final, args.seed)
+    table = EnvironmentTable(encoder, header)
+    row = {"label": label, "family": family, "t_final": t_final, "compiled": compiled_events / compiled_seconds,
+           **table_runs(system, t_final, args.seed, table, evaluator, options, lattice_model)}  # fmt: skip
+    if with_network:
+        with torch.inference_mode():
+            row["network"] = network_run(lattice_model, system, args.network_events, args.network_replicas,
+                                         row["events"] / t_final, args.seed)  # fmt: skip
+    report(row)
     return row
+
+
+def model_rows(args) -> tuple[list[dict], str]:
+    model, _ = load_model(args.model)
+    checkpoint = Path(args.model) / "best.pt" if Path(args.model).is_dir() else Path(args.model)
+    identity = checkpoint_identity(checkpoint)
+    chosen = choose_engine("auto", model.config, checkpoint, identity.removeprefix("sha256:"))
+    if chosen["engine"] != "table":
+        raise SystemExit(f"--model: {args.model} does not run on a table ({chosen['reason']})")
+    rows = [measure_model(label, params, network, model, chosen["key_family"], identity, args)
+            for label, params, network in MODEL_CASES]  # fmt: skip
+    return rows, f"{chosen['key_family']} ({chosen['reason']})"
 
 
 def cpu_name() -> str:
@@ -112,48 +216,114 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def markdown(rows, args) -> str:
-    command = (f"OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/bench_table.py --min-events {args.min_events} "
-               f"--block-events {args.block_events} --audit-fraction {args.audit_fraction} --seed {args.seed} --write")  # fmt: skip
+def command_line(args) -> str:
+    model = f" --model {args.model} --model-events {args.model_events} --network-events {args.network_events}" if args.model else ""
+    return (f"OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/bench_table.py --min-events {args.min_events} "
+            f"--block-events {args.block_events} --audit-fraction {args.audit_fraction} --seed {args.seed}{model} --write")  # fmt: skip
+
+
+def machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"Machine: {cpu_name()}, {os.cpu_count()} cores (load average {load:.1f} at the end of the run: shared), "
+            f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}; one thread; "
+            f"{time.strftime('%Y-%m-%d')}.")  # fmt: skip
+
+
+def audit(row: dict) -> str:
+    return "not run" if row["audit"] is None else f"{row['audit']:.3g} ({row['audited']:,} lookups)"
+
+
+def speed(value: float) -> str:
+    return f"{value / 1e6:.2f} M/s" if value >= 1e5 else f"{value / 1e3:.1f} k/s"
+
+
+def original_table(rows) -> list[str]:
     lines = [
-        "## Environment tables and the table engine",
-        "",
-        f"Command: `{command}`",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores (load average {load:.1f} at the end of the run: shared), "
-        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}; one thread; "
-        f"{time.strftime('%Y-%m-%d')}. Events per CPU second of the process, both simulators in the same run from "
-        "the same initial configuration for the same time; the table engine with the default audit (0.1 % of "
-        "lookups re-evaluated by the true rate model in the full configuration).",
-        "",
-        "| case | keys | compiled | table engine, cold (misses included) | table engine, warm | "
+        "| case | keys | compiled | table engine, cold (misses included) | warm, rate groups | warm, sum tree | "
         "first sightings | fill: calls, wall time of the cold run's | audit max abs dlog-rate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['label']} ({row['events']:,} events) | {row['family']}: {row['keys']:,} | {row['compiled'] / 1e6:.2f} M/s "
-            f"| {row['cold'] / 1e6:.2f} M/s | {row['warm'] / 1e6:.2f} M/s | {row['first_sightings']:,} "
-            f"| {row['fill_calls']}, {row['fill_seconds']:.2f} s of {row['cold_wall']:.1f} s | {row['audit']:.3g} |"
+            f"| {row['label']} ({row['events']:,} events) | {row['family']}: {row['keys']:,} | {speed(row['compiled'])} "
+            f"| {speed(row['cold'])} ({row['chosen']}) | {speed(row['groups'])} | {speed(row['tree'])} "
+            f"| {row['first_sightings']:,} | {row['fill_calls']}, {row['fill_seconds']:.2f} s of {row['cold_wall']:.1f} s "
+            f"| {audit(row)} |"
         )
-    lines += [
-        "",
-        "vn1 fills its whole key space (2,500 keys) at the first miss, in one call of the true rate model "
-        "(`prefetch='auto'`: key spaces up to 32,768 are enumerated); the first sightings are the keys the run "
-        "met. block3 (1.6 M possible keys) fills on the fly: each miss stops the loop and is filled with the "
-        "keys one likely event away (`prefetch='step'`): there the misses dominate (about 0.2-0.3 new keys per "
-        "event in a short run, each stop costing a few milliseconds of Python and of a small rate-model call), "
-        "and a table that has met them runs at the warm rate. Goal (issue): >= 1 M events/s per core; the "
-        "prototype read 1.7-2.6 M draws/s from a 2,500-key table. At L 256 both simulators are bound by memory "
-        "latency, not arithmetic: the chosen token is anywhere on a 65,536-site lattice, so an event's token "
-        "records, sites, stencil tables and sum-tree path are cache misses (the compiled simulator loses 5-7x "
-        "between L 30 and L 256 too); packing each token's fields into one cache line and an 8-ary sum tree "
-        "(one line per level) were measured and kept or dropped on that basis (the packing gained nothing). "
-        "Exactness of the same code: `tests/test_table_engine.py` (exp(Qt), likelihood to 1e-9, event "
-        "statistics against the compiled simulator).",
-        "",
+    return lines
+
+
+def model_table(rows) -> list[str]:
+    lines = [
+        "| case | keys | compiled (original rates) | table engine, cold (misses included) | warm, rate groups "
+        "| warm, sum tree | network engine | first sightings (per event) | network on misses: calls, wall time "
+        "of the cold run's | audit max abs dlog-rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    return "\n".join(lines)
+    for row in rows:
+        network = f"{row['network'] / 1e3:.2f} k/s" if row.get("network") else "not run"
+        lines.append(
+            f"| {row['label']} ({row['events']:,} events) | {row['keys']:,} | {speed(row['compiled'])} "
+            f"| {speed(row['cold'])} ({row['chosen']}) | {speed(row['groups'])} | {speed(row['tree'])} | {network} "
+            f"| {row['first_sightings']:,} ({row['first_sightings'] / row['events']:.1e}) "
+            f"| {row['fill_calls']}, {row['fill_seconds']:.2f} s of {row['cold_wall']:.1f} s | {audit(row)} |"
+        )
+    return lines
+
+
+def markdown(rows, model, args, machine_line: str) -> str:
+    lines = ["## Environment tables and the table engine", "", f"Command: `{command_line(args)}`", machine_line,
+             "Events per CPU second of the process, every simulator of a row in the same run from the same initial "
+             "configuration for the same time; the table engine with the default audit (0.1 % of lookups "
+             "re-evaluated by the rate model in the full configuration).", "", "Original rates:", "",
+             *original_table(rows), "", *NOTES_ORIGINAL]  # fmt: skip
+    if model:
+        model_rows_, chosen = model
+        lines += ["", f"A trained hard-local Mode 2 model (`{args.model}`), on its table: {chosen}. Compiled: the "
+                  "original dynamics on the same lattice, same run. Network engine: lock-step, "
+                  f"{args.network_replicas} replicas per call, about {args.network_events:,} events.", "",
+                  *model_table(model_rows_), "", *NOTES_MODEL]  # fmt: skip
+    return "\n".join(lines + [""])
+
+
+NOTES_ORIGINAL = [
+    "vn1 fills its whole key space (2,500 keys) at the first miss, in one call of the rate model "
+    "(`prefetch='auto'`: key spaces up to 32,768 are enumerated); the first sightings are the keys the run "
+    "met. block3 (1.6 M possible keys) fills on the fly: each miss stops the loop and is filled with the "
+    "keys one likely event away (`prefetch='step'`): there the misses dominate, and a table that has met "
+    "them runs at the warm rate. Exactness of the same code, both selection structures: "
+    "`tests/test_table_engine.py` (exp(Qt), likelihood to 1e-9, event statistics against the compiled "
+    "simulator, a lazily filled run equal event for event to a run on a pre-filled table).",
+    "",
+    "Rate groups against the sum tree: the same speed within the noise at every size (L 256: 0.31 against "
+    "0.33 M/s), so the draw is not what limits the table engine. An event re-keys every token whose stencil "
+    "holds the source or the target site (up to 9 for vn1): list walks, key deltas, lookups and the update of "
+    "the selection structure, about 3.5 times the work of the compiled simulator's event, which re-classes "
+    "at most 12 moves by fixed rules: 1.76 against 6.15 M/s at L 30 and 0.31-0.33 against 1.04 M/s at L 256, "
+    "the same ratio. At L 256 both are bound by memory latency (32,768 tokens on 65,536 sites: an event's "
+    "token and site records are cache misses; the compiled simulator itself loses 6x from L 30 to L 256). "
+    "So the issue's >= 1 M events/s per core is met at L 30 (N 112 and N 450) and not at L 256: 0.3 M/s, a "
+    "third of the compiled simulator in the same run, which only just reaches 1 M/s there. Packing token "
+    "fields into one cache line and an 8-ary tree were tried before (no gain). The machine is shared: the same "
+    "compiled run measured 5.57 and 7.38 M/s at L 30 N 450 in the two tables of this one run.",
+]
+NOTES_MODEL = [
+    "The model's vn1 table fills all 2,500 keys at the first miss in one batched network call on patches "
+    "placed alone on its 12 x 12 training lattice: 0.2-0.33 s of wall time, the network time on first "
+    "sightings (about 1e-3 per event over runs of 1.5-2.7 M events), included in the cold rates. The table "
+    "engine runs the trained model at 1.66 M/s (N 112) and 0.97 M/s (N 450, where the audit's calls of the "
+    "network on the full 450-token configuration count too; 1.14 M/s warm) at L 30, against 0.76 k/s and "
+    "0.10 k/s for the network engine: 2,200 and 9,500 times faster; at L 256, 0.25 M/s (no network engine "
+    "and no audit there: one network call on 32,768 tokens is out of reach on this machine).",
+    "",
+    "The audit at L 30 N 450: max |delta log-rate| 9.95 = ln(0.924 / 4.4e-5): in at least one audited lookup "
+    "the vn1 table and the network in the full configuration put a move in different classes (the v_other "
+    "class against the blocked-hop class). The model's receptive field is diamond2; its certificate passes "
+    "at vn1 with a class disagreement of 4.9e-5 at density 0.5, inside the 1e-4 tolerance but not zero, and "
+    "the table engine inherits exactly that. At N 112 no audited lookup differed. Only the receptive-field "
+    "table (diamond2, full state) is exact by construction, and it is not cacheable (0.6 new keys per event, "
+    "compare-engines section).",
+]
 
 
 def main() -> None:
@@ -162,12 +332,27 @@ def main() -> None:
     parser.add_argument("--block-events", type=int, default=300_000, help="events of the block3 case")
     parser.add_argument("--audit-fraction", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--model", help="a trained hard-local model's run directory (or checkpoint)")
+    parser.add_argument("--model-events", type=int, default=3_000_000, help="about this many events per model run")
+    parser.add_argument("--network-events", type=int, default=5_000, help="events of the network engine at L 30")
+    parser.add_argument("--network-replicas", type=int, default=16)
+    parser.add_argument("--rows", type=Path, help="write this JSON of the figures (and read it back with --from-rows)")
+    parser.add_argument("--from-rows", action="store_true", help="render the figures of --rows without running")
     parser.add_argument("--write", nargs="?", const="benchmarks/RESULTS.md", help="write the section into this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [measure(label, params, family, args) for label, params, family in CASES]
+    if args.from_rows:
+        saved = json.loads(args.rows.read_text())
+        rows, model, machine_line = saved["rows"], saved["model"], saved["machine"]
+    else:
+        rows = [measure(label, params, family, args) for label, params, family in CASES]
+        model = model_rows(args) if args.model else None
+        machine_line = machine()
+        if args.rows:
+            args.rows.write_text(json.dumps({"rows": rows, "model": model, "machine": machine_line}, indent=1, default=float))
+    print(markdown(rows, model, args, machine_line))
     if args.write:
-        write_section("table-engine", markdown(rows, args), Path(args.write))
+        write_section("table-engine", markdown(rows, model, args, machine_line), Path(args.write))
 
 
 if __name__ == "__main__":
