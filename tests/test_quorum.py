@@ -4,6 +4,7 @@ Statistical tests use fixed seeds, so each is deterministic; the stated p-value 
 rate at which a correct sampler would fail for an arbitrary seed.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,8 @@ import scipy.stats
 import torch
 
 from hpcdyn.cli import main
+from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, resolve, run_ensemble, unit_system
+from hpcdyn.storage.ensemble_store import open_ensemble, stored_config
 from hpcdyn.learning.likelihood import iter_segments, path_log_likelihood, segment_terms
 from hpcdyn.physics.environments import make_encoder, patch_configurations, patches, rate_family
 from hpcdyn.physics.rates import ActiveRates, QuorumRates, true_rate_model
@@ -389,6 +392,34 @@ def test_simulate_and_train_from_the_command_line(tmp_path, capsys):
     assert result["epochs"] == 1 and np.isfinite(result["best"]["val_U_per_T"])
     recorded = json.loads((tmp_path / "model" / "config.json").read_text())
     assert recorded["config"]["model"]["system"] == "quorum"
+    # The trained model and the original dynamics forward-simulated side by side (in this process).
+    config = EnsembleConfig(models=("original", str(tmp_path / "model")), densities=(0.124, 0.3), replicas=2,
+                            t_final=1.0, snapshot_every=0.5, seed=1, engine="network")  # fmt: skip
+    run_ensemble(config, tmp_path / "ensemble.zarr", Placement(in_process=True))
+    stored = stored_config(tmp_path / "ensemble.zarr")
+    assert stored["system"] == {"name": "quorum", "L": 12, "D": 0.1, "v_plus": 25.0, "v_other": 1.0, "R": 1, "q": 2,
+                                "v_crowded": 4.0}  # the checkpoint's training values  # fmt: skip
+    occupancy = open_ensemble(tmp_path / "ensemble.zarr")["occupancy"].values  # [model, density, replica, time, y, x]
+    assert occupancy.shape == (2, 2, 2, 3, 12, 12)
+    assert np.array_equal((occupancy[0] > 0).sum((-1, -2)), np.broadcast_to(np.array([18, 43])[:, None, None], (2, 2, 3)))
+
+
+def test_ensemble_of_the_original_quorum_dynamics_and_its_refusals(tmp_path):
+    config = EnsembleConfig(models=("original",), system="quorum", densities=(0.2,), replicas=2, t_final=2.0,
+                            snapshot_every=1.0, L=10, R=1, q=2, v_crowded=3.0, seed=4)  # fmt: skip
+    resolved = resolve(config)
+    assert resolved["system"] == {"name": "quorum", "L": 10, "D": 0.1, "v_plus": 25.0, "v_other": 1.0, "R": 1, "q": 2,
+                                  "v_crowded": 3.0}  # fmt: skip
+    assert isinstance(unit_system(resolved, 0), QuorumSystem) and unit_system(resolved, 0).N == 20
+    run_ensemble(config, tmp_path / "original.zarr", Placement(in_process=True))
+    ensemble = open_ensemble(tmp_path / "original.zarr")
+    assert ensemble["occupancy"].shape == (1, 1, 2, 3, 10, 10) and int(ensemble["events"].sum()) > 0
+    with pytest.raises(ConfigurationError, match="^R: not a parameter of the 'active' system"):
+        resolve(dataclasses.replace(config, system=None))
+    with pytest.raises(ConfigurationError, match="^system:"):
+        dataclasses.replace(config, system="fa")
+    with pytest.raises(ConfigurationError, match="^q:"):
+        resolve(dataclasses.replace(config, q=9))
 
 
 # ----------------------------------------------------------------------------- studies

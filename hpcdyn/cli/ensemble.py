@@ -22,6 +22,7 @@ from hpcdyn.cli.options import (
     positive_time,
     show_progress,
 )
+from hpcdyn.physics.systems import PARTICLE_SYSTEMS
 
 
 def add_parser(commands) -> None:
@@ -40,11 +41,16 @@ def add_parser(commands) -> None:
     grid.add_argument("--replicas", type=int, required=True, help="independent replicas per model and density")
     grid.add_argument("--seed", type=non_negative_int, default=0, help="seed >= 0; replica streams derive from (seed, case, replica)")
     system = parser.add_argument_group("system (default: the checkpoints' training values, else the paper preset)")
+    system.add_argument("--system", choices=PARTICLE_SYSTEMS,
+                        help="the particle system (default: the checkpoints', else active)")  # fmt: skip
     system.add_argument("--L", type=int, help="lattice side; must equal a trained model's on the network engine "
                         "(default: the checkpoints' training size)")
     system.add_argument("--D", type=float, help="rotation rate of the original model")
     system.add_argument("--v-plus", dest="v_plus", type=float, help="hop rate along the orientation (original model)")
     system.add_argument("--v-other", dest="v_other", type=float, help="hop rate in the other directions (original model)")
+    system.add_argument("--R", type=int, help="quorum: block (2R+1) x (2R+1) counted around a particle (original model)")
+    system.add_argument("--q", type=int, help="quorum: crowded from q other particles in the block (original model)")
+    system.add_argument("--v-crowded", dest="v_crowded", type=float, help="quorum: forward hop rate when crowded (original model)")
     timing = parser.add_argument_group("time")
     timing.add_argument("--t-final", type=positive_time, required=True, help="simulated time per replica, burn-in included")
     timing.add_argument("--snapshot-every", type=positive_time, required=True, help="time between recorded snapshots")
@@ -100,6 +106,10 @@ def _ensemble(args: argparse.Namespace) -> dict[str, Any]:
         D=args.D,
         v_plus=args.v_plus,
         v_other=args.v_other,
+        system=args.system,
+        R=args.R,
+        q=args.q,
+        v_crowded=args.v_crowded,
         replicas_per_unit=args.replicas_per_unit,
         reject_overlaps=not args.keep_overlaps,
         engine=args.engine,

@@ -49,7 +49,7 @@ from hpcdyn.simulation.work_size import (
     simulator_memory,
     snapshot_count,
 )
-from hpcdyn.physics.systems import PRESETS, ActiveSystem, ConfigurationError, make_system
+from hpcdyn.physics.systems import PARTICLE_SYSTEMS, PRESETS, SYSTEMS, ActiveSystem, ConfigurationError, make_system
 
 ORIGINAL = "original"
 MIN_UNIT_EVENTS = 500_000  # about 60 ms of the compiled simulator: Ray calls should carry >= 50 ms
@@ -62,7 +62,10 @@ class EnsembleError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class EnsembleConfig:
-    """What to simulate. System parameters left as None come from the checkpoints or the paper preset."""
+    """What to simulate. System parameters left as None come from the checkpoints or the paper preset.
+
+    ``system`` is a particle system (active, quorum); None: the checkpoints' system, else active.
+    """
 
     models: tuple[str, ...]
     densities: tuple[float, ...]
@@ -75,6 +78,10 @@ class EnsembleConfig:
     D: float | None = None
     v_plus: float | None = None
     v_other: float | None = None
+    system: str | None = None
+    R: int | None = None  # quorum only, as q and v_crowded
+    q: int | None = None
+    v_crowded: float | None = None
     replicas_per_unit: int | None = None
     reject_overlaps: bool = True
     engine: str = "auto"  # learned models: auto, network or table (hpcdyn.distributed.engines)
@@ -99,6 +106,8 @@ class EnsembleConfig:
             f"must be a time in [0, t_final = {self.t_final}], got {self.burn_in!r}",
         )
         require(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
+        require(self.system is None or self.system in PARTICLE_SYSTEMS, "system",
+                f"ensembles run the particle systems {PARTICLE_SYSTEMS}, got {self.system!r}")  # fmt: skip
         block = self.replicas_per_unit
         require(block is None or (_is_int(block) and block >= 1), "replicas_per_unit", f"must be an integer >= 1, got {block!r}")
 
@@ -139,9 +148,9 @@ def _describe_model(source: str, labels: set[str], engine: str = "auto") -> dict
         )
     state = load_checkpoint(path)
     model_config = TransformerConfig.from_dict(state["model_config"])
-    if model_config.system != "active":
+    if model_config.system not in PARTICLE_SYSTEMS:
         raise ConfigurationError(
-            f"model: {source} was trained on the {model_config.system!r} system; ensembles run the active system"
+            f"model: {source} was trained on the {model_config.system!r} system; ensembles run the particle systems {PARTICLE_SYSTEMS}"
         )
     label = path.parent.name if path.name == "best.pt" else f"{path.parent.name}/{path.stem}"
     while label in labels or label == ORIGINAL:
@@ -174,6 +183,21 @@ def _system_value(field: str, given: Any, models: list[dict[str, Any]], fallback
     return found.pop() if found else fallback
 
 
+def _system_name(config: EnsembleConfig, models: list[dict[str, Any]]) -> str:
+    """The ensemble's system: the one asked for, else the checkpoints', else active; all must agree."""
+    trained = {model["label"]: model["model_config"]["system"] for model in models if model["kind"] != ORIGINAL}
+    name = config.system or (sorted(set(trained.values()))[0] if trained else "active")
+    for label, system in trained.items():
+        if system != name:
+            raise ConfigurationError(f"system: model {label} was trained on the {system!r} system, the ensemble runs {name!r}")
+    return name
+
+
+def _system_fields(name: str) -> tuple[str, ...]:
+    """The parameters an ensemble sets (N comes from each density)."""
+    return tuple(field.name for field in dataclasses.fields(SYSTEMS[name]) if field.name != "N")
+
+
 def resolve(config: EnsembleConfig, out: Path | None = None, force: bool = False) -> dict[str, Any]:
     """The full, validated configuration written into the store; raises before any work starts.
 
@@ -181,8 +205,12 @@ def resolve(config: EnsembleConfig, out: Path | None = None, force: bool = False
     models: list[dict[str, Any]] = []
     for source in config.models:
         models.append(_describe_model(source, {model["label"] for model in models}, config.engine))
-    paper = PRESETS["active"]["paper"]
-    system = {field: _system_value(field, getattr(config, field), models, paper[field]) for field in ("L", "D", "v_plus", "v_other")}
+    name = _system_name(config, models)
+    paper = PRESETS[name]["paper"]
+    for field in ("R", "q", "v_crowded"):
+        if getattr(config, field) is not None and field not in _system_fields(name):
+            raise ConfigurationError(f"{field}: not a parameter of the {name!r} system (quorum only)")
+    system = {field: _system_value(field, getattr(config, field), models, paper[field]) for field in _system_fields(name)}
     for model in models:
         size = model.get("model_config", {}).get("lattice_size", system["L"])
         if size != system["L"] and model.get("engine") != "table":
@@ -190,13 +218,13 @@ def resolve(config: EnsembleConfig, out: Path | None = None, force: bool = False
                 f"L: model {model['label']} was trained on a {size} x {size} lattice and runs only there, got L = {system['L']} "
                 f"(on the network engine; a hard-local model, or one whose locality certificate passes, runs at any L on the table)"
             )
-    particles = [_particles(density, system) for density in config.densities]
-    block = config.replicas_per_unit or _default_block(config, models, system, max(particles))
+    particles = [_particles(density, name, system) for density in config.densities]
+    block = config.replicas_per_unit or _default_block(config, models, name, system, max(particles))
     if not force:
-        check_work_size(config, models, system, particles, min(block, config.replicas), out)
+        check_work_size(config, models, name, system, particles, min(block, config.replicas), out)
     times = snapshot_grid(config.t_final, config.snapshot_every, config.burn_in)
     return {
-        "system": {"name": "active", **system},
+        "system": {"name": name, **system},
         "models": models,
         "densities": [float(density) for density in config.densities],
         "n_particles": particles,
@@ -211,11 +239,11 @@ def resolve(config: EnsembleConfig, out: Path | None = None, force: bool = False
         "streams": "numpy SeedSequence([seed, case, replica]).spawn(2): initial configuration, dynamics; "
         "case = first 4 bytes of sha256('<model label>|<density>')",
         "reject_overlaps": bool(config.reject_overlaps),
-        "move_names": list(ActiveSystem.move_names),
+        "move_names": list(SYSTEMS[name].move_names),
     }
 
 
-def check_work_size(config: EnsembleConfig, models, system: dict[str, Any], particles: list[int], block: int,
+def check_work_size(config: EnsembleConfig, models, name: str, system: dict[str, Any], particles: list[int], block: int,
                     out: Path | None) -> None:  # fmt: skip
     """Refuse an ensemble this machine cannot run or hold: events of the original dynamics, the
     snapshot volume against the free disk at ``out``, one unit's arrays against the memory."""
@@ -223,12 +251,12 @@ def check_work_size(config: EnsembleConfig, models, system: dict[str, Any], part
     check_snapshots(times, config.t_final - config.burn_in, config.snapshot_every)
     sites = system["L"] * system["L"]
     grids = len(models) * len(particles) * config.replicas * times
-    densest = make_system("active", {**system, "N": max(particles)})
+    densest = make_system(name, {**system, "N": max(particles)})
     check_memory(simulator_memory(densest, snapshots=True), "L", f"a {system['L']} x {system['L']} lattice with {densest.N} particles")
     check_memory(block * times * (sites + 4) + 8 * times, "snapshot_every",
                  f"one unit ({block} replicas x {times:.3g} snapshots of {system['L']} x {system['L']})")  # fmt: skip
     if any(model["kind"] == ORIGINAL for model in models):
-        rate = sum(max_escape_rate(make_system("active", {**system, "N": n})) for n in particles)
+        rate = sum(max_escape_rate(make_system(name, {**system, "N": n})) for n in particles)
         check_events(rate * config.replicas * config.t_final, rate * config.replicas, config.t_final,
                      "the original dynamics of the ensemble")  # fmt: skip
     if out is not None:
@@ -236,7 +264,7 @@ def check_work_size(config: EnsembleConfig, models, system: dict[str, Any], part
                    f"the store ({grids:.3g} snapshots of {system['L']} x {system['L']})")  # fmt: skip
 
 
-def _particles(density: float, system: dict[str, Any]) -> int:
+def _particles(density: float, name: str, system: dict[str, Any]) -> int:
     sites = system["L"] * system["L"]
     if not (_finite(density) and density > 0):
         raise ConfigurationError(f"density: must be a number > 0, got {density!r}")
@@ -245,15 +273,15 @@ def _particles(density: float, system: dict[str, Any]) -> int:
         raise ConfigurationError(
             f"density: {density} needs N = {needed} particles on L*L = {sites} sites; use a density in (0, 1]"
         )
-    built = make_system("active", {**system, "density": density})  # validates the rates too
+    built = make_system(name, {**system, "density": density})  # validates the rates too
     return built.N
 
 
-def _default_block(config: EnsembleConfig, models, system, most_particles: int) -> int:
+def _default_block(config: EnsembleConfig, models, name: str, system, most_particles: int) -> int:
     """Replicas per unit: a full lock-step batch for learned models, else enough events for >= 50 ms."""
     if any(model["kind"] != ORIGINAL for model in models):
         return min(config.replicas, LEARNED_BLOCK)
-    rate = 2 * system["D"] + system["v_plus"] + 3 * system["v_other"]  # per particle, when nothing blocks
+    rate = max_escape_rate(make_system(name, {**system, "N": 1}))  # per particle, when nothing blocks
     per_replica = max(config.t_final * most_particles * rate, 1.0)
     block = 1
     while block < config.replicas and block * per_replica < MIN_UNIT_EVENTS:
@@ -279,8 +307,9 @@ def plan_units(config: dict[str, Any]) -> list[dict[str, int]]:
 
 # ----------------------------------------------------------------------------- one unit
 def unit_system(config: dict[str, Any], density_index: int) -> ActiveSystem:
+    """The unit's system (active or quorum; a store written before the name was recorded is active)."""
     params = {key: value for key, value in config["system"].items() if key != "name"}
-    return ActiveSystem(**params, N=config["n_particles"][density_index])
+    return SYSTEMS[config["system"].get("name", "active")](**params, N=config["n_particles"][density_index])
 
 
 class UnitRunner:
