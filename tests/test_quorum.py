@@ -381,6 +381,9 @@ def test_simulate_and_train_from_the_command_line(tmp_path, capsys):
     assert main(["likelihood", str(out)]) == 0
     likelihood = json.loads(capsys.readouterr().out)
     assert likelihood["U"] == pytest.approx(likelihood["simulator_U"], rel=1e-9)
+    for wrong in ("q=3", "R=2", "v_crowded=8"):  # the quorum's parameters, changed: a worse fit
+        assert main(["likelihood", str(out), "--set", wrong]) == 0
+        assert json.loads(capsys.readouterr().out)["U"] < likelihood["U"]
     assert main(["simulate", "--system", "quorum", "--q", "99", "--t-final", "1", "--out", str(tmp_path / "bad.zarr")]) == 2
     assert "q:" in capsys.readouterr().err
     assert main(["simulate", "--system", "fa", "--R", "1", "--t-final", "1", "--out", str(tmp_path / "fa.zarr")]) == 2

@@ -36,7 +36,7 @@ def _parse_assignments(items: list[str]) -> dict[str, float]:
         if not separator or not name.strip():
             raise ConfigurationError(f"set: expected --set NAME=VALUE, got {item!r}")
         try:
-            values[name.strip()] = int(text) if name.strip() in ("L", "N", "dim") else float(text)
+            values[name.strip()] = int(text) if name.strip() in ("L", "N", "dim", "R", "q") else float(text)
         except ValueError as error:
             raise ConfigurationError(f"{name.strip()}: {text!r} is not a number") from error
     return values
