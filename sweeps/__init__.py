@@ -34,3 +34,10 @@ def get_study(name: str, smoke: bool = False, system: str | None = None) -> Stud
         raise ConfigurationError(f"system: the studies are written for the particle systems {PARTICLE_SYSTEMS}, got {system!r}")
     adapt = getattr(module, "for_system", None)
     return adapt(study, system) if adapt is not None else study.with_overrides({"data.system": system})
+
+
+def study_summary(name: str, dataset, directory) -> dict:
+    """What a finished study adds to the sweep's summary (e.g. the range study's r*): its own
+    ``summarise_results(dataset, directory)``, or nothing. Key ``lines``: what to print."""
+    summarise = getattr(STUDIES[name], "summarise_results", None) if name in STUDIES else None
+    return summarise(dataset, directory) if summarise is not None else {}

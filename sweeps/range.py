@@ -28,8 +28,9 @@ STENCILS = ["vn1", "block3", "diamond2", "block5"]  # in order of size (ATTENTIO
 N_STAR = 4  # the active model's N* (sweeps/ntheta.py)
 N_STARS = {"active": N_STAR, "quorum": 5}  # quorum adds v_crowded; its range R 2 makes r* = block5 (preset paper)
 LOCAL = {"model.rotary": False, "model.n_layers": 1, "training.statistics": True, "training.statistics_steps": 50}
-RECIPE = {"training.epochs": 10, "training.patience": 10, "training.lr": 1e-2, "training.expected_from_epoch": 3,
-          "training.class_rate_fit": "closed_form_last"}  # fmt: skip
+# Mode 2 on statistics needs no recipe option: it starts from the maximum-likelihood partition
+# (TrainingConfig.class_init); the held-out U stops each trial when it no longer improves
+RECIPE = {"training.epochs": 10, "training.patience": 3}
 PER_EVENT = 1e-3  # a larger stencil must gain more than this (nats per held-out event) to count
 
 FULL = Study(
@@ -45,7 +46,7 @@ FULL = Study(
 SMOKE = Study(
     NAME,
     base={**SMOKE_DATA, **TINY_MODEL, **LOCAL, **RECIPE, "training.epochs": 3, "training.patience": 3,
-          "training.statistics_steps": 20, "training.expected_from_epoch": 1},  # fmt: skip
+          "training.statistics_steps": 20},  # fmt: skip
     grids=(
         {"model.attention_stencil": STENCILS[:3], "model.mode": [2], "model.n_classes": [N_STAR], "training.seed": [0]},
         {"model.attention_stencil": STENCILS[:3], "model.mode": [1], "training.seed": [0]},
@@ -128,6 +129,17 @@ def plot_range(dataset, plateau: RangePlateau, path: str | Path) -> Path:
     return path
 
 
+def summarise_results(dataset, directory: str | Path) -> dict[str, Any]:
+    """r* of a finished range sweep: the lines to print, range.png beside the results, and r* per mode."""
+    plateau = find_range(dataset)
+    figure = plot_range(dataset, plateau, Path(directory) / "range.png")
+    lines = [f"r* = {name} (Mode {mode}; held-out U/T against the stencil: "
+             + ", ".join(f"{s}: {v:.4g}" for s, v in zip(plateau.stencils, plateau.mean[mode])) + ")"
+             for mode, name in plateau.r_star.items()]  # fmt: skip
+    return {"r_star": {f"mode_{mode}": name for mode, name in plateau.r_star.items()}, "range": plateau.as_dict(),
+            "figures": [str(figure)], "lines": lines}  # fmt: skip
+
+
 def summarise(sweep_directory: str | Path) -> RangePlateau:
     """Print r* of a finished range sweep (its results Dataset) and draw range.png beside it."""
     from hpcdyn.distributed.sweep_results import load_sweep_results
@@ -135,10 +147,7 @@ def summarise(sweep_directory: str | Path) -> RangePlateau:
     directory = Path(sweep_directory)
     candidates = sorted(directory.glob("*.zarr")) or [directory]
     dataset = load_sweep_results(candidates[0])
-    plateau = find_range(dataset)
-    figure = plot_range(dataset, plateau, directory / "range.png")
-    for mode, name in plateau.r_star.items():
-        print(f"r* = {name} (Mode {mode}; held-out U/T against the stencil: "
-              + ", ".join(f"{s}: {v:.4g}" for s, v in zip(plateau.stencils, plateau.mean[mode])) + ")")  # fmt: skip
-    print(f"figure: {figure}")
-    return plateau
+    summary = summarise_results(dataset, directory)
+    print("\n".join(summary["lines"]))
+    print(f"figure: {summary['figures'][0]}")
+    return find_range(dataset)

@@ -407,6 +407,32 @@ def test_hard_local_model_has_no_absolute_position_tables_and_old_configurations
     assert TransformerConfig.from_dict(stored) == TransformerConfig()
 
 
+@pytest.mark.parametrize("offset_values", [False, True])
+def test_offset_values_tell_a_head_where_a_neighbour_sits(offset_values):
+    """One head, every offset scored alike: without offset values a neighbour at +x and one at -x read
+    the same; with them the centre token's rates differ (a head reads where, not only what)."""
+    config = TransformerConfig(lattice_size=8, d_model=8, n_heads=1, n_layers=1, d_ff=8, attention_stencil="vn1",
+                               rotary=False, offset_values=offset_values, initial_offset_score=0.0)  # fmt: skip
+    model = TransformerRates(config).double().eval()
+    torch.nn.init.normal_(model.head.weight)
+    states = torch.tensor([[0, 1]])
+    with torch.no_grad():
+        right = model(torch.tensor([[[4, 4], [5, 4]]]), states)[0, 0]
+        left = model(torch.tensor([[[4, 4], [3, 4]]]), states)[0, 0]
+    assert (right - left).abs().max() > 1e-3 if offset_values else torch.allclose(right, left, atol=1e-12)
+
+
+def test_offset_values_are_on_for_hard_local_models_only_and_old_checkpoints_load_without():
+    assert TransformerConfig(attention_stencil="vn1", rotary=False).offset_values is True
+    assert TransformerConfig().offset_values is False
+    with pytest.raises(ConfigurationError, match="^offset_values:"):
+        TransformerConfig(offset_values=True)
+    stored = TransformerConfig(attention_stencil="vn1", rotary=False).as_dict()
+    del stored["offset_values"]  # a hard-local checkpoint written before offset values existed
+    old = TransformerRates(TransformerConfig.from_dict(stored))
+    assert old.config.offset_values is False and old.blocks[0].attention.offset_values is None
+
+
 def hard_local_model(stencil, layers, mode, sink=True):
     config = TransformerConfig(lattice_size=12, d_model=16, n_heads=4, n_layers=layers, d_ff=16, mode=mode,
                                n_classes=3, attention_stencil=stencil, rotary=False, attention_sink=sink)  # fmt: skip

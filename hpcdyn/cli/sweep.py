@@ -38,9 +38,9 @@ def add_parser(commands) -> None:
         "point, a checkpoint after every epoch, failed trials retried. Rerunning the same command resumes it: "
         "finished trials are kept, unfinished ones continue from their last checkpoint. The results become an "
         "xarray Dataset (STORAGE/NAME/results.zarr, load with hpcdyn.distributed.sweep_results.load_sweep_results) and PNG "
-        "figures beside it; an N_theta scan prints its plateau N*.",
+        "figures beside it; an N_theta scan prints its plateau N*, a range scan its r*.",
     )
-    parser.add_argument("study", help="study name: ntheta, hparams or activity (modules of sweeps/)")
+    parser.add_argument("study", help="study name: ntheta, hparams, activity or range (modules of sweeps/)")
     parser.add_argument("--smoke", action="store_true", help="the study's small size (minutes on 2 CPU cores)")
     parser.add_argument("--system", choices=PARTICLE_SYSTEMS,
                         help="learn from this particle system's trajectory instead of the study's (e.g. quorum)")  # fmt: skip
@@ -93,7 +93,7 @@ def _assignments(items: list[str], option: str, axis: bool) -> dict[str, Any]:
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.distributed.sweep import Resources, finish_sweep, run_sweep
     from hpcdyn.physics.systems import ConfigurationError
-    from sweeps import get_study
+    from sweeps import get_study, study_summary
 
     study = get_study(args.study, smoke=args.smoke, system=args.system).with_overrides(
         _assignments(args.set, "--set", axis=False), _assignments(args.grid, "--grid", axis=True)
@@ -131,6 +131,11 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         print(f"N* = {plateau.n_star} (held-out U/T against N_theta: "
               + ", ".join(f"{n}: {value:.4g}" for n, value in zip(plateau.n_classes, plateau.mean)) + ")",
               file=sys.stderr)  # fmt: skip
+    extra = study_summary(args.study, dataset, outcome.path)
+    for line in extra.pop("lines", []):
+        print(line, file=sys.stderr)
+    summary["figures"] += extra.pop("figures", [])
+    summary.update(extra)
     if outcome.unfinished:
 
         print(strict_json.dumps({**summary, "unfinished": outcome.unfinished}, indent=2))

@@ -20,6 +20,7 @@ import math
 import numpy as np
 import torch
 
+from hpcdyn.learning.class_partition import Partition, poisson_partition
 from hpcdyn.learning.statistics import PARTS, SufficientStatistics
 from hpcdyn.physics.environments import decode_keys, make_encoder, patch_configurations
 from hpcdyn.physics.systems import ConfigurationError, System
@@ -117,6 +118,15 @@ class StatisticsObjective:
         return out
 
     @torch.no_grad()
+    def masked_moves(self, model) -> np.ndarray:
+        """The (key, move) pairs the model's exclusion mask forbids, bool [K, M] (none without the mask)."""
+        out = np.zeros((self.stats.n_keys, model.n_moves), bool)
+        if model.config.exclusion_mask:
+            for rows, positions, states, centre in self.batches:
+                out[rows.cpu().numpy()] = (model.move_classes(positions, states)[:, centre] < 0).cpu().numpy()
+        return out
+
+    @torch.no_grad()
     def key_log_rates_all(self, model) -> np.ndarray:
         out = np.zeros((self.stats.n_keys, model.n_moves))
         for rows, positions, states, centre in self.batches:
@@ -143,6 +153,109 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else float("nan")
 
 
+# ----------------------------------------------------------------------------- Mode 2's start
+def uses_partition(model, config) -> bool:
+    """Mode 2 on statistics starts from the maximum-likelihood partition (``TrainingConfig.class_init``)."""
+    return model.config.mode == 2 and config.class_init in ("auto", "partition")
+
+
+def key_partition(objective: StatisticsObjective, model) -> Partition:
+    """The ML partition of the training part's (key, move) pairs into the model's classes (masked pairs: -1)."""
+    exposure, counts = objective.stats.part("train")
+    pair_exposure = np.where(objective.masked_moves(model), 0.0, np.broadcast_to(exposure[:, None], counts.shape))
+    return poisson_partition(counts, pair_exposure, model.config.n_classes)
+
+
+def evidence_weights(partition: Partition, counts: np.ndarray, exposure: np.ndarray) -> np.ndarray:
+    """Nats by which each pair prefers its class to the next best one under the partition's rates.
+
+    A pair with few events in little exposure could sit in several classes at almost no cost (no event
+    in one time unit: a rotation or a blocked hop alike); weighting the classifier's fit by this margin
+    lets the pairs that do show their rate teach it, and the structure it learns decide the others."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_rates = np.log(partition.rates)
+        score = np.where(counts[:, None] > 0, counts[:, None] * log_rates[None, :], 0.0) - exposure[:, None] * partition.rates[None, :]
+    score = np.nan_to_num(score, nan=-np.inf)
+    rows = np.arange(len(counts))
+    assigned = np.maximum(partition.classes, 0)
+    own = score[rows, assigned]
+    score[rows, assigned] = -np.inf
+    margin = own - score.max(axis=1)
+    return np.where((partition.classes >= 0) & np.isfinite(margin), margin, 0.0)
+
+
+def balanced(weights: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Weights scaled so that every class has the same total: a class of many weak pairs (blocked hops,
+    each a little exposure without events) counts as much as one of a few strong ones (forward hops)."""
+    totals = np.bincount(np.maximum(classes, 0), weights=np.where(classes >= 0, weights, 0.0))
+    scale = np.where(totals > 0, 1.0 / np.maximum(totals, 1e-300), 0.0)
+    return np.where(classes >= 0, weights * scale[np.maximum(classes, 0)], 0.0)
+
+
+def fit_classifier(objective: StatisticsObjective, model, targets: np.ndarray, weights: np.ndarray, lr: float,
+                   max_steps: int = 400, check_every: int = 25, patience: int = 3) -> dict:  # fmt: skip
+    """Fit the classifier to a class of every (key, move) by weighted cross-entropy, full batch.
+
+    targets, weights: [K, M] (weight 0: no say). The targets are noisy where a pair has little
+    exposure (no event in a short time looks like a blocked move), and a classifier fitted to the end
+    learns that noise key by key. It learns the structure first, so the fit stops early on the
+    held-out part: every ``check_every`` steps the class rates are set in closed form and the
+    held-out U scored; the best state is kept, and the fit ends after ``patience`` checks without a
+    better one (or at ``max_steps``)."""
+    parameters = [p for name, p in model.named_parameters() if name != "class_log_rates"]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    target = torch.as_tensor(np.maximum(targets, 0), device=objective.device)
+    weight = torch.as_tensor(weights / max(weights.sum(), 1e-300), dtype=torch.float32, device=objective.device)
+    best_u, best_step, best_state, since_best, step = -math.inf, 0, None, 0, 0
+    for step in range(1, max_steps + 1):
+        model.train()
+        loss = 0.0
+        for rows, positions, states, centre in objective.batches:
+            logits = model.class_logits(positions, states)[:, centre]  # [B, M, K]
+            cross = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target[rows].flatten(), reduction="none")
+            loss = loss + (weight[rows].flatten() * cross).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % check_every and step != max_steps:
+            continue
+        model.eval()
+        objective.fit_class_rates(model)
+        u_heldout = objective.both_parts(model)[1]
+        if u_heldout > best_u:
+            best_u, best_step, since_best = u_heldout, step, 0
+            best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"class_init_steps": best_step, "class_init_steps_run": step}
+
+
+def initialise_classes(objective: StatisticsObjective, model, config) -> dict:
+    """Mode 2's start on statistics: class rates n_k / E_k of the ML partition, the classifier fitted to it.
+
+    From there the trainer's expected-U steps and closed-form refits (hard EM) only settle what the
+    data leave open; started from arbitrary classes they sort the moves slowly and can stall (a class
+    that two kinds of move share keeps both)."""
+    exposure, counts = objective.stats.part("train")
+    partition = key_partition(objective, model)
+    pair_counts = counts.reshape(-1).astype(np.float64)
+    pair_exposure = np.broadcast_to(exposure[:, None], counts.shape).reshape(-1)
+    weights = balanced(evidence_weights(partition, pair_counts, pair_exposure), partition.classes).reshape(counts.shape)
+    with torch.no_grad():
+        for k, rate in enumerate(partition.rates):
+            if rate > 0:  # a class of moves never seen keeps its initial near-zero rate
+                model.class_log_rates[k] = math.log(rate)
+    fitted = fit_classifier(objective, model, partition.classes.reshape(counts.shape), weights, config.lr)
+    objective.fit_class_rates(model)
+    t_train = max(objective.stats.t_train, 1e-300)
+    return {**fitted, "partition_U_per_T": partition.log_likelihood / t_train, "partition_rates": partition.rates.tolist()}
+
+
 # ----------------------------------------------------------------------------- the trainer's epoch
 CLOSED_FORM_EVERY = 5
 def train_epoch(objective: StatisticsObjective, model, optimizer, config, generator: torch.Generator, progress,
@@ -153,18 +266,24 @@ def train_epoch(objective: StatisticsObjective, model, optimizer, config, genera
     number of keys: then each step takes random groups of keys (the patch batches) adding up to about
     that many, their U scaled up to the whole (an unbiased estimate of U).
     """
-    model.train()
     t_train = max(objective.stats.t_train, 1e-300)
     n_keys = objective.stats.n_keys
     sizes = [len(batch[0]) for batch in objective.batches]
     limit = config.statistics_batch_keys
     total_u = 0.0
+    started = {}
+    partition = uses_partition(model, config)
+    if partition and epoch == 0:
+        started = initialise_classes(objective, model, config)
+    model.train()
+    if partition:  # from a sorted start the exact expected-U gradient refines; straight-through would scatter
+        model.expected_gradient = True
     # Mode 2 with closed-form class rates and the expected-U gradient: after one epoch in which the
-    # classifier sorts the moves by the rates as they are, the rates are refitted every
-    # CLOSED_FORM_EVERY steps (hard EM; cheap on statistics: one no-grad call per key). Refitted
-    # earlier, while the moves still sit in arbitrary classes, every class goes to the mean rate.
+    # classifier sorts the moves by the rates as they are (or from the partition's start), the rates
+    # are refitted every CLOSED_FORM_EVERY steps (hard EM; cheap on statistics: one no-grad call per
+    # key). Refitted earlier, while the moves still sit in arbitrary classes, every class goes to the mean rate.
     start = config.expected_from_epoch
-    refit = (model.config.mode == 2 and config.class_rate_fit == "closed_form" and start is not None and epoch > start)
+    refit = model.config.mode == 2 and (partition or (config.class_rate_fit == "closed_form" and start is not None and epoch > start))
     for step in range(config.statistics_steps):
         if limit is None or limit >= n_keys:
             chosen, scale = range(len(objective.batches)), 1.0
@@ -193,6 +312,7 @@ def train_epoch(objective: StatisticsObjective, model, optimizer, config, genera
         "train_U_per_T": u_train / t_train,
         "train_events": objective.stats.n_events[0],
         "train_step_U_per_T": total_u / t_train,
+        **started,
     }
 
 

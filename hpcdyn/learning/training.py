@@ -39,6 +39,7 @@ Report = Callable[[dict[str, Any], Path], None]
 # closed_form_last: by gradient, then once in closed form after the last epoch, when the classifier
 # has settled (a fit while moves still sit in the wrong class lifts the near-zero class for good)
 CLASS_RATE_FITS = ("gradient", "closed_form", "closed_form_last")
+CLASS_INITS = ("auto", "partition", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,10 @@ class TrainingConfig:
     statistics: bool = True
     statistics_steps: int = 50
     statistics_batch_keys: int | None = None  # keys per step; None: every key (full batch)
+    # Mode 2 on statistics: "auto" (= "partition") starts from the maximum-likelihood partition of the
+    # (key, move) pairs (hpcdyn.learning.class_partition), the classifier fitted to it, then follows the
+    # expected-U gradient with closed-form class rates refitted every few steps; "none": the plain recipe
+    class_init: str = "auto"
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -101,6 +106,7 @@ class TrainingConfig:
                 f"must be an integer >= 1, got {self.statistics_steps!r}")  # fmt: skip
         require(self.statistics_batch_keys is None or (isinstance(self.statistics_batch_keys, int) and self.statistics_batch_keys >= 1),
                 "statistics_batch_keys", f"must be None or an integer >= 1, got {self.statistics_batch_keys!r}")  # fmt: skip
+        require(self.class_init in CLASS_INITS, "class_init", f"must be one of {CLASS_INITS}, got {self.class_init!r}")
         start, end = self.gumbel_temperature
         require(0 < end <= start, "gumbel_temperature", f"must be (start, end) with 0 < end <= start, got {self.gumbel_temperature!r}")
 

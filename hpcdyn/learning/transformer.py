@@ -127,6 +127,11 @@ class TransformerConfig:
     # within the stencil, with no position tables (requires rotary=False): its rates depend exactly
     # on its receptive field. None: the paper's unrestricted model.
     attention_stencil: str | None = None
+    # A learned value per head for every offset of the stencil, added to what a head reads from a token
+    # at that offset (relative position values): without it a head's output says which states it
+    # attended to, not where, and a hard-local model needs one sharp head per neighbour to tell which
+    # neighbouring sites are empty. None: on for a hard-local model, off for the unrestricted one.
+    offset_values: bool | None = None
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -154,6 +159,11 @@ class TransformerConfig:
         require(math.isfinite(self.initial_log_rate), "initial_log_rate", "must be finite")
         require(math.isfinite(self.initial_offset_score), "initial_offset_score", "must be finite")
         self._check_stencil(require)
+        if self.offset_values is None:
+            object.__setattr__(self, "offset_values", self.hard_local)
+        require(isinstance(self.offset_values, bool), "offset_values", f"must be True, False or None, got {self.offset_values!r}")
+        require(not self.offset_values or self.hard_local, "offset_values",
+                "offset values belong to a hard-local model's stencil; set attention_stencil or leave offset_values None")  # fmt: skip
 
     def _check_stencil(self, require) -> None:
         stencil = self.attention_stencil
@@ -209,6 +219,8 @@ class TransformerConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigurationError(f"{unknown[0]}: unknown model parameter; known: {sorted(known)}")
+        values = dict(values)
+        values.setdefault("offset_values", False)  # written before offset values existed: a model without them
         return cls(**values)
 
 
@@ -265,7 +277,7 @@ class SelfAttention(torch.nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0,
-                 outside: bool = False):  # fmt: skip
+                 outside: bool = False, offset_values: bool = False):  # fmt: skip
         super().__init__()
         self.n_heads = n_heads
         # A learned score for each relative offset (dx, dy) mod L, added to q . k: a head can single
@@ -281,6 +293,8 @@ class SelfAttention(torch.nn.Module):
         # queries and make the score depend on absolute position.
         self.sink_logit = torch.nn.Parameter(torch.zeros(n_heads)) if sink else None
         self.sink_value = torch.nn.Parameter(torch.randn(n_heads, 1, head_width) * 0.1) if sink else None
+        entries = offsets + int(outside) + int(sink)  # the score table's entries
+        self.offset_values = torch.nn.Parameter(torch.randn(n_heads, entries, head_width) * 0.1) if offset_values else None
 
     def score_table(self) -> torch.Tensor:
         """Score of each table entry per head, [heads, entries]: the offsets, -inf outside a stencil, the sink."""
@@ -305,8 +319,10 @@ class SelfAttention(torch.nn.Module):
         h: torch.Tensor,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """h [batch, tokens, d_model]; mask: score mask [batch, heads, tokens, tokens (+1 sink)] or None."""
+        """h [batch, tokens, d_model]; mask: score mask [batch, heads, tokens, tokens (+1 sink)] or None;
+        index: the score-table entry of every (query, key) pair [batch, tokens, keys] (offset values only)."""
         batch, tokens, width = h.shape
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
         if rotation is not None:
@@ -316,9 +332,19 @@ class SelfAttention(torch.nn.Module):
             mask = mask.to(q.dtype)
         if self.sink_logit is not None:
             q, k, v = self._with_sink(q, k, v, scale, masked=mask is not None)
-        attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if self.offset_values is not None:
+            attended = self._with_offset_values(q, k, v, scale, mask, index)
+        else:
+            attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         attended = attended[..., : width // self.n_heads]  # the sink channel's padding, when added
         return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+    def _with_offset_values(self, q, k, v, scale: float, mask, index) -> torch.Tensor:
+        """Attention written out: the weights summed per table entry read the entries' learned values."""
+        weights = ((q @ k.transpose(-1, -2)) * scale + mask).softmax(-1)  # [batch, heads, tokens, keys]
+        per_entry = weights.new_zeros(*weights.shape[:3], self.offset_values.shape[1])
+        per_entry.scatter_add_(-1, index.unsqueeze(1).expand_as(weights), weights)
+        return weights @ v + torch.einsum("bhte,hew->bhtw", per_entry, self.offset_values.to(weights.dtype))
 
     def _with_sink(self, q, k, v, scale: float, masked: bool):
         """q, k, v with one more key/value, the sink, whose score is the learned logit whatever the query."""
@@ -341,10 +367,10 @@ class Block(torch.nn.Module):
     """Pre-norm transformer block: h + attention(norm(h)), then h + feed-forward(norm(h))."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, sink: bool = True, offsets: int = 0, offset_score: float = 0.0,
-                 outside: bool = False):  # fmt: skip
+                 outside: bool = False, offset_values: bool = False):  # fmt: skip
         super().__init__()
         self.attention_norm = torch.nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, n_heads, sink, offsets, offset_score, outside)
+        self.attention = SelfAttention(d_model, n_heads, sink, offsets, offset_score, outside, offset_values)
         self.feed_forward_norm = torch.nn.LayerNorm(d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model)
@@ -355,8 +381,9 @@ class Block(torch.nn.Module):
         h: torch.Tensor,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), rotation, mask)
+        h = h + self.attention(self.attention_norm(h), rotation, mask, index)
         return h + self.feed_forward(self.feed_forward_norm(h))
 
 
@@ -432,7 +459,7 @@ class TransformerRates(torch.nn.Module):
             offsets = config.lattice_size**2 if config.relative_bias else 0
         self.blocks = torch.nn.ModuleList(
             Block(width, config.n_heads, config.d_ff, config.attention_sink, offsets, config.initial_offset_score,
-                  outside=config.hard_local)  # fmt: skip
+                  outside=config.hard_local, offset_values=config.offset_values)  # fmt: skip
             for _ in range(config.n_layers)
         )
         # the table entry of the sink: after the offsets (and the stencil's "outside" entry)
@@ -473,14 +500,14 @@ class TransformerRates(torch.nn.Module):
             angles = rotary_angles(positions, size, self.config.d_model // self.config.n_heads)
             rotation = (angles.cos().to(h.dtype), angles.sin().to(h.dtype))
         index = None
-        if self.config.relative_bias and masks is None:
+        if self.config.relative_bias and (masks is None or self.config.offset_values):
             index = self.attention_index(positions, size)
         for layer, block in enumerate(self.blocks):
             if masks is not None:
                 mask = masks.layer(layer)
             else:
                 mask = None if index is None else block.attention.score_mask(index)
-            h = block(h, rotation, mask)
+            h = block(h, rotation, mask, index if self.config.offset_values else None)
         return self.final_norm(h)
 
     def lattice_size_for(self, lattice_size: int | None) -> int:
@@ -541,6 +568,10 @@ class TransformerRates(torch.nn.Module):
             tables = [block.attention.score_table().detach().to(dtype) for block in self.blocks]
             storage = [table[:, index] for table in tables]  # [heads, batch, tokens, keys]
         return AttentionMasks(self, size, tables, storage)
+
+    def class_logits(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Mode 2: the classifier's logits of every move, [batch, n_tokens, n_moves, n_classes]."""
+        return self._class_logits(self.encode(positions.long(), states.long()))
 
     def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor, *,
                             lattice_size: int | None = None) -> torch.Tensor:  # fmt: skip

@@ -1,0 +1,57 @@
+"""The maximum-likelihood partition of (environment, move) pairs into Mode 2 classes."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from hpcdyn.learning.class_partition import poisson_partition
+
+
+def brute_force(counts, exposure, n_classes) -> float:
+    """The best U over every assignment of the pairs to n_classes classes (rates n_k / E_k)."""
+    best = -np.inf
+    for assignment in itertools.product(range(n_classes), repeat=len(counts)):
+        classes = np.array(assignment)
+        events = np.bincount(classes, weights=counts, minlength=n_classes)
+        exposure_k = np.bincount(classes, weights=exposure, minlength=n_classes)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(events > 0, events * np.log(events / exposure_k) - events, 0.0)
+        best = max(best, terms.sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_partition_is_the_maximum_likelihood_one(seed):
+    rng = np.random.default_rng(seed)
+    n_pairs, n_classes = 7, int(rng.integers(1, 4))
+    exposure = rng.uniform(0.1, 5.0, n_pairs)
+    counts = rng.poisson(exposure * rng.choice([0.0, 0.1, 1.0, 5.0], n_pairs)).astype(float)
+    partition = poisson_partition(counts, exposure, n_classes)
+    assert partition.log_likelihood == pytest.approx(brute_force(counts, exposure, n_classes), rel=1e-12, abs=1e-12)
+    # the rates are each class's n / E, ascending, and the classes are runs of the pairs sorted by n / E
+    events = np.bincount(partition.classes, weights=counts)
+    assert np.allclose(partition.rates, events / np.bincount(partition.classes, weights=exposure))
+    assert np.all(np.diff(partition.rates) > 0)
+
+
+def test_well_separated_kinds_are_recovered_with_their_rates():
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0.0, 0.1, 1.0, 25.0], 200)
+    exposure = rng.uniform(150.0, 300.0, truth.size)  # >= 15 expected events of the 0.1 kind: P(none) < 1e-6
+    counts = rng.poisson(truth * exposure).astype(float)
+    partition = poisson_partition(counts, exposure, 4)
+    kinds = np.repeat(np.arange(4), 200)
+    assert np.array_equal(partition.classes, kinds)  # every pair of a kind in the class of its rate
+    for kind in range(4):
+        chosen = kinds == kind
+        assert partition.rates[kind] == pytest.approx(counts[chosen].sum() / exposure[chosen].sum(), rel=1e-12)
+
+
+def test_pairs_without_exposure_have_no_class_and_bad_input_is_refused():
+    partition = poisson_partition(np.array([0.0, 3.0, 0.0]), np.array([0.0, 1.0, 2.0]), 2)
+    assert partition.classes[0] == -1 and set(partition.classes[1:]) == {0, 1}
+    with pytest.raises(ValueError, match="^n_classes:"):
+        poisson_partition(np.ones(3), np.ones(3), 0)
+    with pytest.raises(ValueError, match="^exposure:"):
+        poisson_partition(np.ones(3), np.zeros(3), 2)
