@@ -171,19 +171,41 @@ def test_token_keys_entries_and_the_selection_structure_stay_consistent(selectio
     log_rates = true_rate_model(system)(torch.as_tensor(positions)[None], torch.as_tensor(states).long()[None])
     assert engine.escape_rate() == pytest.approx(float(log_rates.exp().sum()), rel=1e-12)
     if selection == "groups":
+        assert len(engine.groups.rate) == 3  # D, v_other, v_plus
         assert_group_lists_hold_every_positive_move(engine, log_rates[0].exp().numpy())
 
 
 def assert_group_lists_hold_every_positive_move(engine, rates):
     """Each group's list holds exactly the (token, move) pairs of its rate, and each slot points at its member."""
-    groups, n_moves = engine.groups, engine.system.n_moves
-    assert len(groups.rate) == 3  # D, v_other, v_plus
+    groups = engine.groups
     for group, rate in enumerate(groups.rate):
         members = groups.members[group, : groups.count[group]]
         assert np.array_equal(np.sort(members), np.flatnonzero(rates.reshape(-1) == rate))
         assert np.array_equal(groups.slot[members], np.arange(len(members)))
     assert (groups.slot[np.flatnonzero(rates.reshape(-1) == 0)] == -1).all()
-    assert n_moves == 6
+    assert np.all(np.diff(groups.rate[groups.order]) > 0)  # draws scan the groups by increasing rate
+
+
+def test_rate_groups_grow_as_a_lazily_filled_table_meets_new_rates():
+    """New distinct rates met mid-run become new groups; the run is still exact, and equal event for event
+    to a run on a pre-filled table (draws scan groups by rate, not by when they appeared)."""
+    system = make_system("active", {"L": 10, "density": 0.3})
+    model, encoder = SpreadRates(system, 1e-3), make_encoder("vn1", system)
+    evaluator = PatchEvaluator(model, system)
+    runs = []
+    for prefill in (False, True):
+        table = EnvironmentTable(encoder, evaluator.header_for(encoder, "test:spread"))
+        if prefill:
+            table.fill_all(evaluator)
+        runs.append(run_engine(system, 3, 5.0, table=table, evaluator=evaluator, audit_fraction=0.0, prefetch="none",
+                               selection="groups") + (table,))  # fmt: skip
+    (lazy_engine, lazy, lazy_table), (_, prefilled, _) = runs
+    assert lazy.statistics.fill_calls > 5 and len(lazy_engine.groups.rate) > 20
+    for name in ("tokens", "moves", "dwell"):
+        assert np.array_equal(getattr(lazy.events, name), getattr(prefilled.events, name))
+    recomputed = path_log_likelihood(lazy.events, TableRates(lazy_table, evaluator, system), segment_events=1000)
+    assert recomputed.log_likelihood == pytest.approx(lazy.events.log_likelihood, rel=1e-9)
+    assert_group_lists_hold_every_positive_move(lazy_engine, lazy_table.rates[lazy_engine.entry])
 
 
 @pytest.mark.parametrize("side", [12, 50])
