@@ -30,8 +30,9 @@ def get_study(name: str, smoke: bool = False, system: str | None = None) -> Stud
     study = module.SMOKE if smoke else module.FULL
     if system is None:
         return study
-    if system not in PARTICLE_SYSTEMS:
-        raise ConfigurationError(f"system: the studies are written for the particle systems {PARTICLE_SYSTEMS}, got {system!r}")
+    accepted = getattr(module, "SYSTEMS", PARTICLE_SYSTEMS)
+    if system not in accepted:
+        raise ConfigurationError(f"system: the {name} study runs on the systems {accepted}, got {system!r}")
     adapt = getattr(module, "for_system", None)
     return adapt(study, system) if adapt is not None else study.with_overrides({"data.system": system})
 

@@ -55,9 +55,21 @@ SMOKE = Study(
 )
 
 
+# The FA chain of issue-sized data (L 64, about 80 events per site); its rates m c and m (1 - c) for
+# m = 0, 1, 2 up neighbours take five values (0, 0.3, 0.6, 0.7, 1.4 at c = 0.3): N* = 5
+FA_DATA = {"data.system": "fa", "data.preset": "chain", "data.L": 64, "data.t_final": 350.0}
+N_STARS["fa"] = 5
+SYSTEMS = ("active", "quorum", "fa")  # the systems this study runs on (get_study's system=)
+
+
 def for_system(study: Study, system: str) -> Study:
-    """The study on another particle system's trajectory, Mode 2 at that system's N*."""
-    return study.with_overrides({"data.system": system}, {"model.n_classes": [N_STARS[system]]})
+    """The study on another system's trajectory, Mode 2 at that system's N*."""
+    if system == "fa":  # a chain of spins: no particle density
+        base = {key: value for key, value in study.base.items() if key != "data.density"}
+        study = dataclasses.replace(study, base=base).with_overrides(FA_DATA)
+    else:
+        study = study.with_overrides({"data.system": system})
+    return study.with_overrides(axes={"model.n_classes": [N_STARS[system]]})
 
 
 @dataclasses.dataclass
@@ -112,9 +124,10 @@ def plot_range(dataset, plateau: RangePlateau, path: str | Path) -> Path:
 
     figure, axes = plt.subplots(figsize=(5.5, 4))
     x = np.arange(len(plateau.stencils))
+    n_classes = int(np.nanmax(dataset["n_classes"].values)) if "n_classes" in dataset else None
     for mode, means in plateau.mean.items():
         axes.errorbar(x, means, yerr=plateau.spread[mode], marker="o", capsize=3,
-                      label=f"Mode {mode}" + (f" (N_theta = {N_STAR})" if mode == 2 else "") + f": r* = {plateau.r_star[mode]}")  # fmt: skip
+                      label=f"Mode {mode}" + (f" (N_theta = {n_classes})" if mode == 2 and n_classes else "") + f": r* = {plateau.r_star[mode]}")  # fmt: skip
     if "true_val_U_per_T" in dataset:
         truth = float(np.nanmedian(dataset["true_val_U_per_T"].values))
         axes.axhline(truth, color="k", linestyle="--", label="generating rates")

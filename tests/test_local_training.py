@@ -98,7 +98,7 @@ def test_rules_reads_classes_and_a_tree(tmp_path, capsys):
     assert main(["rules", str(tmp_path / "m2")]) == 0
     text = capsys.readouterr().out
     assert "events/exposure" in text and "accuracy" in text and "if " in text
-    header = text.splitlines().index("class  rate        events      exposure        events/exposure")
+    header = text.splitlines().index("class  rate        events      exposure        events/exposure  99 % interval of n/E")
     assert all(line.split()[0].isdigit() for line in text.splitlines()[header + 1 : header + 5])
     assert main(["rules", str(tmp_path / "m1"), "--bins", "3"]) == 0
     assert "level 2" in capsys.readouterr().out
@@ -131,6 +131,17 @@ def test_range_study_and_its_plateau(tmp_path):
     assert summary["r_star"] == {"mode_2": "vn1", "mode_1": "block3"}
     assert summary["lines"][0].startswith("r* = vn1 (Mode 2") and (tmp_path / "range.png").exists()
     assert study_summary("ntheta", dataset, tmp_path) == {}
+
+
+def test_rate_intervals_follow_the_poisson_standard_error():
+    import math
+
+    from hpcdyn.cli.rules import rate_interval
+
+    low, high = rate_interval(400, 100.0)  # n/E = 4, standard error sqrt(400)/100 = 0.2
+    assert (low, high) == pytest.approx((4 - 2.5758 * 0.2, 4 + 2.5758 * 0.2), rel=1e-4)
+    assert rate_interval(0, 10.0) == pytest.approx((0.0, math.log(100) / 10))  # P(no event | rate) = 1 % at the top
+    assert all(math.isnan(v) for v in rate_interval(3, 0.0))
 
 
 def test_tree_rules_name_the_classes_the_tree_saw():

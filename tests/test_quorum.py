@@ -452,3 +452,16 @@ def test_sweep_command_takes_the_system(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "range", "--smoke", "--system", "fa", "--storage", str(storage)])
     assert "--system" in capsys.readouterr().err
+
+
+def test_an_environment_table_of_the_quorum_system_knows_where_hops_land():
+    """A hop's target column in the key decides whether it is blocked: the quorum's tokens hop like
+    the active model's, so its tables find the same target sites (blocked moves are then counted)."""
+    from hpcdyn.physics.environments import make_encoder
+    from hpcdyn.simulation.environment_table import _target_digits
+
+    quorum = make_system("quorum", preset="small")
+    active = make_system("active", {"L": quorum.L, "N": quorum.N})
+    columns = _target_digits(make_encoder("block5", quorum))
+    assert (columns[2:] >= 0).all() and (columns[:2] == -1).all()  # four hops land in the stencil, rotations stay
+    assert np.array_equal(columns, _target_digits(make_encoder("block5", active)))

@@ -3,7 +3,8 @@
 Mode 2: each class with its learned rate, the events and the exposure behind it (and their ratio,
 the class's maximum-likelihood rate), and a shallow decision tree over the stencil's site contents
 and the move that reproduces the class of every (observed environment, move), printed as if/else
-rules with its accuracy. Mode 1: the same tree over log-rates binned to --bins levels.
+rules with its accuracy; each class rate n/E with its 99 % interval (standard error sqrt(n)/E).
+Mode 1: the same tree over log-rates binned to --bins levels.
 
 Features of a (key, move) row: ``move``, ``own`` (the token's state), ``move-own`` (the move index
 minus the own state: for the active model 2 marks the hop along the orientation), ``target`` (the
@@ -14,6 +15,8 @@ each stencil site: 0 empty, 1 + orientation for a particle; the spin for fa).
 from __future__ import annotations
 
 import argparse
+import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -50,6 +53,18 @@ def feature_table(system, encoder, keys: np.ndarray) -> tuple[np.ndarray, list[s
         rows.append(np.column_stack([np.full(len(keys), move), patches[:, 0], move - patches[:, 0], target, patches[:, 1:]]))
     names = ["move", "own", "move-own", "target"] + [f"site({dx},{dy})" for dx, dy in offsets]
     return np.stack(rows, axis=1).reshape(len(keys) * n_moves, -1), names
+
+
+def rate_interval(events: int, exposure: float, level: float = 0.99) -> tuple[float, float]:
+    """Interval of a class rate n / E at ``level``: n / E -+ z sqrt(n) / E (the rate's standard error
+    sqrt(n) / E); with no event, [0, -ln(1 - level) / E] (the rates at which seeing none is that unlikely)."""
+    if exposure <= 0:
+        return float("nan"), float("nan")
+    if events == 0:
+        return 0.0, -math.log(1.0 - level) / exposure
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    rate, error = events / exposure, math.sqrt(events) / exposure
+    return max(rate - z * error, 0.0), rate + z * error
 
 
 def tree_rules(tree, names: list[str], labels: list[str]) -> str:
@@ -108,13 +123,14 @@ def _rules(args: argparse.Namespace) -> str:
         rates = model.class_rates()
         labels = []
         lines.append("")
-        lines.append("class  rate        events      exposure        events/exposure")
+        lines.append("class  rate        events      exposure        events/exposure  99 % interval of n/E")
         for k, rate in enumerate(rates):
             members = classes == k
             n_k = int(counts[members].sum())
             e_k = float((exposure[:, None] * members).sum())
             ml = n_k / e_k if e_k > 0 else float("nan")
-            lines.append(f"{k:>5}  {rate:<10.4g}  {n_k:<10d}  {e_k:<14.6g}  {ml:.4g}")
+            low, high = rate_interval(n_k, e_k)
+            lines.append(f"{k:>5}  {rate:<10.4g}  {n_k:<10d}  {e_k:<14.6g}  {ml:<15.4g}  [{low:.4g}, {high:.4g}]")
             labels.append(f"class {k} (rate {rate:.4g})")
         target = classes.reshape(-1)
         target = np.where(target < 0, len(rates), target)

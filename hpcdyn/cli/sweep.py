@@ -25,8 +25,10 @@ from hpcdyn.cli.options import (
     positive_int,
     show_progress,
 )
-from hpcdyn.physics.systems import PARTICLE_SYSTEMS
+from hpcdyn.physics.systems import SYSTEMS
 from hpcdyn.storage import strict_json
+
+SYSTEM_NAMES = tuple(SYSTEMS)
 
 
 def add_parser(commands) -> None:
@@ -42,8 +44,8 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("study", help="study name: ntheta, hparams, activity or range (modules of sweeps/)")
     parser.add_argument("--smoke", action="store_true", help="the study's small size (minutes on 2 CPU cores)")
-    parser.add_argument("--system", choices=PARTICLE_SYSTEMS,
-                        help="learn from this particle system's trajectory instead of the study's (e.g. quorum)")  # fmt: skip
+    parser.add_argument("--system", choices=SYSTEM_NAMES,
+                        help="learn from this system's trajectory instead of the study's (e.g. quorum; fa: the range study)")  # fmt: skip
     parser.add_argument("--address", help="join the Ray cluster at this address (e.g. auto); default: start a local Ray")
     parser.add_argument("--storage", default="runs/sweeps", help="directory of sweeps and shared trajectories (default runs/sweeps)")
     parser.add_argument("--name", help="experiment name under --storage (default: STUDY, or STUDY-smoke)")

@@ -255,7 +255,7 @@ def _target_digits(encoder: EnvironmentEncoder) -> np.ndarray:
     """
     steps = SYSTEMS[encoder.system]().move_table
     columns = np.full(len(steps), -1, np.int64)
-    if encoder.system != ActiveSystem.name:
+    if not issubclass(SYSTEMS[encoder.system], ActiveSystem):  # particles (active, quorum) hop onto sites
         return columns
     for move, (dx, dy, _) in enumerate(steps.tolist()):
         if (dx, dy) == (0, 0):
