@@ -65,6 +65,8 @@ def test_bad_statistics_options_refused():
         TrainingConfig(statistics_steps=0)
     with pytest.raises(ConfigurationError, match="^statistics_batch_keys:"):
         TrainingConfig(statistics_batch_keys=0)
+    with pytest.raises(ConfigurationError, match="^class_init:"):
+        TrainingConfig(class_init="kmeans")
 
 
 def test_cli_trains_from_statistics_and_refuses_mode_2_recipes_on_mode_1(tmp_path, capsys):
@@ -76,7 +78,7 @@ def test_cli_trains_from_statistics_and_refuses_mode_2_recipes_on_mode_1(tmp_pat
     assert metrics[0]["trained_on"] == "statistics:vn1"
     assert list((tmp_path / "run.zarr.statistics").glob("vn1-*.zarr"))  # kept beside the store
     capsys.readouterr()
-    for option in (["--class-rate-fit", "closed_form"], ["--expected-from-epoch", "1"]):
+    for option in (["--class-rate-fit", "closed_form"], ["--expected-from-epoch", "1"], ["--class-init", "partition"]):
         assert main([*common, "--mode", "1", *option, "--out", str(tmp_path / "refused")]) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and option[0] in error

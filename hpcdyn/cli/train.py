@@ -10,7 +10,7 @@ from hpcdyn.cli.options import add_progress, check_device, check_output_path, no
 
 def add_parser(commands) -> None:
     from hpcdyn.learning.optim import OPTIMIZERS
-    from hpcdyn.learning.training import CLASS_RATE_FITS
+    from hpcdyn.learning.training import CLASS_INITS, CLASS_RATE_FITS
     from hpcdyn.learning.transformer import ATTENTION_STENCILS, ESTIMATORS
 
     parser = commands.add_parser(
@@ -64,6 +64,9 @@ def add_parser(commands) -> None:
                        help="train on segments of events instead of the exact sufficient statistics of the model's "
                             "key family (default: statistics, computed once beside the store and reused)")  # fmt: skip
     local.add_argument("--statistics-steps", type=int, default=50, help="gradient steps per epoch on the statistics")
+    local.add_argument("--class-init", choices=CLASS_INITS, default="auto",
+                       help="Mode 2 on statistics: start from the maximum-likelihood partition of the (environment, "
+                            "move) pairs, the classifier fitted to it (auto, partition; default), or from scratch (none)")  # fmt: skip
     local.add_argument("--statistics-batch-keys", type=int, metavar="KEYS",
                        help="keys per gradient step (default: every key, full batch)")  # fmt: skip
     hardware = parser.add_argument_group("hardware")
@@ -93,6 +96,8 @@ def check_mode_options(args: argparse.Namespace) -> None:
 
     if args.mode == 1 and args.class_rate_fit != "gradient":
         raise ConfigurationError("class_rate_fit: --class-rate-fit fits Mode 2 class rates; this model is Mode 1 (use --mode 2)")
+    if args.mode == 1 and args.class_init == "partition":
+        raise ConfigurationError("class_init: --class-init partition starts Mode 2's classifier; this model is Mode 1 (use --mode 2)")
     if args.mode == 1 and args.expected_from_epoch is not None:
         raise ConfigurationError("expected_from_epoch: --expected-from-epoch trains Mode 2's classifier; this model is Mode 1 (use --mode 2)")
 
@@ -141,6 +146,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         compile=args.compile,
         statistics=args.statistics,
         statistics_steps=args.statistics_steps,
+        class_init=args.class_init,
         statistics_batch_keys=args.statistics_batch_keys,
     )
     result = train(config, trajectory, args.out, resume=args.resume, progress=show_progress(args))
