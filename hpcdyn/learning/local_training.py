@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from hpcdyn.learning.class_partition import Partition, poisson_partition
+from hpcdyn.learning.class_partition import Partition, poisson_partition, prune
 from hpcdyn.learning.statistics import PARTS, SufficientStatistics
 from hpcdyn.physics.environments import decode_keys, make_encoder, patch_configurations
 from hpcdyn.physics.systems import ConfigurationError, System
@@ -160,10 +160,15 @@ def uses_partition(model, config) -> bool:
 
 
 def key_partition(objective: StatisticsObjective, model) -> Partition:
-    """The ML partition of the training part's (key, move) pairs into the model's classes (masked pairs: -1)."""
-    exposure, counts = objective.stats.part("train")
-    pair_exposure = np.where(objective.masked_moves(model), 0.0, np.broadcast_to(exposure[:, None], counts.shape))
-    return poisson_partition(counts, pair_exposure, model.config.n_classes)
+    """The ML partition of the training part's (key, move) pairs into at most the model's classes
+    (masked pairs: -1), without the classes the held-out part does not support (``prune``)."""
+    masked = objective.masked_moves(model)
+    parts = []
+    for name in PARTS:
+        exposure, counts = objective.stats.part(name)
+        parts.append((counts, np.where(masked, 0.0, np.broadcast_to(exposure[:, None], counts.shape))))
+    floor = float(model.class_log_rates.detach().min().exp())  # the rate the model starts its lowest class at
+    return prune(poisson_partition(*parts[0], model.config.n_classes), parts[0], parts[1], floor)
 
 
 def evidence_weights(partition: Partition, counts: np.ndarray, exposure: np.ndarray) -> np.ndarray:
@@ -253,7 +258,8 @@ def initialise_classes(objective: StatisticsObjective, model, config) -> dict:
     fitted = fit_classifier(objective, model, partition.classes.reshape(counts.shape), weights, config.lr)
     objective.fit_class_rates(model)
     t_train = max(objective.stats.t_train, 1e-300)
-    return {**fitted, "partition_U_per_T": partition.log_likelihood / t_train, "partition_rates": partition.rates.tolist()}
+    return {**fitted, "partition_U_per_T": partition.log_likelihood / t_train, "partition_rates": partition.rates.tolist(),
+            "partition_classes": len(partition.rates)}
 
 
 # ----------------------------------------------------------------------------- the trainer's epoch
