@@ -431,6 +431,8 @@ def test_offset_values_are_on_for_hard_local_models_only_and_old_checkpoints_loa
     del stored["offset_values"]  # a hard-local checkpoint written before offset values existed
     old = TransformerRates(TransformerConfig.from_dict(stored))
     assert old.config.offset_values is False and old.blocks[0].attention.offset_values is None
+    # a partial configuration (a sweep's model.* keys) gets the default: on for a hard-local model
+    assert TransformerConfig.from_dict({"attention_stencil": "vn1", "rotary": False}).offset_values is True
 
 
 def hard_local_model(stencil, layers, mode, sink=True):

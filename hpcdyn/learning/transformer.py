@@ -220,7 +220,8 @@ class TransformerConfig:
         if unknown:
             raise ConfigurationError(f"{unknown[0]}: unknown model parameter; known: {sorted(known)}")
         values = dict(values)
-        values.setdefault("offset_values", False)  # written before offset values existed: a model without them
+        if known - {"offset_values"} <= set(values):  # every other field: written by as_dict, so by a checkpoint
+            values.setdefault("offset_values", False)  # from before offset values existed: a model without them
         return cls(**values)
 
 
