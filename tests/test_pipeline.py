@@ -14,7 +14,10 @@ from hpcdyn.physics.systems import ConfigurationError
 TINY = dataclasses.replace(
     PRESETS["quick"],
     name="tiny",
-    sweep_overrides=(("data.t_final", 8.0), ("training.epochs", 1), ("training.patience", 1)),
+    # the main job's models (hard-local, trained on statistics, simulated on environment tables), tiny
+    sweep_overrides=(("data.t_final", 8.0), ("training.epochs", 1), ("training.patience", 1),
+                     ("model.attention_stencil", "vn1"), ("model.rotary", False), ("model.n_layers", 1),
+                     ("training.statistics", True), ("training.statistics_steps", 5)),  # fmt: skip
     sweep_grids=(("model.n_classes", (1, 2)), ("training.seed", (0,))),
     densities=(0.124, 0.3),
     replicas=2,
@@ -52,6 +55,8 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert list(ensemble["density"].values) == [0.124, 0.3]
     assert ensemble.sizes["replica"] == 2
     assert stages["ensemble"]["units_skipped"] == 0
+    learned = ensemble.attrs["config"]["models"][1]  # the hard-local model ran on its environment table
+    assert (learned["engine"], learned["key_family"]) == ("table", "vn1")
     # the activity study: one Mode 1 model at v_plus 5, its own ensemble beside the main one
     activity = xr.open_zarr(stages["activity"]["results"], consolidated=False)
     assert activity["v_plus"].values.tolist() == [5.0] and bool((activity["status"] == "done").all())

@@ -65,25 +65,25 @@ class PipelinePreset:
 
 
 PRESETS = {
-    # Minutes on 2 CPU cores: the smoke N_theta scan (small models, 12 x 12 lattice; one seed), then
-    # original and learned dynamics at the training density and two phase-separating ones. The
-    # training trajectory (T = 300, about 100 k events) and the model (4 heads: with 2 the gap stays
-    # 3 x larger) are sized so the chosen model's dynamics agree with the original at 0.124 within
-    # the ensemble's standard errors (held-out gap about 0.005 nats/event; benchmarks/RESULTS.md).
+    # The paper's study at the paper's size in minutes on 2 CPU cores: the training trajectory of the
+    # paper (L 30, density 0.124, T 500, about 0.86 M events) learned by one-layer hard-local models
+    # (vn1 attention) on its exact sufficient statistics (an epoch costs one network call per distinct
+    # environment, ~2,400 here), the N_theta scan 1..6 and Mode 1; their dynamics run on environment
+    # tables (the table engine: exact, millions of events per second) at the densities of the phase
+    # diagram on L 30. Mode 2 needs no recipe option on statistics (README).
     "quick": PipelinePreset(
         name="quick",
         smoke_sweep=True,
-        sweep_overrides=(("data.t_final", 300.0), ("training.epochs", 4), ("training.patience", 4),
-                         ("training.lr", 3e-3), ("model.d_model", 32), ("model.n_heads", 4), ("model.n_layers", 2),
-                         ("model.d_ff", 64)),  # fmt: skip
-        sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5)), ("training.seed", (0,))),  # 6 trials: 3 rounds on 2 cores
-        densities=(0.124, 0.3, 0.5),
-        # learned dynamics cost one network call per event of a replica (replicas run in lock-step,
-        # so more replicas are nearly free and longer times are not)
+        sweep_overrides=(("data.L", 30), ("data.t_final", 500.0), ("model.attention_stencil", "vn1"),
+                         ("model.rotary", False), ("model.n_layers", 1), ("model.d_model", 32), ("model.n_heads", 2),
+                         ("model.d_ff", 64), ("training.statistics", True), ("training.lr", 3e-3),
+                         ("training.epochs", 4), ("training.patience", 2)),  # fmt: skip
+        sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5, 6)), ("training.seed", (0,))),  # 7 trials with Mode 1
+        densities=(0.1, 0.124, 0.2, 0.3, 0.4, 0.5, 0.6),
         replicas=16,
-        t_final=20.0,
+        t_final=60.0,
         snapshot_every=0.5,
-        burn_in=5.0,
+        burn_in=20.0,
         activity_v_plus=(5.0,),  # with the main 25: v_plus/D = 50 and 250
     ),
     # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
