@@ -337,3 +337,20 @@ def test_store_written_by_the_ensemble_driver(stores, tmp_path):
     out = tmp_path / "report"
     assert main(["analyze", str(path), "--out", str(out), "--no-progress"]) == 0
     assert "No learned model" in (out / "report.md").read_text()
+
+
+def test_the_report_judges_many_cells_as_a_family():
+    """Every |z| < 3 and the chi-square of all z's p >= 0.01 (28 cells: some |z| > 2 by chance are fine)."""
+    from analysis.report import family_verdicts
+
+    def rows(scores, model="learned", observable="f4"):
+        return [{"model": model, "observable": observable, "z": z} for z in scores]
+
+    chance = family_verdicts(rows([2.4, -2.1, 1.0, -0.5] + [0.8] * 24))[0]
+    assert chance["agrees"] and chance["cells"] == 28
+    one_far = family_verdicts(rows([3.2] + [0.5] * 27))[0]
+    assert not one_far["agrees"] and one_far["max_abs_z"] == pytest.approx(3.2)
+    shifted = family_verdicts(rows([2.5] * 28))[0]  # no cell beyond 3, but together far too many standard errors
+    assert shifted["p"] < 0.01 and not shifted["agrees"]
+    ignored = family_verdicts(rows([9.0], observable="other") + rows([float("nan"), 0.3]))[0]
+    assert ignored["cells"] == 1 and ignored["agrees"]  # only the compared observables, finite z's
