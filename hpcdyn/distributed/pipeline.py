@@ -80,10 +80,11 @@ PRESETS = {
                          ("training.epochs", 4), ("training.patience", 2)),  # fmt: skip
         sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5, 6)), ("training.seed", (0,))),  # 7 trials with Mode 1
         densities=(0.1, 0.124, 0.2, 0.3, 0.4, 0.5, 0.6),
-        replicas=16,
-        t_final=60.0,
+        # both engines run at millions of events per second: long enough to settle the dense states
+        replicas=24,
+        t_final=100.0,
         snapshot_every=0.5,
-        burn_in=20.0,
+        burn_in=40.0,
         activity_v_plus=(5.0,),  # with the main 25: v_plus/D = 50 and 250
     ),
     # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
