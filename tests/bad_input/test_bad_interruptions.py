@@ -39,9 +39,9 @@ def _start_long_simulation(out: Path, command_line: bool = True) -> subprocess.P
 
 
 def test_sigterm_stops_simulate_cleanly_like_sigint(tmp_path):
-    # Compile the simulator first (numba's cache): on a fresh clone a SIGTERM that lands while numba
-    # still compiles a later function was seen to end the command with status 0 and no message, an open
-    # defect this test does not cover; here the signal lands while events are written.
+    # Compile the simulator first (numba's cache). On two fresh clones the command ended with status 0
+    # and no message after the SIGTERM; not reproduced alone, suspected a signal landing while numba
+    # compiles: an open defect this test does not cover. Here the signal lands while events are written.
     warm = subprocess.run([*HPCDYN, "simulate", "--preset", "paper", "--t-final", "1", "--seed", "2", "--out",
                            str(tmp_path / "warm.zarr")], capture_output=True, text=True)  # fmt: skip
     assert warm.returncode == 0, warm.stderr
