@@ -73,7 +73,9 @@ def terminate_as_interrupt() -> Iterator[dict[str, str]]:
         received["signal"] = "SIGTERM"
         interrupt = signal.getsignal(signal.SIGINT)
         if callable(interrupt) and interrupt is not signal.default_int_handler:
-            interrupt(signal.SIGINT, frame)  # a library's graceful stop (Ray Tune), as on Ctrl-C
+            # a library's graceful stop (Ray Tune), as on Ctrl-C; SIGTERM's own number lets a deferred
+            # write (storage.signals) stop afterwards even where SIGINT is ignored
+            interrupt(signal.SIGTERM, frame)
         else:
             raise KeyboardInterrupt
 
