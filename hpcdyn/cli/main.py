@@ -86,6 +86,14 @@ def terminate_as_interrupt() -> Iterator[dict[str, str]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+OUT_OF_MEMORY = "memory: this machine ran out of memory; make the run smaller (lattice, replicas, times, model)"
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 def _interrupted(args: argparse.Namespace, received: dict[str, str]) -> int:
     describe: Callable[[argparse.Namespace], str] | None = getattr(args, "interrupted", None)
     try:
@@ -116,5 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as error:  # a path that cannot be read or written: named, one line
             return refuse(_os_error(error))
         except MemoryError:
-            return refuse("memory: this machine ran out of memory; make the run smaller (lattice, replicas, times)")
+            return refuse(OUT_OF_MEMORY)
+        except RuntimeError as error:  # torch reports a failed allocation (CPU or GPU) as a RuntimeError
+            if not _out_of_memory(error):
+                raise
+            return refuse(f"{OUT_OF_MEMORY} ({one_line(error)[:200]})")
     return 0

@@ -306,13 +306,16 @@ def train_epoch(objective: StatisticsObjective, model, optimizer, config, genera
                 chosen.append(index)
                 taken += sizes[index]
             scale = n_keys / taken
-        u = sum(objective.batch_log_likelihood(model, objective.batches[index], "train") for index in chosen) * scale
-        loss = -u / t_train
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total_u = 0.0
+        for index in chosen:  # U is a sum over batches of keys: its gradient accumulates batch by batch,
+            # so memory holds one batch's graph, not the whole key set's (16 GB for a two-layer model's
+            # ~10^5 diamond2 keys of the paper's trajectory when summed first)
+            u = objective.batch_log_likelihood(model, objective.batches[index], "train") * scale
+            (-u / t_train).backward()
+            total_u += float(u.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
         optimizer.step()
-        total_u = float(u.detach())
         if refit and (step + 1) % CLOSED_FORM_EVERY == 0:  # cheap on statistics: one no-grad call per key
             objective.fit_class_rates(model)
     progress.update(objective.stats.n_events[0])

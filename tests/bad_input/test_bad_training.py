@@ -94,3 +94,18 @@ def test_damaged_checkpoints(trajectory_template, tmp_path, capsys, make, field)
 def test_evaluate_options(trajectory_template, run_template, tmp_path, capsys):
     assert_refused(run_cli(["evaluate", tmp_path / "absent", trajectory_template], capsys), "run:")
     assert_refused(run_cli(["evaluate", run_template, trajectory_template, "--device", "bogus"], capsys), "device:")
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_nothing(trajectory_template, tmp_path, capsys, monkeypatch):
+    # torch reports a failed CPU allocation as a RuntimeError, not a MemoryError: it must read the same
+    import hpcdyn.learning.transformer as transformer
+
+    def exhausted(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 15728640 bytes")
+
+    monkeypatch.setattr(transformer.TransformerRates, "forward", exhausted)
+    out = tmp_path / "run"
+    outcome = run_cli(["train", trajectory_template, "--out", out, *TINY], capsys)
+    message = assert_refused(outcome, "memory:")
+    assert "make the run smaller" in message and "can't allocate memory" in message
+    assert not out.exists() or list(out.iterdir()) == []  # an empty directory a new run accepts
