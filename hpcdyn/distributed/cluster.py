@@ -8,8 +8,11 @@ is always set explicitly (``disabled`` unless the environment or the caller asks
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import signal
+import threading
+from typing import Any, Iterator
 
 from hpcdyn.physics.systems import ConfigurationError
 
@@ -65,6 +68,36 @@ def init_ray(
     if ray.is_initialized():
         return ray
     resolve_auth_mode(auth_mode)
+    with _keeping_sigterm_handler():
+        _start_or_join(ray, address, num_cpus, num_gpus, include_dashboard, dashboard_host, log_to_driver)
+    return ray
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces a driver's SIGTERM handler with one that exits at once (status 15, no message,
+    interrupted work not described). Where the program has its own handler (hpcdyn's commands: SIGTERM
+    as SIGINT), Ray's is not installed during the start (a signal in those seconds would meet it) and
+    the program's is in place afterwards."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if not (main and callable(previous)):
+        yield
+        return
+    import ray._private.utils as ray_utils  # the one place Ray's driver start sets its handler
+
+    installer = getattr(ray_utils, "set_sigterm_handler", None)
+    if installer is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        if installer is not None:
+            ray_utils.set_sigterm_handler = installer
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start_or_join(ray, address, num_cpus, num_gpus, include_dashboard, dashboard_host, log_to_driver) -> None:
     if address:
         if num_cpus is not None or num_gpus is not None:
             raise ConfigurationError("num_cpus: resources are set when a cluster starts, not when joining one at --address")
@@ -77,4 +110,3 @@ def init_ray(
             dashboard_host=dashboard_host,
             log_to_driver=log_to_driver,
         )
-    return ray

@@ -83,6 +83,31 @@ def test_a_sigterm_during_a_deferred_write_stops_the_command_even_where_sigint_i
         signal.signal(signal.SIGINT, original)
 
 
+LONG_ENSEMBLE = ["ensemble", "--model", "original", "--density", "0.3", "--replicas", "2", "--L", "12", "--t-final", "2e6",
+                 "--snapshot-every", "1e4", "--no-progress", "--force"]  # fmt: skip
+
+
+@pytest.mark.parametrize("delay", [0.0, 20.0])
+def test_sigterm_stops_a_ray_driver_cleanly(tmp_path, delay):
+    # ray.init installs a SIGTERM handler that exits with status 15 and no message; the command keeps its
+    # own. The store is laid out before Ray starts: a signal at once lands before (or while) Ray starts, one
+    # 20 s later while units run (status 15 and an empty stderr before the fix).
+    out = tmp_path / "ensemble.zarr"
+    process = subprocess.Popen([*HPCDYN, *LONG_ENSEMBLE, "--out", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not out.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the ensemble did not start"
+        time.sleep(0.05)
+    time.sleep(delay)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert "hpcdyn ensemble: interrupted by SIGTERM;" in stderr and "rerun the same command to resume" in stderr
+
+
 def test_leftovers_of_a_killed_simulate_are_cleaned_by_the_next_run(tmp_path, capsys):
     out = tmp_path / "run.zarr"
     process = _start_long_simulation(out, command_line=False)
