@@ -1,0 +1,247 @@
+"""Emergent behaviour of the quorum-sensing system (issue 20): learned against original dynamics.
+
+    python benchmarks/quorum_phase.py --run --write      # every command below (finished products are
+                                                          # reused), then the tables, figure and sections
+    python benchmarks/quorum_phase.py --write             # only the analysis of the stores under runs/quorum
+
+Stages (the commands are in COMMANDS; their wall times go to runs/quorum/timings.json):
+1. the training trajectory: quorum, paper preset (L 30, density 0.124), T 1000, seed 1 (0.95 M events),
+   and a T 50 one (47 k events) for the block5 attempts;
+2. hard-local Mode 2 models, N_theta 5: vn1 (cannot see the 5 x 5 block) on the T 1000 trajectory and on the
+   T 50 one; the block5 model, which can, could not be trained here (see SECTION / TRAINING.md quorum-local);
+3. ensembles on L 30 at densities 0.05 ... 0.5, 16 replicas, t 100, burn-in 40, snapshots every 0.5: the
+   original active and quorum dynamics (compiled simulator) and the learned vn1 model (table engine);
+4. observables (f4, var f4, n_c, <s>) per (model, density), z = (learned - original) / sqrt(se^2 + se^2),
+   the family rule of analysis.report (every |z| < 3 and chi-square p >= 0.01), and the figure
+   benchmarks/figures/quorum_onset.png (active and quorum original, quorum learned, against density).
+With --write the section `quorum-phase` of benchmarks/RESULTS.md is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from results import write_section  # noqa: E402
+
+RUNS = ROOT / "runs" / "quorum"
+FIGURE = HERE / "figures" / "quorum_onset.png"
+DENSITIES = ["0.05", "0.1", "0.2", "0.3", "0.4", "0.5"]
+ENSEMBLE = ["--density", *DENSITIES, "--replicas", "16", "--t-final", "100", "--snapshot-every", "0.5", "--burn-in", "40",
+            "--actors", "1", "--no-progress"]  # fmt: skip
+MODEL = ["--n-layers", "1", "--d-model", "32", "--n-heads", "4", "--d-ff", "64", "--mode", "2", "--n-classes", "5", "--no-progress"]
+
+# (name, command, product): a command whose product exists is not run again
+COMMANDS = [
+    ("simulate T1000", ["hpcdyn", "simulate", "--system", "quorum", "--preset", "paper", "--t-final", "1000", "--seed", "1",
+                        "--out", "runs/quorum/train.zarr", "--no-progress"], "runs/quorum/train.zarr"),  # fmt: skip
+    ("simulate T50", ["hpcdyn", "simulate", "--system", "quorum", "--preset", "paper", "--t-final", "50", "--seed", "1",
+                      "--out", "runs/quorum/train-T50.zarr", "--no-progress"], "runs/quorum/train-T50.zarr"),  # fmt: skip
+    ("train vn1 T1000", ["hpcdyn", "train", "runs/quorum/train.zarr", "--attention-stencil", "vn1", *MODEL,
+                         "--epochs", "4", "--out", "runs/quorum/mode2-vn1"], "runs/quorum/mode2-vn1/best.pt"),  # fmt: skip
+    ("train vn1 T50", ["hpcdyn", "train", "runs/quorum/train-T50.zarr", "--attention-stencil", "vn1", *MODEL,
+                       "--out", "runs/quorum/T50-mode2-vn1"], "runs/quorum/T50-mode2-vn1/best.pt"),  # fmt: skip
+    ("ensemble active original", ["hpcdyn", "ensemble", "--model", "original", "--system", "active", "--L", "30", *ENSEMBLE,
+                                  "--seed", "7", "--out", "runs/quorum/ens/active-original.zarr"],
+     "runs/quorum/ens/active-original.zarr"),  # fmt: skip
+    ("ensemble quorum original", ["hpcdyn", "ensemble", "--model", "original", "--system", "quorum", "--L", "30", *ENSEMBLE,
+                                  "--seed", "7", "--out", "runs/quorum/ens/quorum-original.zarr"],
+     "runs/quorum/ens/quorum-original.zarr"),  # fmt: skip
+    ("ensemble quorum learned vn1", ["hpcdyn", "ensemble", "--model", "runs/quorum/mode2-vn1", "--engine", "auto", *ENSEMBLE,
+                                     "--seed", "11", "--out", "runs/quorum/ens/quorum-vn1.zarr"],
+     "runs/quorum/ens/quorum-vn1.zarr"),  # fmt: skip
+]
+STORES = {
+    "active original": RUNS / "ens" / "active-original.zarr",
+    "quorum original": RUNS / "ens" / "quorum-original.zarr",
+    "quorum learned (vn1)": RUNS / "ens" / "quorum-vn1.zarr",
+}
+OBSERVABLES = ("f4", "f4_variance", "n_clusters", "mean_cluster_size")
+LABELS = {"f4": "f4", "f4_variance": "var f4", "n_clusters": "n_c", "mean_cluster_size": "<s>"}
+
+
+def run_commands() -> dict:
+    timings_path = RUNS / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for name, command, product in COMMANDS:
+        if (ROOT / product).exists():
+            continue
+        started = time.perf_counter()
+        subprocess.run(["nice", "-n", "5", *command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        timings[name] = round(time.perf_counter() - started, 1)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        timings_path.write_text(json.dumps(timings, indent=1))
+    return timings
+
+
+def summaries() -> dict:
+    import dask
+
+    from analysis.observables import summarize
+
+    dask.config.set(scheduler="synchronous")
+    return {name: summarize(str(path)).compute() for name, path in STORES.items() if path.exists()}
+
+
+def z_rows(learned, original, model: str) -> list[dict]:
+    """Rows in difference_table's form (learned and original from separate stores, independent replicas)."""
+    rows = []
+    for density in original["density"].values:
+        here, there = learned.sel(density=density).isel(model=0), original.sel(density=density).isel(model=0)
+        for name in OBSERVABLES:
+            difference = float(here[name] - there[name])
+            error = float(np.hypot(here[f"{name}_se"], there[f"{name}_se"]))
+            rows.append({"model": model, "density": float(density), "observable": name, "value": float(here[name]),
+                         "reference_value": float(there[name]), "difference": difference, "standard_error": error,
+                         "z": difference / error if error > 0 else float("nan")})  # fmt: skip
+    return rows
+
+
+def figure(stats: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"active original": dict(color="tab:blue", marker="o"), "quorum original": dict(color="tab:red", marker="s"),
+              "quorum learned (vn1)": dict(color="tab:green", marker="^", linestyle="--")}  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    for axis, name in zip(axes, OBSERVABLES):
+        for label, summary in stats.items():
+            data = summary.isel(model=0)
+            axis.errorbar(data["density"].values, data[name].values, yerr=data[f"{name}_se"].values, capsize=3, label=label,
+                          **styles.get(label, {}))  # fmt: skip
+        axis.set_xlabel("density")
+        axis.set_title(LABELS[name])
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Phase-separation onset, L 30, D 0.1, v+ 25, v_other 1; quorum: v_crowded 5 from q 3 others in the 5x5 block "
+                 "(16 replicas, t 100, burn-in 40)", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def observable_table(stats: dict) -> list[str]:
+    lines = ["| density | " + " | ".join(f"{LABELS[o]} {m.split()[0]}{' learned' if 'learned' in m else ''}" for o in ("f4", "mean_cluster_size")
+                                          for m in stats) + " |"]  # fmt: skip
+    lines.append("|---" * (1 + 2 * len(stats)) + "|")
+    first = next(iter(stats.values()))
+    for density in first["density"].values:
+        cells = []
+        for name in ("f4", "mean_cluster_size"):
+            for summary in stats.values():
+                point = summary.sel(density=density).isel(model=0)
+                cells.append(f"{float(point[name]):.4f} ± {float(point[name + '_se']):.4f}")
+        lines.append(f"| {float(density):g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def z_table(rows: list[dict]) -> list[str]:
+    lines = ["| density | " + " | ".join(f"z {LABELS[o]}" for o in OBSERVABLES) + " |", "|---" * 5 + "|"]
+    for density in dict.fromkeys(row["density"] for row in rows):
+        cells = [f"{row['z']:+.2f}" for name in OBSERVABLES for row in rows if row["density"] == density and row["observable"] == name]
+        lines.append(f"| {density:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="store_true", help="run the missing stages first")
+    parser.add_argument("--write", action="store_true", help="write the figure and the RESULTS.md section")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.run:
+        run_commands()
+    from analysis.report import family_verdicts
+
+    stats = summaries()
+    rows = z_rows(stats["quorum learned (vn1)"], stats["quorum original"], "quorum learned (vn1)") if len(stats) == 3 else []
+    verdicts = family_verdicts(rows) if rows else []
+    report = {"verdicts": verdicts, "rows": rows}
+    print(json.dumps(report, indent=1, default=float))
+    if args.write:
+        figure(stats, FIGURE)
+        (RUNS / "quorum_phase.json").write_text(json.dumps(report, indent=1, default=float))
+        write_section("quorum-phase", section(stats, rows, verdicts))
+
+
+def _metrics(run: str) -> dict:
+    lines = (RUNS / run / "metrics.jsonl").read_text().splitlines()
+    best = max((json.loads(line) for line in lines), key=lambda m: m["val_U_per_T"])
+    return best
+
+
+def section(stats, rows, verdicts) -> str:
+    timings_path = RUNS / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    verdict = verdicts[0] if verdicts else {}
+    vn1, vn1_short = _metrics("mode2-vn1"), _metrics("T50-mode2-vn1")
+    events = {name: int(zarr.open_group(str(path), mode="r").attrs["events"]) for name, path in STORES.items()}
+    lines = [
+        "## Quorum sensing: phase-separation onset, learned against original (`python benchmarks/quorum_phase.py --run --write`)",
+        "",
+        "Issue 20's emergent-behaviour item, on a CPU shared with 2-3 other heavy jobs (2 cores, load 6-14). "
+        "**The block5 model (the one that can see the quorum block) could not be trained here** (TRAINING.md, "
+        "section quorum-local: 3.77 M distinct block5 keys in the 0.95 M-event trajectory, about 4 per event; "
+        "the Mode 2 partition start's classifier fit holds the graph of every key at once, ~21 kB per key, "
+        ">4 GB already at 0.2 M keys; from scratch on statistics and on segments it was far too slow). "
+        "So the learned curve below is the range-blind vn1 model's (Mode 2, N_theta 5, trained on the T 1000 "
+        "trajectory): the negative control of the range study, and it DIFFERS, as it must.",
+        "",
+        f"Training trajectory: quorum, paper preset (L 30, N 112, density 0.124, D 0.1, v+ 25, v_other 1, R 2, q 3, "
+        f"v_crowded 5), T 1000, seed 1: 950,501 events ({timings.get('simulate T1000', '?')} s). "
+        f"vn1 model: held-out U/T {vn1['val_U_per_T']:.2f} against the generating rates' {vn1['true_val_U_per_T']:.2f}, "
+        f"gap {vn1['gap_per_event']:.4f} nats/event; class rates " + ", ".join(f"{r:.4g}" for r in vn1["class_rates"]) +
+        " (D and v_other recovered; the forward hops split into 5.94 and 12.78, mixtures of v_crowded 5 and v+ 25, "
+        f"which a vn1 key cannot tell apart). On the T 50 trajectory (47,287 events) the same model: gap "
+        f"{vn1_short['gap_per_event']:.4f} nats/event.",
+        "",
+        "Ensembles: L 30, densities " + ", ".join(DENSITIES) + ", 16 replicas, t 100, burn-in 40, snapshots every 0.5; "
+        "original dynamics on the compiled simulator, the learned vn1 model on its vn1 environment table (`--engine auto`).",
+        "",
+        "| store | events | wall time (s, whole command incl. Ray start) |",
+        "|---|---|---|",
+    ]
+    keys = {"active original": "ensemble active original", "quorum original": "ensemble quorum original",
+            "quorum learned (vn1)": "ensemble quorum learned vn1"}
+    for name in STORES:
+        lines.append(f"| {name} | {events.get(name, 0):,} | {timings.get(keys[name], '?')} |")
+    lines += ["", "f4 and mean cluster size <s> (mean ± standard error over replicas):", "", *observable_table(stats), ""]
+    lines += ["Onset: the active model phase-separates between densities 0.1 and 0.2 (f4 0.017 -> 0.29, var f4 peak at 0.2); "
+              "quorum sensing (slower forward hops in crowds) delays it: f4 stays below 0.25 up to 0.5, n_c peaks at 0.3 "
+              "instead of 0.1, <s> at 0.5 is 10 against 35 (benchmarks/figures/quorum_onset.png).", ""]
+    lines += ["z = (learned vn1 - original quorum) / sqrt(se^2 + se^2):", "", *z_table(rows), ""]
+    if verdict:
+        word = "AGREES with" if verdict["agrees"] else "DIFFERS from"
+        lines.append(f"**Family verdict: quorum learned (vn1) {word} the original dynamics** over {verdict['cells']} cells: "
+                     f"max |z| = {verdict['max_abs_z']:.2f} (rule < 3), chi-square {verdict['chi2']:.0f} on {verdict['cells']}, "
+                     f"p = {verdict['p']:.3g} (rule >= 0.01). Below the onset it clusters too little, above it too much: "
+                     "it cannot see the block, so crowding is guessed from the four neighbours.")
+    lines += ["", "Block5 model on the table engine (measured with the unfinished block5 checkpoint, 1 replica, t 2): "
+              "238 events in 72 s at density 0.1, 525 events in 148 s at 0.3 (3-4 events/s; a new block5 key at almost "
+              "every event, each one a stop of the compiled loop and a network call), against ~85,000 events/s for the "
+              "original ensembles here: the learned block5 phase diagram at 0.05-0.5 is out of reach on this machine.",
+              "", "Commands (from the repository root, each under `nice -n 5`):", "", "```"]
+    lines += [" ".join(command) for _, command, _ in COMMANDS]
+    lines += ["# measured run of the vn1 T1000 model: the same command with the default 20 epochs, stopped (SIGTERM) after",
+              "# epoch 4 (at ~28 s an epoch the gap had been 0.17314 since epoch 0) and finished with --resume --epochs 4"]
+    lines += ["```"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
