@@ -214,13 +214,12 @@ def fit_classifier(objective: StatisticsObjective, model, targets: np.ndarray, w
     best_u, best_step, best_state, since_best, step = -math.inf, 0, None, 0, 0
     for step in range(1, max_steps + 1):
         model.train()
-        loss = 0.0
-        for rows, positions, states, centre in objective.batches:
+        optimizer.zero_grad(set_to_none=True)
+        for rows, positions, states, centre in objective.batches:  # gradients accumulate batch by batch:
+            # memory holds one batch's graph (about 21 kB per key at once for block5 keys otherwise)
             logits = model.class_logits(positions, states)[:, centre]  # [B, M, K]
             cross = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target[rows].flatten(), reduction="none")
-            loss = loss + (weight[rows].flatten() * cross).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            (weight[rows].flatten() * cross).sum().backward()
         optimizer.step()
         if step % check_every and step != max_steps:
             continue
