@@ -4,6 +4,7 @@
     table = difference_table("ensemble.zarr")                     # learned - original, in standard errors
     figure = plot_activity_maps(["vp5.zarr", "vp25.zarr"], learned=["vp5_learned.zarr", ...])
     figure = plot_snapshots("ensemble.zarr", density=0.3)         # lattices side by side
+    figure = plot_snapshot_grid("snapshots.zarr")                 # a row per density, a column per model
     save_figure(figure, "report/learned_vs_original")            # PNG and PDF
 
 Figures are plain ``matplotlib.figure.Figure`` objects (no pyplot state, any backend): save them with
@@ -241,4 +242,38 @@ def plot_snapshots(
     handles = [Patch(color=SNAPSHOT_COLOURS(index), label=label) for index, label in enumerate(ORIENTATIONS, start=1)]
     figure.legend(handles=handles, loc="outside lower center", ncol=4, title="orientation")
     figure.suptitle(f"density {chosen_density:g}, time {chosen_time:g}, replica {replica}")
+    return figure
+
+
+def plot_snapshot_grid(
+    source: Any,
+    densities: Sequence[float] | None = None,
+    time: float | None = None,
+    replica: int = 0,
+    models: Sequence[str] | None = None,
+) -> Figure:
+    """Lattices of every model (columns, the original first) at each density (rows), at one time
+    (default: the last), the same replica: learned beside original where the clusters show."""
+    ensemble = source if isinstance(source, xr.Dataset) else open_ensemble(source)
+    occupancy = ensemble["occupancy"]
+    densities = [float(value) for value in occupancy["density"].values] if densities is None else list(densities)
+    time = float(occupancy["time"].max()) if time is None else time
+    models = _model_order(occupancy["model"].values.tolist(), REFERENCE_MODEL) if models is None else list(models)
+    chosen_time = float(occupancy["time"].sel(time=time, method="nearest"))
+    size = int(occupancy.sizes["x"])
+    figure = Figure(figsize=(3.6 * len(models), 3.6 * len(densities) + 0.6), layout="constrained")
+    axes = figure.subplots(len(densities), len(models), squeeze=False)
+    for row, density in enumerate(densities):
+        frames = occupancy.sel(density=density, time=time, method="nearest").isel(replica=replica).sel(model=models)
+        frames = frames.transpose("model", "y", "x").values
+        chosen_density = float(occupancy["density"].sel(density=density, method="nearest"))
+        for column, (model, frame) in enumerate(zip(models, frames)):
+            axis = axes[row, column]
+            axis.imshow(frame, cmap=SNAPSHOT_COLOURS, vmin=0, vmax=4, interpolation="nearest", origin="lower")
+            axis.set_title(f"{model}, density {chosen_density:g}")
+            axis.set_xticks([])
+            axis.set_yticks([])
+    handles = [Patch(color=SNAPSHOT_COLOURS(index), label=label) for index, label in enumerate(ORIENTATIONS, start=1)]
+    figure.legend(handles=handles, loc="outside lower center", ncol=4, title="orientation")
+    figure.suptitle(f"{size} x {size} lattice, time {chosen_time:g}, replica {replica}")
     return figure

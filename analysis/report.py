@@ -4,7 +4,9 @@
 
 Layout of the directory (written under a hidden temporary name, renamed into place when complete):
 ``summary.json``, ``report.md``, ``differences.csv``, ``learned_vs_original.{png,pdf}``,
-``snapshots.{png,pdf}``, and when their inputs are given ``activity_maps.{png,pdf}`` and ``sweep.{png,pdf}``.
+``snapshots.{png,pdf}`` (from ``snapshots``, a store on a large lattice, when given: a row per density,
+learned beside original), and when their inputs are given ``activity_maps.{png,pdf}`` and ``sweep.{png,pdf}``.
+``headline``: lines the caller states first (what a study found: N*, r*).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from analysis.observables import (
     compute,
     open_ensemble,
     resolve_burn_in,
+    setting,
     summarize,
 )
 from analysis.phase_diagram import (
@@ -35,6 +38,7 @@ from analysis.phase_diagram import (
     learned_models,
     plot_activity_maps,
     plot_learned_vs_original,
+    plot_snapshot_grid,
     plot_snapshots,
     save_figure,
 )
@@ -96,6 +100,8 @@ def write_report(
     overwrite: bool = False,
     progress: bool = False,
     run_tasks: Submit | None = None,
+    snapshots: str | Path | None = None,
+    headline: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Analyse ``store`` (and optionally sweep results and stores at other activities) into ``out``.
 
@@ -110,6 +116,7 @@ def write_report(
     ensemble = open_ensemble(store)
     burn_in = resolve_burn_in(ensemble, burn_in)
     activity_ensembles = [open_ensemble(path) for path in activity_stores]
+    snapshot_ensemble = None if snapshots is None else open_ensemble(snapshots)
     if sweep is not None:
         from analysis.sweep_plots import open_sweep
 
@@ -118,7 +125,8 @@ def write_report(
     partial.mkdir(parents=True)
     try:
         summary = _write_contents(
-            store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks
+            store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks,
+            snapshots=(snapshots, snapshot_ensemble), headline=list(headline),
         )
         _move_into_place(partial, out, overwrite)
     except BaseException:
@@ -135,15 +143,21 @@ def _summary(path, ensemble, burn_in, progress, run_tasks) -> xr.Dataset:
 
 
 def _write_contents(
-    store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks=None
+    store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks=None,
+    snapshots=(None, None), headline=(),
 ):
     statistics = _summary(store, ensemble, burn_in, progress, run_tasks)
     figures = save_figure(plot_learned_vs_original(statistics), directory / "learned_vs_original")
-    figures += save_figure(plot_snapshots(ensemble), directory / "snapshots")
+    snapshot_store, snapshot_ensemble = snapshots
+    if snapshot_ensemble is not None:  # learned beside original on the large lattice, a row per density
+        figures += save_figure(plot_snapshot_grid(snapshot_ensemble), directory / "snapshots")
+    else:
+        figures += save_figure(plot_snapshots(ensemble), directory / "snapshots")
     models = statistics["model"].values.tolist()
     differences = difference_table(statistics) if REFERENCE_MODEL in models and len(models) > 1 else None
     if differences is not None:
         differences.to_csv(directory / "differences.csv", index=False)
+    activity_family = []
     if activity_ensembles:  # each store summarised once, the main one already is
         stores = [statistics] + [
             _summary(path, data, burn_in, progress, run_tasks) for path, data in zip(activity_stores, activity_ensembles)
@@ -151,6 +165,11 @@ def _write_contents(
         learned = stores if all(len(learned_models(data)) == 1 for data in stores) else None
         figure = plot_activity_maps(stores, learned=learned, burn_in=burn_in)
         figures += save_figure(figure, directory / "activity_maps")
+        for path, data, summary_of_store in zip(activity_stores, activity_ensembles, stores[1:]):
+            if REFERENCE_MODEL in summary_of_store["model"].values.tolist() and len(learned_models(summary_of_store)):
+                rows = difference_table(summary_of_store).to_dict(orient="records")
+                activity = _store_activity(data)
+                activity_family += [{**verdict, "store": str(path), "activity": activity} for verdict in family_verdicts(rows)]
     sweep_summary = None
     if sweep is not None:
         from analysis.sweep_plots import sweep_figures
@@ -168,12 +187,21 @@ def _write_contents(
         "results": _results(statistics),
         "differences": [] if differences is None else _jsonable(differences.to_dict(orient="records")),
         "family": [] if differences is None else _jsonable(family_verdicts(differences.to_dict(orient="records"))),
+        "activity_family": _jsonable(activity_family),
+        "headline": list(headline),
+        "snapshots": None if snapshot_store is None else str(snapshot_store),
         "sweep_results": sweep_summary,
         "figures": sorted(path.name for path in figures),
     }
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (directory / "report.md").write_text(markdown_report(summary))
     return summary
+
+
+def _store_activity(ensemble: xr.Dataset) -> float | None:
+    """v_plus / D of a store (None when its attrs lack them)."""
+    v_plus, rotation = setting(ensemble.attrs, "v_plus"), setting(ensemble.attrs, "D")
+    return None if v_plus is None or not rotation else float(v_plus) / float(rotation)
 
 
 def _move_into_place(partial: Path, out: Path, overwrite: bool) -> None:
@@ -227,6 +255,8 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "",
         *_family_lines(summary.get("family", [])),
         "",
+        *[line for text in summary.get("headline", []) for line in (text, "")],
+        *_activity_lines(summary.get("activity_family", [])),
         "| model | density | replicas | f4 | var f4 | n_c | <s> |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -240,6 +270,22 @@ def markdown_report(summary: dict[str, Any]) -> str:
         lines += ["", f"Sweep `{summary['sweep']}`: {found}."]
     lines += ["", "Figures: " + ", ".join(f"[{name}]({name})" for name in summary["figures"] if name.endswith(".png"))]
     return "\n".join(lines) + "\n"
+
+
+def _activity_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    """One line per activity store: its learned model against its original dynamics, by the family rule."""
+    if not verdicts:
+        return []
+    lines = ["The (density, v_plus/D) map, learned beside original (`activity_maps.png`), by the same rule per activity:", ""]
+    for verdict in sorted(verdicts, key=lambda row: (row.get("activity") is None, row.get("activity") or 0.0)):
+        activity = "?" if verdict.get("activity") is None else f"{verdict['activity']:g}"
+        if verdict.get("agrees") is None:
+            lines.append(f"- v_plus/D = {activity} ({verdict['model']}): no error estimate to judge it by.")
+            continue
+        word = "agrees" if verdict["agrees"] else "differs"
+        lines.append(f"- v_plus/D = {activity} ({verdict['model']}): {word}; max |z| = {verdict['max_abs_z']:.2f}, "
+                     f"chi-square {verdict['chi2']:.1f} on {verdict['cells']}, p = {verdict['p']:.3g}.")  # fmt: skip
+    return lines + [""]
 
 
 def _with_error(row: dict[str, Any], name: str) -> str:

@@ -25,6 +25,16 @@ TINY = dataclasses.replace(
     snapshot_every=1.0,
     burn_in=1.0,
     activity_v_plus=(5.0,),
+    activity_mode=2,  # at the sweep's N*, as the quick preset
+    activity_replicas=3,
+    activity_snapshot_every=2.0,
+    # the range study on a smaller trajectory than the sweep's, as the quick preset
+    range_stencils=("vn1", "block3"),
+    range_overrides=(("data.L", 12), ("data.t_final", 6.0)),
+    snapshot_L=40,
+    snapshot_densities=(0.3, 0.5),
+    snapshot_t_final=4.0,
+    snapshot_interval=2.0,
 )
 
 
@@ -42,12 +52,31 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     out = tmp_path / "study"
     record = run_pipeline(TINY, out)
     stages = record["stages"]
-    assert list(stages) == ["sweep", "model", "ensemble", "activity", "report"]
-    # the sweep: Mode 2 with N_theta 1, 2 and Mode 1 (3 trials), the best one by held-out U/T
+    assert list(stages) == ["sweep", "model", "range", "ensemble", "snapshots", "activity", "report"]
+    assert set(record["stage_seconds"]) == set(stages) and all(value > 0 for value in record["stage_seconds"].values())
+    # the sweep: Mode 2 with N_theta 1, 2 and Mode 1 (3 trials); the chosen model: the best Mode 2 trial at N*
     results = xr.open_zarr(stages["sweep"]["results"], consolidated=False)
     assert int((results["status"] == "done").sum()) == 3
+    n_star = stages["sweep"]["n_star"]
+    assert n_star in (1, 2)
     best = stages["sweep"]["best_trial"]
-    assert best["val_U_per_T"] == pytest.approx(float(results["val_U_per_T"].max()))
+    assert best["coordinates"] == {"mode": 2, "n_classes": n_star, "seed": 0}
+    assert best["val_U_per_T"] == pytest.approx(float(results["val_U_per_T"].sel(mode=2, n_classes=n_star).max()))
+    assert stages["sweep"]["best_overall"]["val_U_per_T"] == pytest.approx(float(results["val_U_per_T"].max()))
+    assert len(best["class_rates"]) == n_star and best["class_rates"] == sorted(best["class_rates"])
+    # the trajectory and its statistics were prepared once, before the trials: one statistics store
+    trajectories = out / "sweeps" / "trajectories"
+    assert len(list((trajectories).glob("*.zarr.statistics/vn1-*.zarr"))) == 3  # ntheta, range, activity
+    # the range study: Mode 2 at N* over vn1 and block3 on its own (smaller) trajectory, r* one of them
+    ranged = xr.open_zarr(stages["range"]["results"], consolidated=False)
+    assert sorted(ranged["attention_stencil"].values.tolist()) == ["block3", "vn1"]
+    assert bool((ranged["status"] == "done").all()) and ranged["n_classes"].values.tolist() == [n_star]
+    r_star = stages["range"]["r_star"]["mode_2"]
+    plateau = stages["range"]["range"]
+    assert r_star in ("vn1", "block3") and plateau["stencils"] == ["vn1", "block3"]
+    scores = dict(zip(plateau["stencils"], plateau["mean"]["2"] if "2" in plateau["mean"] else plateau["mean"][2]))
+    assert scores["vn1"] == pytest.approx(float(ranged["val_U_per_T"].sel(attention_stencil="vn1").squeeze()))
+    assert len(list(trajectories.glob("*.zarr.statistics/block3-*.zarr"))) == 1
     # the model copy and the ensemble of original and learned dynamics
     assert (out / "models" / "learned" / "best.pt").exists()
     ensemble = xr.open_zarr(stages["ensemble"]["store"])
@@ -57,26 +86,47 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert stages["ensemble"]["units_skipped"] == 0
     learned = ensemble.attrs["config"]["models"][1]  # the hard-local model ran on its environment table
     assert (learned["engine"], learned["key_family"]) == ("table", "vn1")
-    # the activity study: one Mode 1 model at v_plus 5, its own ensemble beside the main one
+    # the snapshots: the same model beside the original on a larger lattice, on its table
+    snapshots = xr.open_zarr(stages["snapshots"]["store"])
+    assert list(snapshots["model"].values) == ["original", "learned"] and list(snapshots["density"].values) == [0.3, 0.5]
+    assert (snapshots.sizes["x"], snapshots.sizes["y"], snapshots.sizes["replica"]) == (40, 40, 1)
+    assert snapshots["time"].values.tolist() == [0.0, 2.0, 4.0]
+    assert snapshots.attrs["config"]["models"][1]["engine"] == "table"
+    occupied = (snapshots["occupancy"].isel(time=-1) > 0).sum(["x", "y"]).values  # particles are conserved
+    assert occupied.tolist() == [[[480], [800]], [[480], [800]]]
+    # the activity study: one Mode 2 model at N* for v_plus 5, its own ensemble beside the main one
     activity = xr.open_zarr(stages["activity"]["results"], consolidated=False)
     assert activity["v_plus"].values.tolist() == [5.0] and bool((activity["status"] == "done").all())
+    base = json.loads(activity.attrs["base"])
+    assert base["model.mode"] == 2 and base["model.n_classes"] == n_star
+    assert len(stages["activity"]["stores"]["5"]["class_rates"]) == n_star
     activity_store = xr.open_zarr(stages["activity"]["stores"]["5"]["store"])
     assert list(activity_store["model"].values) == ["original", "activity-vp5"]
     assert setting(activity_store.attrs, "v_plus") == 5.0
-    # the report, with the (density, activity) maps of both stores
-    assert (out / "report" / "activity_maps.png").exists()
+    assert activity_store.sizes["replica"] == 3 and activity_store["time"].values.tolist() == [1.0, 3.0]
+    # the report, with the (density, activity) maps of both stores and the snapshots of the large lattice
+    assert (out / "report" / "activity_maps.png").exists() and (out / "report" / "snapshots.png").exists()
     report = (out / "report" / "report.md").read_text()
     assert "learned" in report and "original" in report
+    assert f"N* = {n_star}:" in report and f"r* = {r_star} (" in report
+    assert "v_plus/D = 50 (activity-vp5)" in report
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert {row["model"] for row in summary["results"]} == {"original", "learned"}
+    assert summary["snapshots"] == stages["snapshots"]["store"]
+    assert [row["activity"] for row in summary["activity_family"]] == [50.0]
+    assert 0 < summary["activity_family"][0]["cells"] <= 8  # 4 observables x 2 densities, those with a z
     assert json.loads((out / "pipeline.json").read_text())["stages"].keys() == stages.keys()
     printed = pipeline_summary(record, out)  # what the command prints
     assert printed["preset"] == "tiny" and printed["activity"] == {"5": stages["activity"]["stores"]["5"]["store"]}
     assert printed["ensemble"] == stages["ensemble"]["store"] and printed["report"] == stages["report"]["report"]
+    assert printed["n_star"] == n_star and printed["r_star"] == {"mode_2": r_star}
+    assert printed["snapshots"] == stages["snapshots"]["store"] and printed["family"] == summary["family"]
 
     again = run_pipeline(TINY, out)["stages"]
     assert again["ensemble"]["units_run"] == 0 and again["ensemble"]["units_skipped"] == stages["ensemble"]["units"]
+    assert again["snapshots"]["units_run"] == 0
     assert again["activity"]["stores"]["5"]["units_run"] == 0
+    assert again["range"]["r_star"] == stages["range"]["r_star"]
     assert again["model"]["sha256"] == stages["model"]["sha256"]
     assert again["sweep"]["best_trial"] == best
 

@@ -19,11 +19,13 @@ def add_parser(commands) -> None:
 
     parser = commands.add_parser(
         "pipeline",
-        help="the whole study: N_theta sweep, best model, ensembles of original and learned dynamics, report",
+        help="the whole study: N_theta and range sweeps, best model, ensembles of original and learned dynamics, report",
         description="Simulate the training trajectory at density 0.124, run the N_theta study (Mode 1 and Mode 2) "
-        "on Ray Tune, copy the best model to OUT/models/learned, simulate original and learned dynamics at several "
-        "densities on Ray actors (OUT/ensemble.zarr), and write the report (OUT/report/report.md). Rerunning the "
-        "same command resumes an interrupted run and reuses finished stages.",
+        "on Ray Tune, copy the best Mode 2 model at N* to OUT/models/learned, run the range study (r*), simulate "
+        "original and learned dynamics at several densities on Ray actors (OUT/ensemble.zarr) and on a large "
+        "lattice (OUT/snapshots.zarr), learn and simulate the activity study, and write the report "
+        "(OUT/report/report.md). Prints N*, r* and the verdict. Rerunning the same command resumes an interrupted "
+        "run and reuses finished stages.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="quick: minutes on 2 CPU cores; paper: the paper-scale study for GPUs or a cluster")  # fmt: skip
@@ -47,7 +49,7 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from hpcdyn.distributed.pipeline import PipelineOptions, pipeline_summary, run_pipeline
+    from hpcdyn.distributed.pipeline import PipelineOptions, pipeline_summary, result_lines, run_pipeline
     from hpcdyn.physics.systems import ConfigurationError
 
     if args.address and args.num_cpus is not None:
@@ -69,4 +71,6 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     # Ray and Tune print notices on stdout; stdout is for the JSON summary.
     with contextlib.redirect_stdout(sys.stderr):
         record = run_pipeline(args.preset, args.out, options, log=log)
+    for line in result_lines(record):  # what the study found, in words; the JSON summary follows on stdout
+        log(line)
     return pipeline_summary(record, args.out)

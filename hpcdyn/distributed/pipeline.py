@@ -5,13 +5,16 @@
 Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
 
 1. sweep: the N_theta study (Mode 1 and Mode 2) on a trajectory simulated at density 0.124;
-   results.zarr, figures and the plateau N* (``hpcdyn.distributed.sweep``);
-2. model: the trial with the best held-out U/T; its checkpoint is copied to DIR/models/NAME so the
+   results.zarr, figures and the plateau N* (``hpcdyn.distributed.sweep``). The trajectory and its
+   sufficient statistics are prepared here first, once, before the trials start;
+2. model: the best Mode 2 trial at N* (held-out U/T); its checkpoint is copied to DIR/models/NAME so the
    ensemble keeps a stable, named copy whatever Tune later does with its own checkpoints;
-3. ensemble: original and learned dynamics at several densities (``hpcdyn.distributed.ensemble``);
-4. activity: the ``activity`` study (one model learned per v_plus at density 0.124), then original
+3. range (when the preset names stencils): the ``range`` study at N*, r* (``sweeps.range.find_range``);
+4. ensemble: original and learned dynamics at several densities (``hpcdyn.distributed.ensemble``);
+5. snapshots (when the preset names a lattice): both dynamics on a large lattice, DIR/snapshots.zarr;
+6. activity: the ``activity`` study (one model learned per v_plus at density 0.124), then original
    and learned dynamics of each at the same densities: the (density, v_plus/D) maps;
-5. report: observables, phase diagrams and report.md (``analysis.report``).
+7. report: observables, phase diagrams and report.md (``analysis.report``), N* and r* first.
 
 Rerunning the same call resumes: the sweep restores (finished trials are kept), the ensemble skips
 the units its manifest lists, the model copy is checked against its digest, and the report is redone
@@ -54,13 +57,30 @@ class PipelinePreset:
     # v_plus of the activity study's training trajectories (the main v_plus is already mapped by the
     # main ensemble); empty skips the activity stage
     activity_v_plus: tuple[float, ...] = ()
+    # the activity models: Mode 1, or Mode 2 at the sweep's N* (the model the main ensemble runs)
+    activity_mode: int = 1
+    activity_replicas: int | None = None  # replicas of each activity ensemble (None: replicas)
+    activity_snapshot_every: float | None = None  # None: snapshot_every
+    # the range study (sweeps/range.py): Mode 2 at N* over these stencils (empty: no range stage), and
+    # Mode 1 over them with range_mode1; range_overrides change the sweep's values for it (its trajectory)
+    range_stencils: tuple[str, ...] = ()
+    range_mode1: bool = False
+    range_overrides: tuple[tuple[str, Any], ...] = ()
+    # snapshots on a large lattice: original and learned dynamics at these densities on L x L
+    # (a few replicas, a few snapshots; DIR/snapshots.zarr); None: no such stage
+    snapshot_L: int | None = None
+    snapshot_densities: tuple[float, ...] = ()
+    snapshot_t_final: float = 100.0
+    snapshot_interval: float = 25.0
+    snapshot_replicas: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["sweep_overrides"] = dict(self.sweep_overrides)
         values["sweep_grids"] = {key: list(axis) for key, axis in self.sweep_grids}
-        values["densities"] = list(self.densities)
-        values["activity_v_plus"] = list(self.activity_v_plus)
+        values["range_overrides"] = dict(self.range_overrides)
+        for name in ("densities", "activity_v_plus", "range_stencils", "snapshot_densities"):
+            values[name] = list(getattr(self, name))
         return values
 
 
@@ -74,10 +94,14 @@ PRESETS = {
     "quick": PipelinePreset(
         name="quick",
         smoke_sweep=True,
+        # One epoch: Mode 2 starts from the maximum-likelihood partition (the classifier fitted to it,
+        # then 50 expected-U steps), which lands on the answer; three more epochs moved the held-out
+        # gap of N_theta 4 from 1.1e-5 to 9e-6 nats/event at a third of the trial's time. d_model 16
+        # costs 0.6-0.75 of 32 per step and ends as close (gap 5e-6, every kind in its own class).
         sweep_overrides=(("data.L", 30), ("data.t_final", 500.0), ("model.attention_stencil", "vn1"),
-                         ("model.rotary", False), ("model.n_layers", 1), ("model.d_model", 32), ("model.n_heads", 2),
-                         ("model.d_ff", 64), ("training.statistics", True), ("training.lr", 3e-3),
-                         ("training.epochs", 4), ("training.patience", 2)),  # fmt: skip
+                         ("model.rotary", False), ("model.n_layers", 1), ("model.d_model", 16), ("model.n_heads", 2),
+                         ("model.d_ff", 32), ("training.statistics", True), ("training.statistics_steps", 50),
+                         ("training.lr", 3e-3), ("training.epochs", 1), ("training.patience", 1)),  # fmt: skip
         sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5, 6)), ("training.seed", (0,))),  # 7 trials with Mode 1
         densities=(0.1, 0.124, 0.2, 0.3, 0.4, 0.5, 0.6),
         # both engines run at millions of events per second: long enough to settle the dense states
@@ -85,7 +109,24 @@ PRESETS = {
         t_final=100.0,
         snapshot_every=0.5,
         burn_in=40.0,
-        activity_v_plus=(5.0,),  # with the main 25: v_plus/D = 50 and 250
+        # with the main 25: v_plus/D = 25, 50, 100 and 250, a 7 x 4 map; each learned like the main model
+        # (Mode 2 at N*: Mode 1 models of this size differ from their original dynamics, max |z| 13 at
+        # v_plus 5), simulated with fewer replicas and snapshots (the map shows means)
+        activity_v_plus=(2.5, 5.0, 10.0),
+        activity_mode=2,
+        activity_replicas=8,
+        activity_snapshot_every=2.0,
+        # r*: vn1 against block3 at N*. On the paper's trajectory a block3 model has 152 k environments
+        # (2,429 for vn1) and a trial costs over 12 min of one core; the range study's own small
+        # trajectory (L 12, T 40: 13 k events, 5.7 k block3 environments) costs about one N_theta trial
+        range_stencils=("vn1", "block3"),
+        range_overrides=(("data.L", 12), ("data.t_final", 40.0)),
+        # the clusters, learned beside original, on 128 x 128 (8 k particles at 0.5)
+        snapshot_L=128,
+        snapshot_densities=(0.3, 0.5),
+        snapshot_t_final=100.0,
+        snapshot_interval=25.0,
+        snapshot_replicas=1,
     ),
     # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
     # 30 x 30 lattice, ensembles from density 0.1 to 0.6.
@@ -139,7 +180,7 @@ def get_preset(name: str) -> PipelinePreset:
 
 
 # what a pipeline directory may hold besides hidden temporary files
-PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "activity", "report")
+PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "snapshots.zarr", "activity", "report")
 
 
 def _read_record(out: Path) -> dict[str, Any]:
@@ -209,6 +250,33 @@ def _run_study(study, name: str, smoke: bool, out: Path, options: PipelineOption
     return outcome, finish_sweep(outcome, smoke=smoke)
 
 
+def prepare_study_data(study, out: Path) -> list[str]:
+    """Simulate each training trajectory of a study and compute its sufficient statistics, here, once.
+
+    A trial does both itself when they are missing, but the trials that start together then wait for
+    the one that simulates and each computes the same statistics again (no lock guards them); done
+    here first, every trial finds them ready. Returns the stores' paths."""
+    from hpcdyn.distributed.sweep import check_study, prepare_trajectory, trial_setup
+    from hpcdyn.learning.statistics import cached_statistics
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    directory = out / "sweeps" / "trajectories"
+    stores: dict[Path, set] = {}
+    for point in check_study(study, out / "sweeps"):
+        setup = trial_setup(point)
+        store = prepare_trajectory(setup.system, setup.t_final, setup.data_seed, directory)
+        training = setup.training
+        family = training.model.key_family if training.model.hard_local else None
+        if training.statistics and family is not None:
+            stores.setdefault(store, set()).add((family, training.validation_fraction, training.max_train_events))
+        else:
+            stores.setdefault(store, set())
+    for store, needs in stores.items():
+        for family, fraction, max_events in sorted(needs, key=repr):
+            cached_statistics(open_trajectory(store), family, fraction, max_events)
+    return [str(store) for store in stores]
+
+
 def sweep_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
     """The N_theta study; returns its summary (N*, results path, the chosen trial)."""
     from sweeps import get_study
@@ -216,16 +284,33 @@ def sweep_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> 
     study = get_study("ntheta", smoke=preset.smoke_sweep).with_overrides(
         dict(preset.sweep_overrides), dict(preset.sweep_grids)
     )
+    prepare_study_data(study, out)
     outcome, finished = _run_study(study, "ntheta", preset.smoke_sweep, out, options)
-    best = best_trial(finished.dataset)
     plateau = finished.plateau
+    n_star = None if plateau is None else plateau.n_star
     return {
         "path": str(outcome.path),
         "results": str(finished.results_path),
         "figures": [str(path) for path in finished.figures],
-        "n_star": None if plateau is None else plateau.n_star,
-        "best_trial": best,
+        "n_star": n_star,
+        "best_trial": chosen_trial(finished.dataset, n_star),
+        "best_overall": best_trial(finished.dataset),
     }
+
+
+def chosen_trial(dataset, n_star: int | None) -> dict[str, Any]:
+    """The model the ensembles run: the best Mode 2 trial at N_theta = N*, else the best trial.
+
+    Beyond N* a class gains less than the noise (on the paper's trajectory N_theta 5 puts a handful
+    of forward hops in a fifth class at rate 51 and scores 1e-6 nats/event above N_theta 4): the
+    plateau's first model is the one whose classes are the processes of the dynamics."""
+    if n_star is not None and "n_classes" in dataset.dims and n_star in dataset["n_classes"].values:
+        part = dataset.sel(n_classes=[n_star])
+        if "mode" in part.dims and 2 in part["mode"].values:
+            part = part.sel(mode=[2])
+        if int((part["status"] == "done").sum()):
+            return best_trial(part)
+    return best_trial(dataset)
 
 
 def best_trial(dataset) -> dict[str, Any]:
@@ -239,6 +324,7 @@ def best_trial(dataset) -> dict[str, Any]:
     chosen = flat.isel(trial_index=int(np.nanargmax(flat.values)))
     coordinates = {name: chosen[name].item() for name in scores.dims}
     location = dataset.sel(coordinates)
+    rates = location["class_rate"].values.tolist() if "class_rate" in location else []
     return {
         "coordinates": {name: (value if not isinstance(value, float) or value == value else None) for name, value in coordinates.items()},
         "trial": str(location["trial"].item()),
@@ -246,6 +332,7 @@ def best_trial(dataset) -> dict[str, Any]:
         "val_U_per_T": float(location["val_U_per_T"].item()),
         "true_val_U_per_T": float(location["true_val_U_per_T"].item()),
         "gap_per_event": float(location["gap_per_event"].item()),
+        "class_rates": [float(rate) for rate in rates if rate == rate],  # Mode 2, ascending
     }
 
 
@@ -266,8 +353,11 @@ def model_stage(best: dict[str, Any], out: Path, name: str = "learned") -> dict[
     return {"run_dir": str(directory), "sha256": file_digest(target), "from_trial": best["trial"]}
 
 
-def ensemble_stage(preset: PipelinePreset, model_dir: str, store: Path, options: PipelineOptions) -> dict[str, Any]:
-    """Original and learned dynamics at the preset's densities; system parameters from the checkpoint."""
+def ensemble_stage(preset: PipelinePreset, model_dir: str, store: Path, options: PipelineOptions,
+                   **changes: Any) -> dict[str, Any]:  # fmt: skip
+    """Original and learned dynamics at the preset's densities; system parameters from the checkpoint.
+
+    ``changes``: EnsembleConfig fields that differ from the preset's (another L, fewer replicas)."""
     from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
 
     config = EnsembleConfig(
@@ -279,40 +369,120 @@ def ensemble_stage(preset: PipelinePreset, model_dir: str, store: Path, options:
         burn_in=preset.burn_in,
         seed=preset.seed,
     )
+    config = dataclasses.replace(config, **changes)
     placement = Placement(address=options.address, cpus_per_actor=options.cpus_per_actor,
                           gpus_per_actor=options.gpus_per_actor)  # fmt: skip
     return run_ensemble(config, store, placement, progress=options.progress)
 
 
-def activity_stage(preset: PipelinePreset, out: Path, options: PipelineOptions) -> dict[str, Any]:
+def snapshots_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """Original and learned dynamics on a large lattice (DIR/snapshots.zarr): the clusters to look at.
+
+    The learned model runs on its environment table, which serves any lattice size."""
+    return ensemble_stage(preset, model_dir, out / "snapshots.zarr", options, L=preset.snapshot_L,
+                          densities=preset.snapshot_densities, replicas=preset.snapshot_replicas,
+                          t_final=preset.snapshot_t_final, snapshot_every=preset.snapshot_interval, burn_in=0.0)  # fmt: skip
+
+
+def range_study(preset: PipelinePreset, n_star: int | None):
+    """The range study (sweeps/range.py) with the sweep's model and training: Mode 2 at N* over the
+    preset's stencils (and Mode 1 with ``range_mode1``), on the trajectory of ``range_overrides``."""
+    from sweeps import get_study
+
+    fixed = {key: value for key, value in preset.sweep_overrides
+             if key not in ("model.mode", "model.n_classes", "model.attention_stencil")}  # fmt: skip
+    fixed.update(dict(preset.range_overrides))
+    study = get_study("range", smoke=preset.smoke_sweep)
+    if not preset.range_mode1:
+        study = dataclasses.replace(study, grids=tuple(grid for grid in study.grids if 1 not in grid.get("model.mode", ())))
+    axes: dict[str, Any] = {"model.attention_stencil": list(preset.range_stencils),
+                            "training.seed": list(dict(preset.sweep_grids).get("training.seed", (0,)))}  # fmt: skip
+    if n_star is not None:
+        axes["model.n_classes"] = [n_star]
+    return study.with_overrides(fixed, axes)
+
+
+def range_stage(preset: PipelinePreset, n_star: int | None, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """The range study: held-out U/T against the attention stencil, r* (``sweeps.range.find_range``)."""
+    from sweeps import study_summary
+
+    study = range_study(preset, n_star)
+    prepare_study_data(study, out)
+    outcome, finished = _run_study(study, "range", preset.smoke_sweep, out, options)
+    summary = study_summary("range", finished.dataset, outcome.path)
+    return {
+        "path": str(outcome.path),
+        "results": str(finished.results_path),
+        "figures": [str(path) for path in finished.figures] + list(summary["figures"]),
+        "r_star": summary["r_star"],
+        "range": summary["range"],
+        "lines": summary["lines"],
+    }
+
+
+def activity_stage(preset: PipelinePreset, out: Path, options: PipelineOptions, n_star: int | None = None) -> dict[str, Any]:
     """The activity study, then one ensemble store per v_plus: its original and learned dynamics."""
     from sweeps import get_study
 
-    # the ntheta study's model and training sizes, Mode 1, one axis over v_plus
+    # the ntheta study's model and training sizes, one axis over v_plus; Mode 1, or Mode 2 at N*
     fixed = {key: value for key, value in preset.sweep_overrides if key not in ("model.mode", "model.n_classes")}
+    if preset.activity_mode == 2:
+        fixed.update({"model.mode": 2, "model.n_classes": n_star if n_star is not None else 4})
     seeds = dict(preset.sweep_grids).get("training.seed", (0,))
     study = get_study("activity", smoke=preset.smoke_sweep).with_overrides(
         fixed, {"data.v_plus": preset.activity_v_plus, "training.seed": seeds}
     )
+    prepare_study_data(study, out)
     outcome, finished = _run_study(study, "activity", preset.smoke_sweep, out, options)
+    changes: dict[str, Any] = {}
+    if preset.activity_replicas is not None:
+        changes["replicas"] = preset.activity_replicas
+    if preset.activity_snapshot_every is not None:
+        changes["snapshot_every"] = preset.activity_snapshot_every
     stores = {}
     for v_plus in preset.activity_v_plus:
-        best = best_trial(finished.dataset.sel(v_plus=v_plus))
+        best = best_trial(finished.dataset.sel(v_plus=[v_plus]))
         model = model_stage(best, out, f"activity-vp{v_plus:g}")
         store = out / "activity" / f"vp{v_plus:g}.zarr"
         store.parent.mkdir(parents=True, exist_ok=True)
-        ensemble = ensemble_stage(preset, model["run_dir"], store, options)
+        ensemble = ensemble_stage(preset, model["run_dir"], store, options, **changes)
         stores[f"{v_plus:g}"] = {"store": str(store), "model": model, "gap_per_event": best["gap_per_event"],
-                                 "units_run": ensemble["units_run"], "units_skipped": ensemble["units_skipped"]}  # fmt: skip
+                                 "class_rates": best["class_rates"], "units_run": ensemble["units_run"],
+                                 "units_skipped": ensemble["units_skipped"]}  # fmt: skip
     return {"path": str(outcome.path), "results": str(finished.results_path), "stores": stores}
 
 
-def report_stage(out: Path, sweep_path: str, activity_stores: list[str], options: PipelineOptions) -> dict[str, Any]:
+def headline(stages: dict[str, Any]) -> list[str]:
+    """What the study found, in words: N*, the chosen model, r* (report.md states these first)."""
+    sweep = stages["sweep"]
+    best = sweep["best_trial"]
+    coordinates = best["coordinates"]
+    model = f"Mode {coordinates.get('mode')}" + (f", N_theta {coordinates['n_classes']}" if coordinates.get("mode") == 2 else "")
+    rates = ", ".join(f"{rate:.4g}" for rate in best.get("class_rates", []))
+    lines = [f"N* = {sweep['n_star']}: the N_theta scan's held-out U/T reaches its plateau at {sweep['n_star']} classes of move "
+             f"(`{sweep['path']}`).",
+             f"The learned model ({model}, held-out gap {best['gap_per_event']:.2g} nats/event)"
+             + (f" has class rates {rates}." if rates else ".")]  # fmt: skip
+    if "range" in stages:
+        found = stages["range"]["r_star"]
+        words = "; ".join(f"r* = {name} ({RANGE_WORDS.get(name, name)}) for Mode {mode.split('_')[-1]}"
+                          for mode, name in found.items())  # fmt: skip
+        lines.append(f"{words}: the held-out U/T does not rise beyond that attention stencil (`{stages['range']['path']}`).")
+    return lines
+
+
+RANGE_WORDS = {"vn1": "nearest neighbours", "block3": "the 3 x 3 block", "diamond2": "the radius-2 diamond", "block5": "the 5 x 5 block"}
+
+
+def report_stage(out: Path, stages: dict[str, Any], activity_stores: list[str], options: PipelineOptions) -> dict[str, Any]:
     from analysis.report import write_report
 
-    summary = write_report(out / "ensemble.zarr", out / "report", sweep=sweep_path, activity_stores=activity_stores,
-                           overwrite=True, progress=options.progress)  # fmt: skip
+    snapshots = stages.get("snapshots", {}).get("store")
+    summary = write_report(out / "ensemble.zarr", out / "report", sweep=stages["sweep"]["path"], activity_stores=activity_stores,
+                           snapshots=snapshots, headline=headline(stages), overwrite=True,
+                           progress=options.progress)  # fmt: skip
     return {"path": str(out / "report"), "report": str(out / "report" / "report.md"), "figures": summary["figures"],
+            "family": summary.get("family"), "activity_family": summary.get("activity_family"),
             "differences": summary.get("differences")}  # fmt: skip
 
 
@@ -342,30 +512,72 @@ def _run_locked(preset: PipelinePreset, out: Path, options: PipelineOptions, log
     _write_record(out, record)  # at once: an interrupted first run is recognised as a pipeline directory
     stages = record["stages"]
     begin = time.perf_counter()
+    seconds = record["stage_seconds"] = {}  # this run's seconds per stage (a resumed stage: its remainder)
+    last = [begin]
 
     def finish(stage: str, result: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        seconds[stage] = now - last[0]
+        last[0] = now
         stages[stage] = {**result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_record(out, record)
-        log(f"{stage}: done ({time.perf_counter() - begin:.0f} s since start)")
+        log(f"{stage}: done in {seconds[stage]:.0f} s ({now - begin:.0f} s since start)")
         return result
 
     log("sweep: N_theta study (Mode 1 and Mode 2) on the training trajectory")
     sweep = finish("sweep", sweep_stage(preset, out, options))
-    log(f"sweep: N* = {sweep['n_star']}; best trial {sweep['best_trial']['trial']} "
+    log(f"sweep: N* = {sweep['n_star']}; chosen model {sweep['best_trial']['trial']} "
         f"(held-out gap {sweep['best_trial']['gap_per_event']:.3g} nats/event)")  # fmt: skip
     model = finish("model", model_stage(sweep["best_trial"], out))
+    if preset.range_stencils:
+        log(f"range: the range study at N* = {sweep['n_star']} over the stencils {list(preset.range_stencils)}")
+        found = finish("range", range_stage(preset, sweep["n_star"], out, options))
+        for line in found["lines"]:
+            log(f"range: {line}")
     log(f"ensemble: original and learned dynamics at densities {list(preset.densities)}")
     finish("ensemble", ensemble_stage(preset, model["run_dir"], out / "ensemble.zarr", options))
+    if preset.snapshot_L is not None and preset.snapshot_densities:
+        log(f"snapshots: original and learned dynamics on {preset.snapshot_L} x {preset.snapshot_L} at densities "
+            f"{list(preset.snapshot_densities)}")  # fmt: skip
+        finish("snapshots", snapshots_stage(preset, model["run_dir"], out, options))
     activity_stores = []
     if preset.activity_v_plus:
         log(f"activity: one model learned per v_plus in {list(preset.activity_v_plus)}, original and learned dynamics of each")
-        activity = finish("activity", activity_stage(preset, out, options))
+        activity = finish("activity", activity_stage(preset, out, options, sweep["n_star"]))
         activity_stores = [entry["store"] for entry in activity["stores"].values()]
     log("report: observables and phase diagrams")
-    finish("report", report_stage(out, sweep["path"], activity_stores, options))
+    finish("report", report_stage(out, stages, activity_stores, options))
     record["seconds_this_run"] = time.perf_counter() - begin
     _write_record(out, record)
     return record
+
+
+def result_lines(record: dict[str, Any]) -> list[str]:
+    """What the study found, for a person: N*, r*, the chosen model's class rates, the family verdict."""
+    stages = record["stages"]
+    sweep = stages["sweep"]
+    best = sweep["best_trial"]
+    coordinates = best["coordinates"]
+    lines = [f"N* = {sweep['n_star']} classes of move"]
+    if "range" in stages:
+        lines[0] += "; " + ", ".join(f"r* = {name} ({RANGE_WORDS.get(name, name)}, Mode {mode.split('_')[-1]})"
+                                     for mode, name in stages["range"]["r_star"].items())  # fmt: skip
+    rates = ", ".join(f"{rate:.4g}" for rate in best.get("class_rates", []))
+    lines.append(f"chosen model: Mode {coordinates.get('mode')}"
+                 + (f", N_theta {coordinates.get('n_classes')}, class rates {rates}" if coordinates.get("mode") == 2 else "")
+                 + f"; held-out gap {best['gap_per_event']:.2g} nats/event")  # fmt: skip
+    for verdict in stages.get("report", {}).get("family") or []:
+        if verdict.get("agrees") is None:
+            continue
+        word = "AGREES with" if verdict["agrees"] else "DIFFERS from"
+        lines.append(f"{verdict['model']} {word} the original dynamics over {verdict['cells']} cells: "
+                     f"max |z| {verdict['max_abs_z']:.2f}, chi-square p = {verdict['p']:.3g}")  # fmt: skip
+    for verdict in stages.get("report", {}).get("activity_family") or []:
+        if verdict.get("agrees") is not None:
+            word = "agrees" if verdict["agrees"] else "differs"
+            lines.append(f"v_plus/D = {verdict.get('activity') or 0:g}: {verdict['model']} {word} (max |z| "
+                         f"{verdict['max_abs_z']:.2f}, p = {verdict['p']:.3g})")  # fmt: skip
+    return lines
 
 
 def pipeline_summary(record: dict[str, Any], out: str | Path) -> dict[str, Any]:
@@ -376,9 +588,13 @@ def pipeline_summary(record: dict[str, Any], out: str | Path) -> dict[str, Any]:
         "out": str(out),
         "preset": record["preset"]["name"],
         "n_star": stages["sweep"]["n_star"],
+        "r_star": stages.get("range", {}).get("r_star"),
         "best_trial": stages["sweep"]["best_trial"],
         "ensemble": stages["ensemble"]["store"],
+        "snapshots": stages.get("snapshots", {}).get("store"),
         "activity": {v_plus: entry["store"] for v_plus, entry in activity.items()},
         "report": stages["report"]["report"],
+        "family": stages["report"].get("family"),
         "seconds": record["seconds_this_run"],
+        "stage_seconds": record.get("stage_seconds", {}),
     }
