@@ -38,8 +38,18 @@ install() {
     log "installed: $(PATH="$PATH:/usr/sbin" slurmctld -V)"
 }
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_ports() {  # COUNT [EXCLUDED...]: COUNT distinct free ports, none of EXCLUDED, all held until all are
+    # chosen (one at a time, the kernel can hand the port it just released out again: two Ray
+    # components once got the same port and `ray start` refused it)
+    python3 -c 'import socket, sys
+count, excluded, held = int(sys.argv[1]), {int(p) for p in sys.argv[2:]}, []
+ports = []
+while len(ports) < count:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); held.append(s)
+    port = s.getsockname()[1]
+    if port not in excluded and port not in ports:
+        ports.append(port)
+print(*ports)' "$@"
 }
 
 node_name() { if [ "$2" = 1 ]; then echo localhost; else echo "node$1"; fi; }  # node_name INDEX COUNT
@@ -49,10 +59,12 @@ write_config() {
     cpus=$(( $(nproc) / nodes )); [ "$cpus" -ge 1 ] || cpus=1
     memory_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     real_memory=$((memory_mb * 3 / 4 / nodes))
-    ctld_port=$(free_port)
+    local ports
+    read -r -a ports < <(free_ports $((nodes + 1)))  # slurmctld's, then one per slurmd: all distinct
+    ctld_port=${ports[0]}
     for node in $(seq 1 "$nodes"); do
         # Every slurmd of this machine listens on its own free port.
-        node_lines+="NodeName=$(node_name "$node" "$nodes") NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$cpus RealMemory=$real_memory State=UNKNOWN"$'\n'
+        node_lines+="NodeName=$(node_name "$node" "$nodes") NodeHostname=localhost NodeAddr=127.0.0.1 Port=${ports[$node]} CPUs=$cpus RealMemory=$real_memory State=UNKNOWN"$'\n'
         node_names+="${node_names:+,}$(node_name "$node" "$nodes")"
     done
     # DefMemPerCPU is a quarter of the node per CPU on a node of 2+ CPUs, so two one-CPU jobs

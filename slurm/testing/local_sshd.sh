@@ -83,8 +83,18 @@ install_packages() {
     log "installed: $(ssh -V 2>&1)"
 }
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_ports() {  # COUNT [EXCLUDED...]: COUNT distinct free ports, none of EXCLUDED, all held until all are
+    # chosen (one at a time, the kernel can hand the port it just released out again: two Ray
+    # components once got the same port and `ray start` refused it)
+    python3 -c 'import socket, sys
+count, excluded, held = int(sys.argv[1]), {int(p) for p in sys.argv[2:]}, []
+ports = []
+while len(ports) < count:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); held.append(s)
+    port = s.getsockname()[1]
+    if port not in excluded and port not in ports:
+        ports.append(port)
+print(*ports)' "$@"
 }
 
 as_user() { setpriv --reuid="$NODE_USER" --regid="$NODE_USER" --init-groups env -i HOME="$NODE_HOME" PATH=/usr/bin:/bin "$@"; }
@@ -179,7 +189,7 @@ CONF
 
 write_cluster_yaml() {
     local dir=$1 port=$2 venv=$3 ray_tmp=$4 gcs dashboard client head_agent worker_agent name
-    gcs=$(free_port); dashboard=$(free_port); client=$(free_port); head_agent=$(free_port); worker_agent=$(free_port)
+    read -r gcs dashboard client head_agent worker_agent < <(free_ports 5 "$port")
     name="hpcdyn-test-$(basename "$dir")"
     # The node's own address, as the SSH connection reached it (the third field of SSH_CONNECTION):
     # 127.0.0.1 on the head, 127.0.0.2 on the worker, the addresses the local provider knows them by.
@@ -244,7 +254,7 @@ start() {
     ssh-keygen -q -t ed25519 -N '' -C "hpcdyn-test-host" -f "$dir/ssh_host_ed25519_key"
     ssh-keygen -q -t ed25519 -N '' -C "hpcdyn-test-user" -f "$dir/id_ed25519"
     install -m 0600 -o "$NODE_USER" -g "$NODE_USER" "$dir/id_ed25519.pub" "$NODE_HOME/.ssh/authorized_keys-$(basename "$dir")"
-    port=$(free_port)
+    port=$(free_ports 1)
     echo "$port" >"$dir/port"
     # The head's autoscaler reaches the workers with plain ssh: Ray drops auth.ssh_proxy_command from
     # the copy of the config it gives the head, so the node's own ~/.ssh/config names the port.
