@@ -235,12 +235,8 @@ def plot_snapshots(
     chosen_density = float(occupancy["density"].sel(density=density, method="nearest"))
     chosen_time = float(occupancy["time"].sel(time=time, method="nearest"))
     for axis, model, frame in zip(axes[0], models, frames):
-        axis.imshow(frame, cmap=SNAPSHOT_COLOURS, vmin=0, vmax=4, interpolation="nearest", origin="lower")
-        axis.set_title(f"{model}")
-        axis.set_xticks([])
-        axis.set_yticks([])
-    handles = [Patch(color=SNAPSHOT_COLOURS(index), label=label) for index, label in enumerate(ORIENTATIONS, start=1)]
-    figure.legend(handles=handles, loc="outside lower center", ncol=4, title="orientation")
+        _draw_lattice(axis, frame, f"{model}")
+    _orientation_legend(figure)
     figure.suptitle(f"density {chosen_density:g}, time {chosen_time:g}, replica {replica}")
     return figure
 
@@ -268,12 +264,20 @@ def plot_snapshot_grid(
         frames = frames.transpose("model", "y", "x").values
         chosen_density = float(occupancy["density"].sel(density=density, method="nearest"))
         for column, (model, frame) in enumerate(zip(models, frames)):
-            axis = axes[row, column]
-            axis.imshow(frame, cmap=SNAPSHOT_COLOURS, vmin=0, vmax=4, interpolation="nearest", origin="lower")
-            axis.set_title(f"{model}, density {chosen_density:g}")
-            axis.set_xticks([])
-            axis.set_yticks([])
-    handles = [Patch(color=SNAPSHOT_COLOURS(index), label=label) for index, label in enumerate(ORIENTATIONS, start=1)]
-    figure.legend(handles=handles, loc="outside lower center", ncol=4, title="orientation")
+            _draw_lattice(axes[row, column], frame, f"{model}, density {chosen_density:g}")
+    _orientation_legend(figure)
     figure.suptitle(f"{size} x {size} lattice, time {chosen_time:g}, replica {replica}")
     return figure
+
+
+def _draw_lattice(axis, frame, title: str) -> None:
+    """One lattice: empty sites blank, particles coloured by orientation."""
+    axis.imshow(frame, cmap=SNAPSHOT_COLOURS, vmin=0, vmax=4, interpolation="nearest", origin="lower")
+    axis.set_title(title)
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def _orientation_legend(figure) -> None:
+    handles = [Patch(color=SNAPSHOT_COLOURS(index), label=label) for index, label in enumerate(ORIENTATIONS, start=1)]
+    figure.legend(handles=handles, loc="outside lower center", ncol=4, title="orientation")

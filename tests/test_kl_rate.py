@@ -35,22 +35,13 @@ from analysis.kl_rate import (
 from hpcdyn.learning.likelihood import path_log_likelihood
 from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 from hpcdyn.physics.rates import true_rate_model
+from tests.test_table_engine import LeakyRates
 from hpcdyn.physics.systems import ConfigurationError, make_system
 
 torch.set_num_threads(1)
 
 
-class LeakyRates(torch.nn.Module):
-    """The true rates, but hops onto occupied sites get a small positive rate, as a learned model's do."""
-
-    def __init__(self, system, leak: float = 0.05):
-        super().__init__()
-        self.system, self.n_moves = system, system.n_moves
-        self.truth, self.leak = true_rate_model(system), math.log(leak)
-
-    def forward(self, positions, states):
-        log_rates = self.truth(positions, states)
-        return torch.where(torch.isinf(log_rates), torch.full_like(log_rates, self.leak), log_rates)
+LEAK = 0.05  # the rate a leaky model gives hops onto occupied sites
 
 
 def small(density=0.3, L=8, **params):
@@ -80,18 +71,18 @@ def test_original_against_itself_is_exactly_zero_per_trajectory():
 def test_closed_form_u_equals_path_log_likelihood():
     system, tables = small(), Tables()
     changed = original("vp40", v_plus=40.0)
-    leaky = model_source(LeakyRates(system), "leaky", family="vn1")
+    leaky = model_source(LeakyRates(system, LEAK), "leaky", family="vn1")
     events = trajectory(original(), system, tables)
     assert events.n_events > 500
     for source, model in ((original(), true_rate_model(system)), (changed, true_rate_model(small(v_plus=40.0))),
-                          (leaky, LeakyRates(system))):  # fmt: skip
+                          (leaky, LeakyRates(system, LEAK))):  # fmt: skip
         reference = path_log_likelihood(events, model, segment_events=512).log_likelihood
         found = closed_form_u(source, system, tables, events, exclude_blocked=False)
         assert found == pytest.approx(reference, rel=1e-9), source.label
     # the leaky model's own trajectory (overlaps rejected): the engine's U counts the blocked rates
     # (DESIGN 1.3), the study's U drops them (the dynamics as simulated, the original's rates there)
     own = trajectory(leaky, system, tables, seed=4)
-    reference = path_log_likelihood(own, LeakyRates(system), segment_events=512).log_likelihood
+    reference = path_log_likelihood(own, LeakyRates(system, LEAK), segment_events=512).log_likelihood
     assert closed_form_u(leaky, system, tables, own, exclude_blocked=False) == pytest.approx(reference, rel=1e-9)
     assert own.log_likelihood == pytest.approx(reference, rel=1e-9)
     as_simulated = path_log_likelihood(own, true_rate_model(system), segment_events=512).log_likelihood
