@@ -131,7 +131,9 @@ def chunk_plan(occupancy: xr.DataArray) -> ChunkPlan:
     loop_dims = tuple(dim for dim in occupancy.dims if dim not in CORE_DIMS)
     if occupancy.chunks is None:
         raise ConfigurationError("store: the occupancy is not chunked (dask); open the store with open_ensemble")
-    sizes = occupancy.chunksizes
+    # the array's own chunks: ``chunksizes`` also reads the coordinates', and a store's per-density
+    # coordinate (n_particles, one chunk) differs from the occupancy's chunks along density
+    sizes = dict(zip(occupancy.dims, occupancy.chunks))
     if any(len(sizes[dim]) != 1 for dim in CORE_DIMS):
         raise ConfigurationError("store: the per-chunk plan needs y and x in one chunk each (snapshot_dataset merges them)")
     sites = int(occupancy.sizes["y"]) * int(occupancy.sizes["x"])

@@ -63,7 +63,9 @@ def build_store(path: Path, models: dict[str, float], v_plus: float, seed: int, 
             "snapshot_every": SNAPSHOT_EVERY, "seeds": {"base": seed}, "models": {name: {"v_plus": vp} for name, vp in models.items()},
         },
     )
-    dataset.chunk(chunks).to_zarr(path, zarr_format=3, mode="w", consolidated=True)
+    # a coordinate along density in one chunk whatever the occupancy's chunks, as `hpcdyn ensemble` writes n_particles
+    particles = ("density", [round(density * L * L) for density in DENSITIES])
+    dataset.chunk(chunks).assign_coords(particles=particles).to_zarr(path, zarr_format=3, mode="w", consolidated=True)
     return path
 
 
