@@ -5,7 +5,9 @@
 Layout of the directory (written under a hidden temporary name, renamed into place when complete):
 ``summary.json``, ``report.md``, ``differences.csv``, ``learned_vs_original.{png,pdf}``,
 ``snapshots.{png,pdf}`` (from ``snapshots``, a store on a large lattice, when given: a row per density,
-learned beside original), and when their inputs are given ``activity_maps.{png,pdf}`` and ``sweep.{png,pdf}``.
+learned beside original), and when their inputs are given ``activity_maps.{png,pdf}`` and ``sweep.{png,pdf}``;
+with ``large`` (an ensemble store beyond the paper's size) ``large_learned_vs_original.{png,pdf}`` and
+``large_snapshots.{png,pdf}``, its table and family verdict in report.md.
 ``headline``: lines the caller states first (what a study found: N*, r*).
 """
 
@@ -102,6 +104,7 @@ def write_report(
     run_tasks: Submit | None = None,
     snapshots: str | Path | None = None,
     headline: Sequence[str] = (),
+    large: str | Path | None = None,
 ) -> dict[str, Any]:
     """Analyse ``store`` (and optionally sweep results and stores at other activities) into ``out``.
 
@@ -117,6 +120,7 @@ def write_report(
     burn_in = resolve_burn_in(ensemble, burn_in)
     activity_ensembles = [open_ensemble(path) for path in activity_stores]
     snapshot_ensemble = None if snapshots is None else open_ensemble(snapshots)
+    large_ensemble = None if large is None else open_ensemble(large)
     if sweep is not None:
         from analysis.sweep_plots import open_sweep
 
@@ -126,7 +130,7 @@ def write_report(
     try:
         summary = _write_contents(
             store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks,
-            snapshots=(snapshots, snapshot_ensemble), headline=list(headline),
+            snapshots=(snapshots, snapshot_ensemble), headline=list(headline), large=(large, large_ensemble),
         )
         _move_into_place(partial, out, overwrite)
     except BaseException:
@@ -144,7 +148,7 @@ def _summary(path, ensemble, burn_in, progress, run_tasks) -> xr.Dataset:
 
 def _write_contents(
     store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks=None,
-    snapshots=(None, None), headline=(),
+    snapshots=(None, None), headline=(), large=(None, None),
 ):
     statistics = _summary(store, ensemble, burn_in, progress, run_tasks)
     figures = save_figure(plot_learned_vs_original(statistics), directory / "learned_vs_original")
@@ -170,6 +174,14 @@ def _write_contents(
                 rows = difference_table(summary_of_store).to_dict(orient="records")
                 activity = _store_activity(data)
                 activity_family += [{**verdict, "store": str(path), "activity": activity} for verdict in family_verdicts(rows)]
+    large_store, large_ensemble = large
+    large_statistics, large_differences = None, None
+    if large_ensemble is not None:  # beyond the paper's size: judged like the main ensemble, at its own burn-in
+        large_statistics = _summary(large_store, large_ensemble, resolve_burn_in(large_ensemble, None), progress, run_tasks)
+        figures += save_figure(plot_learned_vs_original(large_statistics), directory / "large_learned_vs_original")
+        figures += save_figure(plot_snapshot_grid(large_ensemble), directory / "large_snapshots")
+        if REFERENCE_MODEL in large_statistics["model"].values.tolist() and len(learned_models(large_statistics)):
+            large_differences = difference_table(large_statistics).to_dict(orient="records")
     sweep_summary = None
     if sweep is not None:
         from analysis.sweep_plots import sweep_figures
@@ -190,12 +202,20 @@ def _write_contents(
         "activity_family": _jsonable(activity_family),
         "headline": list(headline),
         "snapshots": None if snapshot_store is None else str(snapshot_store),
+        "large": None if large_store is None else _large_summary(large_store, large_ensemble, large_statistics,
+                                                                 large_differences),  # fmt: skip
+        "large_family": [] if large_differences is None else _jsonable(family_verdicts(large_differences)),
         "sweep_results": sweep_summary,
         "figures": sorted(path.name for path in figures),
     }
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (directory / "report.md").write_text(markdown_report(summary))
     return summary
+
+
+def _large_summary(store, ensemble: xr.Dataset, statistics: xr.Dataset, differences) -> dict[str, Any]:
+    return {"store": str(store), "L": int(ensemble.sizes["x"]), "burn_in": resolve_burn_in(ensemble, None),
+            "results": _results(statistics), "differences": _jsonable(differences or [])}  # fmt: skip
 
 
 def _store_activity(ensemble: xr.Dataset) -> float | None:
@@ -257,19 +277,36 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "",
         *[line for text in summary.get("headline", []) for line in (text, "")],
         *_activity_lines(summary.get("activity_family", [])),
-        "| model | density | replicas | f4 | var f4 | n_c | <s> |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *_table_lines(summary["results"]),
     ]
-    for row in summary["results"]:
-        cells = [_with_error(row, name) for name in ("f4", "f4_variance", "n_clusters", "mean_cluster_size")]
-        lines.append(f"| {row['model']} | {row['density']:g} | {row['n_replicas']} | " + " | ".join(cells) + " |")
     lines += ["", *_agreement_lines(summary["differences"])]
+    lines += _large_lines(summary.get("large"), summary.get("large_family", []))
     if summary["sweep_results"]:
         n_star = summary["sweep_results"]["plateau_n_classes"]
         found = "no N_theta scan" if n_star is None else f"U/T reaches its plateau at N* = {n_star} classes"
         lines += ["", f"Sweep `{summary['sweep']}`: {found}."]
     lines += ["", "Figures: " + ", ".join(f"[{name}]({name})" for name in summary["figures"] if name.endswith(".png"))]
     return "\n".join(lines) + "\n"
+
+
+def _large_lines(large: dict[str, Any] | None, verdicts: list[dict[str, Any]]) -> list[str]:
+    """The ensemble beyond the paper's size: its family verdict and table."""
+    if not large:
+        return []
+    side = large["L"]
+    lines = ["", f"## Beyond the paper: {side} x {side}", "",
+             f"Store `{large['store']}`, burn-in {large['burn_in']:g} (`large_learned_vs_original.png`, "
+             "`large_snapshots.png`).", "", *_family_lines(verdicts), ""]  # fmt: skip
+    return lines + _table_lines(large["results"])
+
+
+def _table_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The observables per model and density, each ± its standard error."""
+    lines = ["| model | density | replicas | f4 | var f4 | n_c | <s> |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        cells = [_with_error(row, name) for name in COMPARED]
+        lines.append(f"| {row['model']} | {row['density']:g} | {row['n_replicas']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _activity_lines(verdicts: list[dict[str, Any]]) -> list[str]:

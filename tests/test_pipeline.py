@@ -35,6 +35,13 @@ TINY = dataclasses.replace(
     snapshot_densities=(0.3, 0.5),
     snapshot_t_final=4.0,
     snapshot_interval=2.0,
+    # beyond the paper's size, judged like the main ensemble (the large preset: L 256)
+    large_L=24,
+    large_densities=(0.124, 0.5),
+    large_replicas=3,
+    large_t_final=3.0,
+    large_burn_in=1.0,
+    large_snapshot_every=1.0,
 )
 
 
@@ -52,7 +59,7 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     out = tmp_path / "study"
     record = run_pipeline(TINY, out)
     stages = record["stages"]
-    assert list(stages) == ["sweep", "model", "range", "ensemble", "snapshots", "activity", "report"]
+    assert list(stages) == ["sweep", "model", "range", "ensemble", "snapshots", "large", "activity", "report"]
     assert set(record["stage_seconds"]) == set(stages) and all(value > 0 for value in record["stage_seconds"].values())
     # the sweep: Mode 2 with N_theta 1, 2 and Mode 1 (3 trials); the chosen model: the best Mode 2 trial at N*
     results = xr.open_zarr(stages["sweep"]["results"], consolidated=False)
@@ -94,6 +101,11 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert snapshots.attrs["config"]["models"][1]["engine"] == "table"
     occupied = (snapshots["occupancy"].isel(time=-1) > 0).sum(["x", "y"]).values  # particles are conserved
     assert occupied.tolist() == [[[480], [800]], [[480], [800]]]
+    # beyond the paper's size: both dynamics on 24 x 24, 3 replicas per density, the learned one on its table
+    large = xr.open_zarr(stages["large"]["store"])
+    assert list(large["model"].values) == ["original", "learned"] and list(large["density"].values) == [0.124, 0.5]
+    assert (large.sizes["x"], large.sizes["replica"]) == (24, 3) and large["time"].values.tolist() == [1.0, 2.0, 3.0]
+    assert large.attrs["config"]["models"][1]["engine"] == "table"
     # the activity study: one Mode 2 model at N* for v_plus 5, its own ensemble beside the main one
     activity = xr.open_zarr(stages["activity"]["results"], consolidated=False)
     assert activity["v_plus"].values.tolist() == [5.0] and bool((activity["status"] == "done").all())
@@ -114,6 +126,12 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert {row["model"] for row in summary["results"]} == {"original", "learned"}
     assert summary["snapshots"] == stages["snapshots"]["store"]
     assert [row["activity"] for row in summary["activity_family"]] == [50.0]
+    assert summary["large"]["store"] == stages["large"]["store"] and summary["large"]["L"] == 24
+    assert {(row["model"], row["density"], row["n_replicas"]) for row in summary["large"]["results"]} == {
+        (model, density, 3) for model in ("original", "learned") for density in (0.124, 0.5)}
+    assert [row["model"] for row in summary["large_family"]] == ["learned"]
+    assert "## Beyond the paper: 24 x 24" in report and (out / "report" / "large_snapshots.png").exists()
+    assert (out / "report" / "large_learned_vs_original.png").exists()
     assert 0 < summary["activity_family"][0]["cells"] <= 8  # 4 observables x 2 densities, those with a z
     assert json.loads((out / "pipeline.json").read_text())["stages"].keys() == stages.keys()
     printed = pipeline_summary(record, out)  # what the command prints
@@ -121,10 +139,11 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert printed["ensemble"] == stages["ensemble"]["store"] and printed["report"] == stages["report"]["report"]
     assert printed["n_star"] == n_star and printed["r_star"] == {"mode_2": r_star}
     assert printed["snapshots"] == stages["snapshots"]["store"] and printed["family"] == summary["family"]
+    assert printed["large"] == stages["large"]["store"]
 
     again = run_pipeline(TINY, out)["stages"]
     assert again["ensemble"]["units_run"] == 0 and again["ensemble"]["units_skipped"] == stages["ensemble"]["units"]
-    assert again["snapshots"]["units_run"] == 0
+    assert again["snapshots"]["units_run"] == 0 and again["large"]["units_run"] == 0
     assert again["activity"]["stores"]["5"]["units_run"] == 0
     assert again["range"]["r_star"] == stages["range"]["r_star"]
     assert again["model"]["sha256"] == stages["model"]["sha256"]

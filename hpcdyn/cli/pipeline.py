@@ -23,12 +23,13 @@ def add_parser(commands) -> None:
         description="Simulate the training trajectory at density 0.124, run the N_theta study (Mode 1 and Mode 2) "
         "on Ray Tune, copy the best Mode 2 model at N* to OUT/models/learned, run the range study (r*), simulate "
         "original and learned dynamics at several densities on Ray actors (OUT/ensemble.zarr) and on a large "
-        "lattice (OUT/snapshots.zarr), learn and simulate the activity study, and write the report "
+        "lattice (OUT/snapshots.zarr; with --preset large also judged on 256 x 256, OUT/large.zarr), learn and simulate the activity study, and write the report "
         "(OUT/report/report.md). Prints N*, r* and the verdict. Rerunning the same command resumes an interrupted "
         "run and reuses finished stages.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick: minutes on 2 CPU cores; paper: the paper-scale study for GPUs or a cluster")  # fmt: skip
+                        help="quick (default): the paper's study in minutes on 2 CPU cores; large: quick, then learned against original "
+                        "dynamics on 256 x 256 (OUT/large.zarr); paper: the paper-scale study for GPUs or a cluster")  # fmt: skip
     parser.add_argument("--out", required=True, help="directory of the whole study (resumed when it exists)")
     parser.add_argument("--address", help="join the Ray cluster at this address (default: start a local Ray)")
     parser.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray (default: all); not with --address")

@@ -12,6 +12,8 @@ Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
 3. range (when the preset names stencils): the ``range`` study at N*, r* (``sweeps.range.find_range``);
 4. ensemble: original and learned dynamics at several densities (``hpcdyn.distributed.ensemble``);
 5. snapshots (when the preset names a lattice): both dynamics on a large lattice, DIR/snapshots.zarr;
+   large (when the preset names one, e.g. ``large``): both dynamics beyond the paper's size (L 256),
+   several replicas per density, DIR/large.zarr, judged in the report like the main ensemble;
 6. activity: the ``activity`` study (one model learned per v_plus at density 0.124), then original
    and learned dynamics of each at the same densities: the (density, v_plus/D) maps;
 7. report: observables, phase diagrams and report.md (``analysis.report``), N* and r* first.
@@ -73,63 +75,79 @@ class PipelinePreset:
     snapshot_t_final: float = 100.0
     snapshot_interval: float = 25.0
     snapshot_replicas: int = 1
+    # beyond the paper: original and learned dynamics on large_L x large_L at these densities, enough
+    # replicas for standard errors (DIR/large.zarr), judged by the family rule; None: no such stage
+    large_L: int | None = None
+    large_densities: tuple[float, ...] = ()
+    large_replicas: int = 8
+    large_t_final: float = 60.0
+    large_burn_in: float = 20.0
+    large_snapshot_every: float = 2.0
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["sweep_overrides"] = dict(self.sweep_overrides)
         values["sweep_grids"] = {key: list(axis) for key, axis in self.sweep_grids}
         values["range_overrides"] = dict(self.range_overrides)
-        for name in ("densities", "activity_v_plus", "range_stencils", "snapshot_densities"):
+        for name in ("densities", "activity_v_plus", "range_stencils", "snapshot_densities", "large_densities"):
             values[name] = list(getattr(self, name))
         return values
 
 
+# The paper's study at the paper's size in minutes on 2 CPU cores: the training trajectory of the
+# paper (L 30, density 0.124, T 500, about 0.86 M events) learned by one-layer hard-local models
+# (vn1 attention) on its exact sufficient statistics (an epoch costs one network call per distinct
+# environment, ~2,400 here), the N_theta scan 1..6 and Mode 1; their dynamics run on environment
+# tables (the table engine: exact, millions of events per second) at the densities of the phase
+# diagram on L 30. Mode 2 needs no recipe option on statistics (README).
+QUICK = PipelinePreset(
+    name="quick",
+    smoke_sweep=True,
+    # One epoch: Mode 2 starts from the maximum-likelihood partition (the classifier fitted to it,
+    # then 50 expected-U steps), which lands on the answer; three more epochs moved the held-out
+    # gap of N_theta 4 from 1.1e-5 to 9e-6 nats/event at a third of the trial's time. d_model 16
+    # costs 0.6-0.75 of 32 per step and ends as close (gap 5e-6, every kind in its own class).
+    sweep_overrides=(("data.L", 30), ("data.t_final", 500.0), ("model.attention_stencil", "vn1"),
+                     ("model.rotary", False), ("model.n_layers", 1), ("model.d_model", 16), ("model.n_heads", 2),
+                     ("model.d_ff", 32), ("training.statistics", True), ("training.statistics_steps", 50),
+                     ("training.lr", 3e-3), ("training.epochs", 1), ("training.patience", 1)),  # fmt: skip
+    sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5, 6)), ("training.seed", (0,))),  # 7 trials with Mode 1
+    densities=(0.1, 0.124, 0.2, 0.3, 0.4, 0.5, 0.6),
+    # both engines run at millions of events per second: long enough to settle the dense states
+    replicas=24,
+    t_final=100.0,
+    snapshot_every=0.5,
+    burn_in=40.0,
+    # with the main 25: v_plus/D = 25, 50, 100 and 250, a 7 x 4 map; each learned like the main model
+    # (Mode 2 at N*: Mode 1 models of this size differ from their original dynamics, max |z| 13 at
+    # v_plus 5), simulated with fewer replicas and snapshots. Not fewer than 16: a standard error
+    # from 8 replicas makes the z's heavy-tailed (t with ~14 degrees of freedom, variance 1.17), and
+    # an exact model (rates n/E) failed the family rule at v_plus 5 (max |z| 3.01, p 0.0097)
+    activity_v_plus=(2.5, 5.0, 10.0),
+    activity_mode=2,
+    activity_replicas=16,
+    activity_snapshot_every=2.0,
+    # r*: vn1 against block3 at N*. On the paper's trajectory a block3 model has 152 k environments
+    # (2,429 for vn1) and a trial costs over 12 min of one core; the range study's own small
+    # trajectory (L 12, T 40: 13 k events, 5.7 k block3 environments) costs about one N_theta trial
+    range_stencils=("vn1", "block3"),
+    range_overrides=(("data.L", 12), ("data.t_final", 40.0)),
+    # the clusters, learned beside original, on 128 x 128 (8 k particles at 0.5)
+    snapshot_L=128,
+    snapshot_densities=(0.3, 0.5),
+    snapshot_t_final=100.0,
+    snapshot_interval=25.0,
+    snapshot_replicas=1,
+)
+
 PRESETS = {
-    # The paper's study at the paper's size in minutes on 2 CPU cores: the training trajectory of the
-    # paper (L 30, density 0.124, T 500, about 0.86 M events) learned by one-layer hard-local models
-    # (vn1 attention) on its exact sufficient statistics (an epoch costs one network call per distinct
-    # environment, ~2,400 here), the N_theta scan 1..6 and Mode 1; their dynamics run on environment
-    # tables (the table engine: exact, millions of events per second) at the densities of the phase
-    # diagram on L 30. Mode 2 needs no recipe option on statistics (README).
-    "quick": PipelinePreset(
-        name="quick",
-        smoke_sweep=True,
-        # One epoch: Mode 2 starts from the maximum-likelihood partition (the classifier fitted to it,
-        # then 50 expected-U steps), which lands on the answer; three more epochs moved the held-out
-        # gap of N_theta 4 from 1.1e-5 to 9e-6 nats/event at a third of the trial's time. d_model 16
-        # costs 0.6-0.75 of 32 per step and ends as close (gap 5e-6, every kind in its own class).
-        sweep_overrides=(("data.L", 30), ("data.t_final", 500.0), ("model.attention_stencil", "vn1"),
-                         ("model.rotary", False), ("model.n_layers", 1), ("model.d_model", 16), ("model.n_heads", 2),
-                         ("model.d_ff", 32), ("training.statistics", True), ("training.statistics_steps", 50),
-                         ("training.lr", 3e-3), ("training.epochs", 1), ("training.patience", 1)),  # fmt: skip
-        sweep_grids=(("model.n_classes", (1, 2, 3, 4, 5, 6)), ("training.seed", (0,))),  # 7 trials with Mode 1
-        densities=(0.1, 0.124, 0.2, 0.3, 0.4, 0.5, 0.6),
-        # both engines run at millions of events per second: long enough to settle the dense states
-        replicas=24,
-        t_final=100.0,
-        snapshot_every=0.5,
-        burn_in=40.0,
-        # with the main 25: v_plus/D = 25, 50, 100 and 250, a 7 x 4 map; each learned like the main model
-        # (Mode 2 at N*: Mode 1 models of this size differ from their original dynamics, max |z| 13 at
-        # v_plus 5), simulated with fewer replicas and snapshots. Not fewer than 16: a standard error
-        # from 8 replicas makes the z's heavy-tailed (t with ~14 degrees of freedom, variance 1.17), and
-        # an exact model (rates n/E) failed the family rule at v_plus 5 (max |z| 3.01, p 0.0097)
-        activity_v_plus=(2.5, 5.0, 10.0),
-        activity_mode=2,
-        activity_replicas=16,
-        activity_snapshot_every=2.0,
-        # r*: vn1 against block3 at N*. On the paper's trajectory a block3 model has 152 k environments
-        # (2,429 for vn1) and a trial costs over 12 min of one core; the range study's own small
-        # trajectory (L 12, T 40: 13 k events, 5.7 k block3 environments) costs about one N_theta trial
-        range_stencils=("vn1", "block3"),
-        range_overrides=(("data.L", 12), ("data.t_final", 40.0)),
-        # the clusters, learned beside original, on 128 x 128 (8 k particles at 0.5)
-        snapshot_L=128,
-        snapshot_densities=(0.3, 0.5),
-        snapshot_t_final=100.0,
-        snapshot_interval=25.0,
-        snapshot_replicas=1,
-    ),
+    "quick": QUICK,
+    # The quick study, then learned against original dynamics at 70x the paper's number of particles:
+    # L 256 at densities 0.124, 0.3 and 0.5 (8 k to 33 k particles), the learned model on its
+    # environment table (any lattice size), 8 replicas per density on Ray actors (about 15 min more on
+    # 2 cores: 0.3-0.5 M events/s per core for both dynamics there)
+    "large": dataclasses.replace(QUICK, name="large", large_L=256, large_densities=(0.124, 0.3, 0.5), large_replicas=8,
+                                 large_t_final=60.0, large_burn_in=20.0, large_snapshot_every=2.0),  # fmt: skip
     # The paper-scale study for GPU nodes or a cluster: the full N_theta scan (3 seeds) on the paper's
     # 30 x 30 lattice, ensembles from density 0.1 to 0.6.
     "paper": PipelinePreset(
@@ -182,7 +200,7 @@ def get_preset(name: str) -> PipelinePreset:
 
 
 # what a pipeline directory may hold besides hidden temporary files
-PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "snapshots.zarr", "activity", "report")
+PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "snapshots.zarr", "large.zarr", "activity", "report")
 
 
 def _read_record(out: Path) -> dict[str, Any]:
@@ -386,6 +404,13 @@ def snapshots_stage(preset: PipelinePreset, model_dir: str, out: Path, options: 
                           t_final=preset.snapshot_t_final, snapshot_every=preset.snapshot_interval, burn_in=0.0)  # fmt: skip
 
 
+def large_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """Original and learned dynamics beyond the paper's size (DIR/large.zarr), replicas enough to judge them."""
+    return ensemble_stage(preset, model_dir, out / "large.zarr", options, L=preset.large_L, densities=preset.large_densities,
+                          replicas=preset.large_replicas, t_final=preset.large_t_final,
+                          snapshot_every=preset.large_snapshot_every, burn_in=preset.large_burn_in)  # fmt: skip
+
+
 def range_study(preset: PipelinePreset, n_star: int | None):
     """The range study (sweeps/range.py) with the sweep's model and training: Mode 2 at N* over the
     preset's stencils (and Mode 1 with ``range_mode1``), on the trajectory of ``range_overrides``."""
@@ -480,12 +505,13 @@ def report_stage(out: Path, stages: dict[str, Any], activity_stores: list[str], 
     from analysis.report import write_report
 
     snapshots = stages.get("snapshots", {}).get("store")
+    large = stages.get("large", {}).get("store")
     summary = write_report(out / "ensemble.zarr", out / "report", sweep=stages["sweep"]["path"], activity_stores=activity_stores,
-                           snapshots=snapshots, headline=headline(stages), overwrite=True,
+                           snapshots=snapshots, large=large, headline=headline(stages), overwrite=True,
                            progress=options.progress)  # fmt: skip
     return {"path": str(out / "report"), "report": str(out / "report" / "report.md"), "figures": summary["figures"],
             "family": summary.get("family"), "activity_family": summary.get("activity_family"),
-            "differences": summary.get("differences")}  # fmt: skip
+            "differences": summary.get("differences"), "large_family": summary.get("large_family")}  # fmt: skip
 
 
 def run_pipeline(
@@ -542,6 +568,10 @@ def _run_locked(preset: PipelinePreset, out: Path, options: PipelineOptions, log
         log(f"snapshots: original and learned dynamics on {preset.snapshot_L} x {preset.snapshot_L} at densities "
             f"{list(preset.snapshot_densities)}")  # fmt: skip
         finish("snapshots", snapshots_stage(preset, model["run_dir"], out, options))
+    if preset.large_L is not None and preset.large_densities:
+        log(f"large: original and learned dynamics on {preset.large_L} x {preset.large_L} at densities "
+            f"{list(preset.large_densities)}, {preset.large_replicas} replicas each")  # fmt: skip
+        finish("large", large_stage(preset, model["run_dir"], out, options))
     activity_stores = []
     if preset.activity_v_plus:
         log(f"activity: one model learned per v_plus in {list(preset.activity_v_plus)}, original and learned dynamics of each")
@@ -574,6 +604,11 @@ def result_lines(record: dict[str, Any]) -> list[str]:
         word = "AGREES with" if verdict["agrees"] else "DIFFERS from"
         lines.append(f"{verdict['model']} {word} the original dynamics over {verdict['cells']} cells: "
                      f"max |z| {verdict['max_abs_z']:.2f}, chi-square p = {verdict['p']:.3g}")  # fmt: skip
+    for verdict in stages.get("report", {}).get("large_family") or []:
+        if verdict.get("agrees") is not None:
+            word = "AGREES with" if verdict["agrees"] else "DIFFERS from"
+            lines.append(f"L {record['preset'].get('large_L')}: {verdict['model']} {word} the original dynamics over "
+                         f"{verdict['cells']} cells: max |z| {verdict['max_abs_z']:.2f}, chi-square p = {verdict['p']:.3g}")  # fmt: skip
     for verdict in stages.get("report", {}).get("activity_family") or []:
         if verdict.get("agrees") is not None:
             word = "agrees" if verdict["agrees"] else "differs"
@@ -594,6 +629,7 @@ def pipeline_summary(record: dict[str, Any], out: str | Path) -> dict[str, Any]:
         "best_trial": stages["sweep"]["best_trial"],
         "ensemble": stages["ensemble"]["store"],
         "snapshots": stages.get("snapshots", {}).get("store"),
+        "large": stages.get("large", {}).get("store"),
         "activity": {v_plus: entry["store"] for v_plus, entry in activity.items()},
         "report": stages["report"]["report"],
         "family": stages["report"].get("family"),
