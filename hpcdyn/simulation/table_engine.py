@@ -96,7 +96,9 @@ DONE, EVENTS_FULL, SNAPSHOTS_FULL, MISSED, AUDIT_FULL, COLLIDED, RUNNING = range
 #     token_keys (each token's exact key, kept current by digit deltas), tree (the sum tree), the
 #     group arrays (``RateGroups.arrays``; empty when the tree is used, and the tree then one leaf)
 #   lattice: stencil_sites [site * S + i] = site + offset_i, reverse_sites = site - offset_i,
-#     move_site [site * M + m], move_state [state * M + m], displacing [M], digit_of_content, weights
+#     move_site [site * M + m], move_state [state * M + m], displacing [M], digit_of_content, weights,
+#     stencil_steps [S, 2] and move_steps [M, 2] (dx, dy), sides (Lx, Ly): the hot loop computes
+#     neighbours from these (``_shifted``), the site tables serve the rest (misses, prefetching)
 #   table: direct, slots, keys, checks, rates, log_rates, totals, blocked_totals, sightings
 #     (``EnvironmentTable.arrays``)
 
@@ -198,6 +200,36 @@ def _site_content(site_index, particles, head, next_token, state):
 
 
 @numba.njit(cache=True, inline="always")
+def _shifted(x, y, dx, dy, lx, ly):
+    """Flat index of the site (x + dx, y + dy) on the torus (|dx| < lx, |dy| < ly).
+
+    The hot loop computes neighbours instead of reading the site tables: at large lattices those
+    tables (megabytes) cost a cache miss per lookup, the arithmetic a few cycles."""
+    x += dx
+    y += dy
+    if x >= lx:
+        x -= lx
+    elif x < 0:
+        x += lx
+    if y >= ly:
+        y -= ly
+    elif y < 0:
+        y += ly
+    return y * lx + x
+
+
+@numba.njit(cache=True, inline="always")
+def _exact_key_at(grid, site_index, own_state, stencil_steps, sides, digit_of_content, weights, n_own_states):
+    """The exact key of a token with ``own_state`` on ``site_index`` (``token_key`` without the site table)."""
+    lx, ly = sides[0], sides[1]
+    x, y = site_index % lx, site_index // lx
+    code = 0
+    for i in range(weights.shape[0]):
+        code += digit_of_content[grid[_shifted(x, y, stencil_steps[i, 0], stencil_steps[i, 1], lx, ly)]] * weights[i]
+    return own_state + n_own_states * code
+
+
+@numba.njit(cache=True, inline="always")
 def _relink(token, old_site, new_site, head, next_token, count):
     """Move a particle between the sites' token lists; the change in the number of occupied sites."""
     if head[old_site] == token:
@@ -215,16 +247,18 @@ def _relink(token, old_site, new_site, head, next_token, count):
 
 
 @numba.njit(cache=True, inline="always")
-def _spread(changed, delta, hashed, head, next_token, token_keys, reverse_sites, weights, pending, stamp, mark, n_pending):
+def _spread(changed, delta, hashed, head, next_token, token_keys, stencil_steps, sides, weights, pending, stamp, mark,
+            n_pending):  # fmt: skip
     """A site's digit moved by ``delta``: queue every token whose stencil holds the site, shift its key.
 
     The token at ``changed - offset_i`` sees the site as its digit i: its exact key moves by
     delta * n_own_states * base**i (``delta`` comes premultiplied), O(1) whatever the stencil's size.
     Returns the new length of the queue.
     """
-    n_sites = weights.shape[0]
-    for i in range(n_sites):
-        token = head[reverse_sites[changed * n_sites + i]]
+    lx, ly = sides[0], sides[1]
+    x, y = changed % lx, changed // lx
+    for i in range(weights.shape[0]):
+        token = head[_shifted(x, y, -stencil_steps[i, 0], -stencil_steps[i, 1], lx, ly)]
         while token >= 0:
             if not hashed:
                 token_keys[token] += delta * weights[i]
@@ -334,8 +368,8 @@ def _run(
     particles, keep_overlaps, hashed, use_groups, n_own_states, log_keep, audit_capacity, t_final, rng, audit_rng, clock,
     counters, site, state, head, next_token, count, grid, entry, token_keys, tree, tree_offsets,
     entry_group, group_rate, group_order, group_count, members, member_slot,
-    stencil_sites, reverse_sites, move_site, move_state, displacing, digit_of_content, weights,
-    direct, slots, keys, checks, rates, log_rates, totals, blocked_totals, sightings,
+    stencil_sites, reverse_sites, move_site, move_state, displacing, digit_of_content, weights, stencil_steps, move_steps,
+    sides, direct, slots, keys, checks, rates, log_rates, totals, blocked_totals, sightings,
     pending, found_entries, stamp, miss_keys, miss_checks, miss_patches, audit_tokens,
     out_token, out_move, out_dwell, move_counts, snapshot_times, out_snapshot_time, out_grid, out_overlap,
 ):  # fmt: skip
@@ -382,11 +416,12 @@ def _run(
         clock[LOG_LIKELIHOOD] -= dwell * escape
         clock[TIME] = now + dwell
         old_site = site[token]
-        new_site = move_site[old_site * n_moves + move]
+        new_site = _shifted(old_site % sides[0], old_site // sides[0], move_steps[move, 0], move_steps[move, 1], sides[0],
+                            sides[1])  # fmt: skip
         onto_occupied = False
         if particles:
             clock[REJECTED_MASS] += clock[BLOCKED_SUM] / escape
-            onto_occupied = new_site != old_site and count[new_site] > 0
+            onto_occupied = new_site != old_site and grid[new_site] != 0  # a particle's content is 1 + state
         if onto_occupied and not keep_overlaps:
             counters[REJECTED] += 1
             clock[CARRIED] += dwell  # the time of a rejected draw folds into the next event's dwell
@@ -412,16 +447,16 @@ def _run(
             grid[new_site] = _site_content(new_site, particles, head, next_token, state)
             delta = (digit_of_content[grid[new_site]] - digit_of_content[before_new]) * n_own_states
             if delta != 0:
-                n_pending = _spread(new_site, delta, hashed, head, next_token, token_keys, reverse_sites, weights,
+                n_pending = _spread(new_site, delta, hashed, head, next_token, token_keys, stencil_steps, sides, weights,
                                     pending, stamp, mark, n_pending)  # fmt: skip
         grid[old_site] = _site_content(old_site, particles, head, next_token, state)
         delta = (digit_of_content[grid[old_site]] - digit_of_content[before_old]) * n_own_states
         if delta != 0:
-            n_pending = _spread(old_site, delta, hashed, head, next_token, token_keys, reverse_sites, weights,
+            n_pending = _spread(old_site, delta, hashed, head, next_token, token_keys, stencil_steps, sides, weights,
                                 pending, stamp, mark, n_pending)  # fmt: skip
         if not hashed:
-            token_keys[token] = token_key(grid, stencil_sites, new_site * n_sites, n_sites, state[token],
-                                          digit_of_content, weights, n_own_states, False)[0]  # fmt: skip
+            token_keys[token] = _exact_key_at(grid, new_site, state[token], stencil_steps, sides, digit_of_content, weights,
+                                              n_own_states)  # fmt: skip
         if stamp[token] != mark:
             stamp[token] = mark
             pending[n_pending] = token
@@ -490,8 +525,8 @@ def _collect_miss(token, n_found, hashed, n_own_states, site, state, grid, stenc
 @numba.njit(cache=True)
 def _one_event_ahead(
     particles, keep_overlaps, hashed, n_own_states, site, state, head, next_token, count, grid, entry, rates,
-    stencil_sites, reverse_sites, move_site, move_state, displacing, digit_of_content, weights,
-    direct, slots, keys, checks, seen, out_patches, least_rate,
+    stencil_sites, reverse_sites, move_site, move_state, displacing, digit_of_content, weights, stencil_steps, move_steps,
+    sides, direct, slots, keys, checks, seen, out_patches, least_rate,
 ):  # fmt: skip
     """Patches of the keys one likely event away from this configuration and not in the table.
 
@@ -697,24 +732,26 @@ class TableEngine:
         if self.particles and not self.options.keep_overlaps and len(np.unique(sites)) != len(sites):
             raise ValueError("positions: two particles on one site; pass keep_overlaps=True to allow it")
         n_tokens, encoder = len(states), self.table.encoder
-        self.site, self.state = sites.astype(np.int64), states.astype(np.int64) % self.system.n_states
-        self.head, self.next_token = np.full(lx * ly, -1, np.int64), np.full(n_tokens, -1, np.int64)
-        self.count, self.grid = np.zeros(lx * ly, np.int64), np.zeros(lx * ly, np.int64)
+        # int32 token and site arrays, int8 contents: at large lattices an event is bound by memory
+        # latency, and narrower arrays keep more of the lattice in cache
+        self.site, self.state = sites.astype(np.int32), (states.astype(np.int64) % self.system.n_states).astype(np.int32)
+        self.head, self.next_token = np.full(lx * ly, -1, np.int32), np.full(n_tokens, -1, np.int32)
+        self.count, self.grid = np.zeros(lx * ly, np.int32), np.zeros(lx * ly, np.int8)
         self.token_keys = np.zeros(n_tokens, np.int64)  # exact keys: kept current by digit deltas
         stencil_sites, digits, weights = self.lattice[0], self.lattice[5], self.lattice[6]
         occupied = _build_configuration(self.particles, encoder.hashed, encoder.n_own_states, self.site, self.state,
                                         self.head, self.next_token, self.count, self.grid, self.token_keys,
                                         stencil_sites, digits, weights)  # fmt: skip
-        self.entry = np.full(n_tokens, -1, np.int64)
+        self.entry = np.full(n_tokens, -1, np.int32)
         self.selection = None  # chosen once every token's first key is in the table (``_choose_selection``)
         self.tree, self.tree_offsets = sum_tree(1)
         self.groups = RateGroups(0, self.system.n_moves)
-        self.found_entries = np.zeros(n_tokens, np.int64)
+        self.found_entries = np.zeros(n_tokens, np.int32)
         self.clock = np.array([0.0, -1.0, 0.0, 0.0, 0.0, 0.0])
         self.counters = np.zeros(14, np.int64)
         self.counters[OCCUPIED_SITES] = occupied
         self.counters[AUDIT_COUNTDOWN] = _audit_gap(self.audit_rng, self.log_keep)
-        self.pending = np.arange(n_tokens, dtype=np.int64)  # every token needs its first key
+        self.pending = np.arange(n_tokens, dtype=np.int32)  # every token needs its first key
         self.counters[N_PENDING] = n_tokens
         self.stamp = np.full(n_tokens, -1, np.int64)
 
@@ -871,7 +908,8 @@ class TableEngine:
     def configuration(self) -> tuple[np.ndarray, np.ndarray]:
         """Positions int64 [T, 2] and states int8 [T] now."""
         lx = self.system.shape[1]
-        return np.stack([self.site % lx, self.site // lx], axis=1), self.state.astype(np.int8)
+        sites = self.site.astype(np.int64)
+        return np.stack([sites % lx, sites // lx], axis=1), self.state.astype(np.int8)
 
     def _first_sightings(self) -> int:
         sightings = self.table.sightings
@@ -927,4 +965,8 @@ def _lattice_tables(encoder, system: System) -> tuple[np.ndarray, ...]:
         (steps[:, :2] != 0).any(1),  # moves that change a position
         encoder.digit_array,
         encoder.weights,
+        # the same neighbours by arithmetic, for the hot loop: steps (dx, dy) of the stencil and the moves, (Lx, Ly)
+        np.asarray(encoder.offset_array, np.int64).reshape(-1, 2),
+        np.ascontiguousarray(steps[:, :2], np.int64),
+        np.array([shape[1], shape[0]], np.int64),
     )
