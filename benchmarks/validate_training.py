@@ -28,7 +28,8 @@ from hpcdyn.learning.likelihood import path_log_likelihood
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.simulation.drivers import simulate
 from hpcdyn.physics.systems import make_system
-from hpcdyn.learning.training import CLASS_RATE_FITS, TrainingConfig, load_model, split, train
+from hpcdyn.learning.names import CLASS_RATE_FITS
+from hpcdyn.learning.training import TrainingConfig, load_model, split, train
 from hpcdyn.learning.transformer import TransformerConfig
 
 HERE = Path(__file__).parent

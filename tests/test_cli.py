@@ -101,3 +101,12 @@ def test_help_and_version():
     assert "simulate" in run("--help").stdout
     assert "--snapshot-every" in run("simulate", "--help").stdout
     assert run("--version").stdout.startswith("hpcdyn ")
+
+
+def test_the_parser_is_built_without_the_heavy_libraries():
+    """`hpcdyn --help`, `--version` and a refused option answer at once: building the parser (every
+    subcommand's options) imports neither torch nor ray nor xarray (each command imports what it runs)."""
+    code = ("import sys; from hpcdyn.cli.main import build_parser; build_parser(); "
+            "print(sorted(name for name in ('torch', 'ray', 'xarray', 'zarr') if name in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

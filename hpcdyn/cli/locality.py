@@ -16,7 +16,7 @@ CANDIDATE_MOVES = 20_000  # per density by default: a class disagreement of 1e-4
 
 
 def add_parser(commands) -> None:
-    from hpcdyn.learning.locality import DEFAULT_FAMILIES
+    from hpcdyn.learning.names import DEFAULT_FAMILIES
 
     parser = commands.add_parser(
         "locality",

@@ -9,9 +9,7 @@ from hpcdyn.cli.options import add_progress, check_device, check_output_path, no
 
 
 def add_parser(commands) -> None:
-    from hpcdyn.learning.optim import OPTIMIZERS
-    from hpcdyn.learning.training import CLASS_INITS, CLASS_RATE_FITS
-    from hpcdyn.learning.transformer import ATTENTION_STENCILS, ESTIMATORS
+    from hpcdyn.learning.names import ATTENTION_STENCILS, CLASS_INITS, CLASS_RATE_FITS, ESTIMATORS, OPTIMIZERS
 
     parser = commands.add_parser(
         "train",

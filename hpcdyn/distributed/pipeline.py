@@ -517,10 +517,14 @@ def report_stage(out: Path, stages: dict[str, Any], activity_stores: list[str], 
 def run_pipeline(
     preset: str | PipelinePreset,
     out: str | Path,
-    options: PipelineOptions = PipelineOptions(),
+    options: PipelineOptions | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole study into ``out``; returns the record also written to pipeline.json."""
+    """Run (or resume) the whole study into ``out``; returns the record also written to pipeline.json.
+
+    ``options``: default ``PipelineOptions()`` (a local Ray), made here: checking options imports the
+    stages (ray, torch), which importing this module must not."""
+    options = PipelineOptions() if options is None else options
     from hpcdyn.storage.output_lock import output_lock
 
     preset = get_preset(preset) if isinstance(preset, str) else preset

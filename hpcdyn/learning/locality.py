@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from hpcdyn.learning.checkpoint import load_checkpoint
+from hpcdyn.learning.names import DEFAULT_FAMILIES
 from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 from hpcdyn.physics.environments import EnvironmentEncoder, check_fits, make_encoder, patch_configurations, patches
 from hpcdyn.physics.rates import true_rate_model
@@ -42,7 +43,6 @@ FORMAT = "hpcdyn.locality/1"
 CERTIFICATE_FILE = "locality.json"
 FIGURE_FILE = "locality.png"
 # What the engine's tables are built from (DESIGN 1.6); larger families are not cacheable.
-DEFAULT_FAMILIES = ("vn1-occ", "vn1", "block3-occ", "block3", "diamond2-occ", "diamond2", "block5-occ", "block5")
 DEFAULT_TOLERANCE = {1: 0.01, 2: 1e-4}  # Mode 1: 99th percentile |delta log-rate|; Mode 2: class disagreement
 CRITERIA = {1: "log_rate_p99", 2: "class_disagreement"}
 PERCENTILES = (50, 90, 99)

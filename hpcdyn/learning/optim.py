@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from hpcdyn.learning.names import OPTIMIZERS
+
 
 class AdaBelief(torch.optim.Optimizer):
     """AdaBelief (Zhuang et al. 2020): Adam with the second moment of (g - m) instead of g.
@@ -47,7 +49,6 @@ class AdaBelief(torch.optim.Optimizer):
         return loss
 
 
-OPTIMIZERS = ("adam", "adabelief")
 
 
 def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:

@@ -30,7 +30,8 @@ from hpcdyn.storage.output_lock import output_lock
 from hpcdyn.learning.class_rates import fit_class_rates
 from hpcdyn.storage.events import EventSource, EventWindow
 from hpcdyn.learning.likelihood import LikelihoodResult, iter_segments, path_log_likelihood, segment_terms
-from hpcdyn.learning.optim import OPTIMIZERS, cosine_factor, make_optimizer
+from hpcdyn.learning.names import CLASS_INITS, CLASS_RATE_FITS, OPTIMIZERS
+from hpcdyn.learning.optim import cosine_factor, make_optimizer
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.physics.systems import ConfigurationError
 from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
@@ -38,8 +39,6 @@ from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 Report = Callable[[dict[str, Any], Path], None]
 # closed_form_last: by gradient, then once in closed form after the last epoch, when the classifier
 # has settled (a fit while moves still sit in the wrong class lifts the near-zero class for good)
-CLASS_RATE_FITS = ("gradient", "closed_form", "closed_form_last")
-CLASS_INITS = ("auto", "partition", "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,41 +39,16 @@ from typing import Any
 import torch
 import torch.nn.functional as functional
 
+from hpcdyn.learning.names import ATTENTION_STENCILS, ESTIMATORS, Offset
 from hpcdyn.physics.systems import PARTICLE_SYSTEMS, SYSTEMS, ConfigurationError
 
 
-ESTIMATORS = ("straight_through", "gumbel")
 # The offset scores are stored divided by this factor: Adam's steps in them are then this much
 # larger, so a head can sharpen onto one offset among L^2 within a few epochs.
 OFFSET_BIAS_SCALE = 10.0
 # Mode 2: the initial class log-rates span this range around the log of the data's mean rate.
 CLASS_LOG_RATE_SPREAD = (-12.0, 3.0)
 MASKED_CLASS_LOG_RATE_SPREAD = (-5.0, 3.0)
-
-Offset = tuple[int, int]
-
-
-def _diamond(radius: int) -> tuple[Offset, ...]:
-    span = range(-radius, radius + 1)
-    return tuple((dx, dy) for dx in span for dy in span if abs(dx) + abs(dy) <= radius)
-
-
-def _block(radius: int) -> tuple[Offset, ...]:
-    span = range(-radius, radius + 1)
-    return tuple((dx, dy) for dx in span for dy in span)
-
-
-# The stencils a hard-local model may attend within, named as the environment key families
-# (DESIGN 1.6; hpcdyn.physics.environments), in order of size. Each holds the token's own site
-# (0, 0): a token always has itself to attend to, so a token with no neighbours in its stencil still
-# gets a finite softmax (and the sink, when on, can take the weight besides).
-ATTENTION_STENCILS: dict[str, tuple[Offset, ...]] = {
-    "vn1": _diamond(1),
-    "block3": _block(1),
-    "diamond2": _diamond(2),
-    "block5": _block(2),
-}
-
 
 def stencil_reach(stencil: str) -> int:
     """The largest |dx| or |dy| of a stencil's offsets (its Chebyshev radius)."""
