@@ -117,3 +117,25 @@ def test_statistics_persist_beside_the_store_and_refuse_others(tmp_path):
         load(saved, fingerprint=stats.fingerprint, family="diamond2")
     with pytest.raises(ConfigurationError, match="split"):
         load(saved, split={"validation_fraction": 0.2})
+
+
+def test_concurrent_callers_compute_the_statistics_once(tmp_path):
+    """Trials that start together on one store: one computes and saves, the others wait and read it."""
+    import threading
+
+    system = make_system("active", {"L": 8, "N": 10})
+    path = simulate_to_store(system, 3.0, seed=2, out=tmp_path / "run.zarr")
+    results, start = [], threading.Barrier(3)
+
+    def call():
+        start.wait()
+        results.append(cached_statistics(open_trajectory(path), "vn1", 0.1))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(reused for _, reused in results) == [False, True, True]
+    for stats, _ in results:
+        np.testing.assert_array_equal(stats.counts, results[0][0].counts)

@@ -274,8 +274,8 @@ def prepare_study_data(study, out: Path) -> list[str]:
     """Simulate each training trajectory of a study and compute its sufficient statistics, here, once.
 
     A trial does both itself when they are missing, but the trials that start together then wait for
-    the one that simulates and each computes the same statistics again (no lock guards them); done
-    here first, every trial finds them ready. Returns the stores' paths."""
+    the one that simulates and for the one that computes the statistics (each holding a core while it
+    waits); done here first, every trial finds them ready. Returns the stores' paths."""
     from hpcdyn.distributed.sweep import check_study, prepare_trajectory, trial_setup
     from hpcdyn.learning.statistics import cached_statistics
     from hpcdyn.storage.trajectory_store import open_trajectory

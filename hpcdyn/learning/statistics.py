@@ -22,8 +22,12 @@ by doubling. Only exact (non-hashed) key families are supported: every attention
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import math
+from pathlib import Path
+from typing import Iterator
 
 import numba
 import numpy as np
@@ -401,6 +405,25 @@ def cached_statistics(source, family: str, validation_fraction: float = 0.1, max
     split = {"validation_fraction": float(validation_fraction), "max_train_events": max_train_events}
     if path.exists():
         return load(path, fingerprint, family, split), True
-    stats = trajectory_statistics(source, family, validation_fraction, max_train_events, block_events, fingerprint)
-    save(stats, path)
+    with _computing(path):  # trials that start together: one computes, the others wait and read
+        if path.exists():
+            return load(path, fingerprint, family, split), True
+        stats = trajectory_statistics(source, family, validation_fraction, max_train_events, block_events, fingerprint)
+        save(stats, path)
     return stats, False
+
+
+@contextlib.contextmanager
+def _computing(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a file beside ``path`` (released when the file closes, also when the
+    process dies); without one (a directory this process cannot write) nothing is held, and saving
+    fails there as it would anyway."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f".{path.name}.lock", "w")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
