@@ -371,3 +371,10 @@ def test_figures_of_other_studies(tmp_path):
     (tmp_path / "grid").mkdir()
     figures, _ = write_figures(results_dataset(grid, ["training.lr", "model.d_model"]), tmp_path / "grid")
     assert [path.name for path in figures] == ["u_per_t.png"] and figures[0].stat().st_size > 10_000
+    # a sweep over training seeds only (the pipeline's seeds stage): one score per seed, one or several seeds
+    for seeds in ((1,), (1, 2)):
+        trials = [TrialRecord({"training.seed": seed}, [{"epoch": 0, "val_U_per_T": 5.0 + seed, "true_val_U_per_T": 6.0}],
+                              "done") for seed in seeds]  # fmt: skip
+        (tmp_path / f"seeds{len(seeds)}").mkdir()
+        figures, plateau = write_figures(results_dataset(trials, ["training.seed"]), tmp_path / f"seeds{len(seeds)}")
+        assert plateau is None and [path.name for path in figures] == ["u_per_t.png"]

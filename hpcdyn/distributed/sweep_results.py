@@ -308,6 +308,12 @@ def plot_metric(dataset: xr.Dataset, path: Path) -> Path:
                           capsize=3, label=label)  # fmt: skip
         axes.set_xlabel(axis)
         axes.legend(fontsize=8)
+    elif not axes_names and "seed" in dataset.dims:  # a sweep over training seeds only: each seed's score
+        for variable, label in (("val_U_per_T", "learned"), ("true_val_U_per_T", "generating rates")):
+            values = dataset[variable].transpose("seed", ...).values.reshape(dataset.sizes["seed"], -1)
+            axes.plot(dataset["seed"].values, np.nanmean(values, 1), marker="o", label=label)
+        axes.set_xlabel("training seed")
+        axes.legend(fontsize=8)
     else:
         mean = dataset["val_U_per_T"].mean("seed") if "seed" in dataset.dims else dataset["val_U_per_T"]
         flat = mean.stack(configuration=[dim for dim in mean.dims]).dropna("configuration")
