@@ -68,20 +68,39 @@ def _model_order(models: Sequence[str], reference: str) -> list[str]:
     return sorted(models, key=lambda name: (name != reference, name))
 
 
+def seed_models(models: Sequence[str]) -> dict[str, str]:
+    """{NAME-seedS: NAME} for every model that is another training seed of a model in ``models``."""
+    found = {}
+    for model in models:
+        base, separator, seed = model.rpartition("-seed")
+        if separator and seed.isdigit() and base in models:
+            found[model] = base
+    return found
+
+
 def plot_learned_vs_original(
     source: Any, reference: str = REFERENCE_MODEL, burn_in: float | None = None
 ) -> Figure:
-    """f4, var f4, n_c and <s> against density for every model, one panel each, error bars = 1 s.e."""
+    """f4, var f4, n_c and <s> against density for every model, one panel each, error bars = 1 s.e.
+
+    A model trained again with other seeds (models named ``NAME-seedS`` beside ``NAME``) is drawn as
+    one curve with a band: the range of its seeds' values at each density."""
     summary = summary_of(source, burn_in)
+    models = [str(model) for model in summary["model"].values.tolist()]
+    seeds = seed_models(models)
     figure = Figure(figsize=(9, 7), layout="constrained")
     axes = figure.subplots(2, 2)
     for axis, (name, label) in zip(axes.flat, PANELS.items()):
-        for model in _model_order(summary["model"].values.tolist(), reference):
+        for model in _model_order([model for model in models if model not in seeds.values()], reference):
             values = summary.sel(model=model)
             style = {"color": "black", "marker": "o"} if model == reference else {"marker": "s", "linestyle": "--"}
-            axis.errorbar(
-                values["density"], values[name], yerr=values[f"{name}_se"], capsize=3, label=str(model), **style
-            )
+            group = [model] + [other for other, of in seeds.items() if of == model]
+            shown = f"{model} (band: {len(group)} training seeds)" if len(group) > 1 else str(model)
+            line = axis.errorbar(values["density"], values[name], yerr=values[f"{name}_se"], capsize=3, label=shown, **style)
+            if len(group) > 1:
+                spread = summary[name].sel(model=group)
+                axis.fill_between(values["density"], spread.min("model"), spread.max("model"), alpha=0.25,
+                                  color=line.lines[0].get_color(), linewidth=0)  # fmt: skip
         axis.set_xlabel(r"density $\phi$")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

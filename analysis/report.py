@@ -6,6 +6,8 @@ Layout of the directory (written under a hidden temporary name, renamed into pla
 ``summary.json``, ``report.md``, ``differences.csv``, ``learned_vs_original.{png,pdf}``,
 ``snapshots.{png,pdf}`` (from ``snapshots``, a store on a large lattice, when given: a row per density,
 learned beside original), and when their inputs are given ``activity_maps.{png,pdf}`` and ``sweep.{png,pdf}``;
+with ``seeds`` (a store of the learned model's other training seeds, without the original dynamics)
+their rows join the main store's: a band around the learned curves and a verdict per seed;
 with ``large`` (an ensemble store beyond the paper's size) ``large_learned_vs_original.{png,pdf}`` and
 ``large_snapshots.{png,pdf}``, its table and family verdict in report.md.
 ``headline``: lines the caller states first (what a study found: N*, r*).
@@ -105,6 +107,7 @@ def write_report(
     snapshots: str | Path | None = None,
     headline: Sequence[str] = (),
     large: str | Path | None = None,
+    seeds: str | Path | None = None,
 ) -> dict[str, Any]:
     """Analyse ``store`` (and optionally sweep results and stores at other activities) into ``out``.
 
@@ -121,6 +124,7 @@ def write_report(
     activity_ensembles = [open_ensemble(path) for path in activity_stores]
     snapshot_ensemble = None if snapshots is None else open_ensemble(snapshots)
     large_ensemble = None if large is None else open_ensemble(large)
+    seeds_ensemble = None if seeds is None else open_ensemble(seeds)
     if sweep is not None:
         from analysis.sweep_plots import open_sweep
 
@@ -131,6 +135,7 @@ def write_report(
         summary = _write_contents(
             store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks,
             snapshots=(snapshots, snapshot_ensemble), headline=list(headline), large=(large, large_ensemble),
+            seeds=(seeds, seeds_ensemble),
         )
         _move_into_place(partial, out, overwrite)
     except BaseException:
@@ -148,9 +153,14 @@ def _summary(path, ensemble, burn_in, progress, run_tasks) -> xr.Dataset:
 
 def _write_contents(
     store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks=None,
-    snapshots=(None, None), headline=(), large=(None, None),
+    snapshots=(None, None), headline=(), large=(None, None), seeds=(None, None),
 ):
     statistics = _summary(store, ensemble, burn_in, progress, run_tasks)
+    main_statistics = statistics
+    seeds_store, seeds_ensemble = seeds
+    if seeds_ensemble is not None:  # the other training seeds beside the models of the main store
+        seeds_statistics = _summary(seeds_store, seeds_ensemble, burn_in, progress, run_tasks)
+        statistics = xr.concat([statistics, seeds_statistics], dim="model")
     figures = save_figure(plot_learned_vs_original(statistics), directory / "learned_vs_original")
     snapshot_store, snapshot_ensemble = snapshots
     if snapshot_ensemble is not None:  # learned beside original on the large lattice, a row per density
@@ -163,7 +173,7 @@ def _write_contents(
         differences.to_csv(directory / "differences.csv", index=False)
     activity_family = []
     if activity_ensembles:  # each store summarised once, the main one already is
-        stores = [statistics] + [
+        stores = [main_statistics] + [
             _summary(path, data, burn_in, progress, run_tasks) for path, data in zip(activity_stores, activity_ensembles)
         ]
         learned = stores if all(len(learned_models(data)) == 1 for data in stores) else None
@@ -191,6 +201,7 @@ def _write_contents(
     summary = {
         "store": str(store),
         "activity_stores": [str(path) for path in activity_stores],
+        "seeds": None if seeds_store is None else str(seeds_store),
         "sweep": None if sweep is None else str(sweep),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "burn_in": burn_in,

@@ -35,6 +35,8 @@ TINY = dataclasses.replace(
     snapshot_densities=(0.3, 0.5),
     snapshot_t_final=4.0,
     snapshot_interval=2.0,
+    # the chosen model trained again with another seed: a band around the learned curves
+    seed_models=(1,),
     # beyond the paper's size, judged like the main ensemble (the large preset: L 256)
     large_L=24,
     large_densities=(0.124, 0.5),
@@ -59,7 +61,7 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     out = tmp_path / "study"
     record = run_pipeline(TINY, out)
     stages = record["stages"]
-    assert list(stages) == ["sweep", "model", "range", "ensemble", "snapshots", "large", "activity", "report"]
+    assert list(stages) == ["sweep", "model", "seeds", "range", "ensemble", "snapshots", "large", "activity", "report"]
     assert set(record["stage_seconds"]) == set(stages) and all(value > 0 for value in record["stage_seconds"].values())
     # the sweep: Mode 2 with N_theta 1, 2 and Mode 1 (3 trials); the chosen model: the best Mode 2 trial at N*
     results = xr.open_zarr(stages["sweep"]["results"], consolidated=False)
@@ -93,6 +95,13 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert stages["ensemble"]["units_skipped"] == 0
     learned = ensemble.attrs["config"]["models"][1]  # the hard-local model ran on its environment table
     assert (learned["engine"], learned["key_family"]) == ("table", "vn1")
+    # the other training seed: the chosen model's settings, seed 1, simulated like it (without the original)
+    seeds = xr.open_zarr(stages["seeds"]["store"])
+    assert list(seeds["model"].values) == ["learned-seed1"] and list(seeds["density"].values) == [0.124, 0.3]
+    assert seeds.sizes["replica"] == 2 and (out / "models" / "learned-seed1" / "best.pt").exists()
+    seed_trial = xr.open_zarr(stages["seeds"]["results"], consolidated=False)
+    assert seed_trial["seed"].values.tolist() == [1] and bool((seed_trial["status"] == "done").all())
+    assert len(stages["seeds"]["models"]["1"]["class_rates"]) == n_star
     # the snapshots: the same model beside the original on a larger lattice, on its table
     snapshots = xr.open_zarr(stages["snapshots"]["store"])
     assert list(snapshots["model"].values) == ["original", "learned"] and list(snapshots["density"].values) == [0.3, 0.5]
@@ -123,7 +132,9 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert f"N* = {n_star}:" in report and f"r* = {r_star} (" in report
     assert "v_plus/D = 50 (activity-vp5)" in report
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert {row["model"] for row in summary["results"]} == {"original", "learned"}
+    assert {row["model"] for row in summary["results"]} == {"original", "learned", "learned-seed1"}
+    assert [row["model"] for row in summary["family"]] == ["learned", "learned-seed1"]  # a verdict per seed
+    assert summary["seeds"] == stages["seeds"]["store"] and "Across training seeds 0, 1: class rates" in report
     assert summary["snapshots"] == stages["snapshots"]["store"]
     assert [row["activity"] for row in summary["activity_family"]] == [50.0]
     assert summary["large"]["store"] == stages["large"]["store"] and summary["large"]["L"] == 24
@@ -139,11 +150,11 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert printed["ensemble"] == stages["ensemble"]["store"] and printed["report"] == stages["report"]["report"]
     assert printed["n_star"] == n_star and printed["r_star"] == {"mode_2": r_star}
     assert printed["snapshots"] == stages["snapshots"]["store"] and printed["family"] == summary["family"]
-    assert printed["large"] == stages["large"]["store"]
+    assert printed["large"] == stages["large"]["store"] and printed["seeds"] == stages["seeds"]["store"]
 
     again = run_pipeline(TINY, out)["stages"]
     assert again["ensemble"]["units_run"] == 0 and again["ensemble"]["units_skipped"] == stages["ensemble"]["units"]
-    assert again["snapshots"]["units_run"] == 0 and again["large"]["units_run"] == 0
+    assert again["snapshots"]["units_run"] == 0 and again["large"]["units_run"] == 0 and again["seeds"]["units_run"] == 0
     assert again["activity"]["stores"]["5"]["units_run"] == 0
     assert again["range"]["r_star"] == stages["range"]["r_star"]
     assert again["model"]["sha256"] == stages["model"]["sha256"]

@@ -9,6 +9,9 @@ Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
    sufficient statistics are prepared here first, once, before the trials start;
 2. model: the best Mode 2 trial at N* (held-out U/T); its checkpoint is copied to DIR/models/NAME so the
    ensemble keeps a stable, named copy whatever Tune later does with its own checkpoints;
+   seeds (when the preset names them): the same model trained again with other training seeds
+   (DIR/models/learned-seedS), simulated at the main densities (DIR/seeds.zarr): the spread of
+   training, a band around every learned curve of the report and a verdict per seed;
 3. range (when the preset names stencils): the ``range`` study at N*, r* (``sweeps.range.find_range``);
 4. ensemble: original and learned dynamics at several densities (``hpcdyn.distributed.ensemble``);
 5. snapshots (when the preset names a lattice): both dynamics on a large lattice, DIR/snapshots.zarr;
@@ -83,13 +86,17 @@ class PipelinePreset:
     large_t_final: float = 60.0
     large_burn_in: float = 20.0
     large_snapshot_every: float = 2.0
+    # other training seeds of the chosen model (Mode 2 at N*, the sweep's settings, the same
+    # trajectory), each simulated like it at the main densities (DIR/seeds.zarr); empty: no such stage
+    seed_models: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["sweep_overrides"] = dict(self.sweep_overrides)
         values["sweep_grids"] = {key: list(axis) for key, axis in self.sweep_grids}
         values["range_overrides"] = dict(self.range_overrides)
-        for name in ("densities", "activity_v_plus", "range_stencils", "snapshot_densities", "large_densities"):
+        for name in ("densities", "activity_v_plus", "range_stencils", "snapshot_densities", "large_densities",
+                     "seed_models"):
             values[name] = list(getattr(self, name))
         return values
 
@@ -132,6 +139,9 @@ QUICK = PipelinePreset(
     # trajectory (L 12, T 40: 13 k events, 5.7 k block3 environments) costs about one N_theta trial
     range_stencils=("vn1", "block3"),
     range_overrides=(("data.L", 12), ("data.t_final", 40.0)),
+    # the spread of training: the chosen model trained again with seeds 1 and 2 (about one N_theta
+    # trial each, run side by side), simulated like it: a band around every learned curve
+    seed_models=(1, 2),
     # the clusters, learned beside original, on 128 x 128 (8 k particles at 0.5)
     snapshot_L=128,
     snapshot_densities=(0.3, 0.5),
@@ -200,7 +210,8 @@ def get_preset(name: str) -> PipelinePreset:
 
 
 # what a pipeline directory may hold besides hidden temporary files
-PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "snapshots.zarr", "large.zarr", "activity", "report")
+PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "seeds.zarr", "snapshots.zarr", "large.zarr", "activity",
+                    "report")
 
 
 def _read_record(out: Path) -> dict[str, Any]:
@@ -373,15 +384,16 @@ def model_stage(best: dict[str, Any], out: Path, name: str = "learned") -> dict[
     return {"run_dir": str(directory), "sha256": file_digest(target), "from_trial": best["trial"]}
 
 
-def ensemble_stage(preset: PipelinePreset, model_dir: str, store: Path, options: PipelineOptions,
+def ensemble_stage(preset: PipelinePreset, model_dir: str | tuple[str, ...], store: Path, options: PipelineOptions,
                    **changes: Any) -> dict[str, Any]:  # fmt: skip
     """Original and learned dynamics at the preset's densities; system parameters from the checkpoint.
 
+    ``model_dir``: one learned model, or several (then only those, without the original dynamics).
     ``changes``: EnsembleConfig fields that differ from the preset's (another L, fewer replicas)."""
     from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
 
     config = EnsembleConfig(
-        models=("original", model_dir),
+        models=("original", model_dir) if isinstance(model_dir, str) else tuple(model_dir),
         densities=preset.densities,
         replicas=preset.replicas,
         t_final=preset.t_final,
@@ -402,6 +414,26 @@ def snapshots_stage(preset: PipelinePreset, model_dir: str, out: Path, options: 
     return ensemble_stage(preset, model_dir, out / "snapshots.zarr", options, L=preset.snapshot_L,
                           densities=preset.snapshot_densities, replicas=preset.snapshot_replicas,
                           t_final=preset.snapshot_t_final, snapshot_every=preset.snapshot_interval, burn_in=0.0)  # fmt: skip
+
+
+def seeds_stage(preset: PipelinePreset, n_star: int | None, out: Path, options: PipelineOptions) -> dict[str, Any]:
+    """The chosen model trained again with other seeds, each simulated like it (DIR/seeds.zarr, no original)."""
+    from hpcdyn.distributed.sweep import Study
+    from sweeps import get_study
+
+    base = get_study("ntheta", smoke=preset.smoke_sweep).base
+    fixed = {**base, **dict(preset.sweep_overrides), "model.mode": 2, "model.n_classes": n_star if n_star is not None else 4}
+    study = Study("seeds", base=fixed, grids=({"training.seed": list(preset.seed_models)},),
+                  description="the chosen model (Mode 2 at N*) trained with other seeds")  # fmt: skip
+    prepare_study_data(study, out)
+    outcome, finished = _run_study(study, "seeds", preset.smoke_sweep, out, options)
+    models = {}
+    for seed in preset.seed_models:
+        best = best_trial(finished.dataset.sel(seed=[seed]))
+        models[str(seed)] = {**model_stage(best, out, f"learned-seed{seed}"), "class_rates": best.get("class_rates", []),
+                             "gap_per_event": best["gap_per_event"], "val_U_per_T": best["val_U_per_T"]}  # fmt: skip
+    ensemble = ensemble_stage(preset, tuple(model["run_dir"] for model in models.values()), out / "seeds.zarr", options)
+    return {"path": str(outcome.path), "results": str(finished.results_path), "models": models, **ensemble}
 
 
 def large_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
@@ -495,7 +527,24 @@ def headline(stages: dict[str, Any]) -> list[str]:
         words = "; ".join(f"r* = {name} ({RANGE_WORDS.get(name, name)}) for Mode {mode.split('_')[-1]}"
                           for mode, name in found.items())  # fmt: skip
         lines.append(f"{words}: the held-out U/T does not rise beyond that attention stencil (`{stages['range']['path']}`).")
-    return lines
+    spread = seed_spread(stages)
+    return lines + ([spread + f" (`{stages['seeds']['store']}`, the band of every learned curve)."] if spread else [])
+
+
+def seed_spread(stages: dict[str, Any]) -> str | None:
+    """The chosen model's numbers across its training seeds: class rates (min-max) and held-out gaps."""
+    if "seeds" not in stages:
+        return None
+    best = stages["sweep"]["best_trial"]
+    runs = [(best["coordinates"].get("seed", 0), best)] + [(int(seed), model) for seed, model in stages["seeds"]["models"].items()]
+    rates = [run.get("class_rates") or [] for _, run in runs]
+    words = f"Across training seeds {', '.join(str(seed) for seed, _ in runs)}"
+    if rates and all(len(row) == len(rates[0]) and row for row in rates):
+        columns = list(zip(*rates))
+        words += ": class rates " + ", ".join(f"{min(column):.4g}-{max(column):.4g}" for column in columns)
+        words += ";"
+    gaps = [run["gap_per_event"] for _, run in runs]
+    return words + f" held-out gap {min(gaps):.2g} to {max(gaps):.2g} nats/event"
 
 
 RANGE_WORDS = {"vn1": "nearest neighbours", "block3": "the 3 x 3 block", "diamond2": "the radius-2 diamond", "block5": "the 5 x 5 block"}
@@ -506,8 +555,9 @@ def report_stage(out: Path, stages: dict[str, Any], activity_stores: list[str], 
 
     snapshots = stages.get("snapshots", {}).get("store")
     large = stages.get("large", {}).get("store")
+    seeds = stages.get("seeds", {}).get("store")
     summary = write_report(out / "ensemble.zarr", out / "report", sweep=stages["sweep"]["path"], activity_stores=activity_stores,
-                           snapshots=snapshots, large=large, headline=headline(stages), overwrite=True,
+                           snapshots=snapshots, large=large, seeds=seeds, headline=headline(stages), overwrite=True,
                            progress=options.progress)  # fmt: skip
     return {"path": str(out / "report"), "report": str(out / "report" / "report.md"), "figures": summary["figures"],
             "family": summary.get("family"), "activity_family": summary.get("activity_family"),
@@ -561,6 +611,9 @@ def _run_locked(preset: PipelinePreset, out: Path, options: PipelineOptions, log
     log(f"sweep: N* = {sweep['n_star']}; chosen model {sweep['best_trial']['trial']} "
         f"(held-out gap {sweep['best_trial']['gap_per_event']:.3g} nats/event)")  # fmt: skip
     model = finish("model", model_stage(sweep["best_trial"], out))
+    if preset.seed_models:
+        log(f"seeds: the chosen model trained again with seeds {list(preset.seed_models)}, each simulated like it")
+        finish("seeds", seeds_stage(preset, sweep["n_star"], out, options))
     if preset.range_stencils:
         log(f"range: the range study at N* = {sweep['n_star']} over the stencils {list(preset.range_stencils)}")
         found = finish("range", range_stage(preset, sweep["n_star"], out, options))
@@ -602,6 +655,8 @@ def result_lines(record: dict[str, Any]) -> list[str]:
     lines.append(f"chosen model: Mode {coordinates.get('mode')}"
                  + (f", N_theta {coordinates.get('n_classes')}, class rates {rates}" if coordinates.get("mode") == 2 else "")
                  + f"; held-out gap {best['gap_per_event']:.2g} nats/event")  # fmt: skip
+    if (spread := seed_spread(stages)) is not None:
+        lines.append(spread)
     for verdict in stages.get("report", {}).get("family") or []:
         if verdict.get("agrees") is None:
             continue
@@ -633,6 +688,7 @@ def pipeline_summary(record: dict[str, Any], out: str | Path) -> dict[str, Any]:
         "best_trial": stages["sweep"]["best_trial"],
         "ensemble": stages["ensemble"]["store"],
         "snapshots": stages.get("snapshots", {}).get("store"),
+        "seeds": stages.get("seeds", {}).get("store"),
         "large": stages.get("large", {}).get("store"),
         "activity": {v_plus: entry["store"] for v_plus, entry in activity.items()},
         "report": stages["report"]["report"],
