@@ -91,7 +91,7 @@ def plot_learned_vs_original(
     figure = Figure(figsize=(9, 7), layout="constrained")
     axes = figure.subplots(2, 2)
     for axis, (name, label) in zip(axes.flat, PANELS.items()):
-        for model in _model_order([model for model in models if model not in seeds.values()], reference):
+        for model in _model_order([model for model in models if model not in seeds], reference):
             values = summary.sel(model=model)
             style = {"color": "black", "marker": "o"} if model == reference else {"marker": "s", "linestyle": "--"}
             group = [model] + [other for other, of in seeds.items() if of == model]

@@ -108,6 +108,15 @@ def test_learned_vs_original_figure_and_difference_table(stores, tmp_path):
     png, pdf = save_figure(figure, tmp_path / "figure")
     assert png.read_bytes().startswith(b"\x89PNG") and pdf.read_bytes().startswith(b"%PDF")
 
+    # another training seed of a model (NAME-seedS): one curve for the model, the seeds' range as a band
+    seeded = xr.concat([summary, summary.sel(model=["slower"]).assign_coords(model=["slower-seed1"]) * 1.01], dim="model")
+    figure = plot_learned_vs_original(seeded)
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["original", "slower (band: 2 training seeds)"]
+    band = figure.axes[0].collections[-1].get_paths()[0].vertices[:, 1]  # fill_between: lower and upper edges
+    values = seeded["f4"].sel(model=["slower", "slower-seed1"])
+    assert band.min() == pytest.approx(float(values.min())) and band.max() == pytest.approx(float(values.max()))
+
     table = difference_table(stores["main"])
     assert set(table["model"]) == {"slower"} and len(table) == len(DENSITIES) * 5
     np.testing.assert_allclose(table["difference"], table["value"] - table["reference_value"])
