@@ -23,30 +23,21 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
+import xarray as xr
 from results import write_section
-from scipy.stats import chi2
 
-from analysis.observables import open_ensemble, summarize
-from analysis.report import AGREEMENT_Z, COMPARED, FAMILY_P
+from analysis.observables import REFERENCE_MODEL, open_ensemble, summarize
+from analysis.phase_diagram import difference_table
+from analysis.report import COMPARED, family_verdicts
 from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
 
 NAMES = {"f4": "f4", "f4_variance": "var f4", "n_clusters": "n_c", "mean_cluster_size": "<s>"}
 
 
 def judge(model, reference) -> dict:
-    """Every |z| and the chi-square of all of them (observables COMPARED x densities)."""
-    scores = []
-    for density in model["density"].values:
-        for name in COMPARED:
-            a, b = model.sel(density=density), reference.sel(density=density)
-            scores.append(float((a[name] - b[name]) / np.hypot(a[f"{name}_se"], b[f"{name}_se"])))
-    scores = np.array(scores)
-    statistic = float((scores**2).sum())
-    p_value = float(chi2.sf(statistic, scores.size))
-    agrees = bool(np.abs(scores).max() < AGREEMENT_Z and p_value >= FAMILY_P)
-    return {"cells": int(scores.size), "max_abs_z": float(np.abs(scores).max()), "chi2": statistic, "p": p_value,
-            "agrees": agrees}  # fmt: skip
+    """The report's family verdict (``analysis.report.family_verdicts``) of one summary against another."""
+    pair = xr.concat([reference.assign_coords(model=REFERENCE_MODEL), model.assign_coords(model="learned")], dim="model")
+    return family_verdicts(difference_table(pair).to_dict(orient="records"))[0]
 
 
 def learned_rates_store(record: dict, out: Path, seed: int) -> tuple[Path, dict, float]:
