@@ -8,8 +8,10 @@ Per snapshot: f4 (fraction of particles with all four neighbour sites occupied),
 4-connected clusters on the torus n_c, the mean cluster size <s> = particles / clusters, and the
 largest cluster as a fraction of the particles. Per replica, after the burn-in: the time averages of
 these and the variance of f4 over time. Per (model, density): the mean over replicas and its standard
-error std / sqrt(n_replicas). Nothing is computed until ``.compute()`` (or ``compute`` below) is called;
-each dask task labels one chunk of snapshots, so memory follows the store's chunks, not its size.
+error std / sqrt(n_replicas), and the covariance across replicas of every pair of observables
+(``covariance``: differences of correlated observables are judged together). Nothing is computed
+until ``.compute()`` (or ``compute`` below) is called; each dask task labels one chunk of snapshots,
+so memory follows the store's chunks, not its size.
 With ``per_chunk=analysis.chunk_tasks.OnWorkers(...)`` the chunks are labelled by tasks elsewhere (a
 Ray cluster's workers) and only the reductions run here, with identical results.
 """
@@ -177,7 +179,28 @@ def replica_statistics(per_replica: xr.Dataset) -> xr.Dataset:
         statistics[f"{name}_se"] = values.std("replica", ddof=1) / np.sqrt(count)
         statistics[name].attrs["description"] = OBSERVABLES[name]
     statistics["n_replicas"] = per_replica["f4"].count("replica")
+    statistics["covariance"] = replica_covariance(per_replica)
     return xr.Dataset(statistics, attrs=per_replica.attrs).transpose("model", "density", ...)
+
+
+def replica_covariance(per_replica: xr.Dataset) -> xr.DataArray:
+    """Covariance across replicas (ddof 1) of every pair of observables, per (model, density).
+
+    Dims (model, density, observable, observable_other). The observables of one replica are
+    correlated (n_c and <s> = N / n_c most of all), so differences judged together need it.
+    Replicas where either observable is missing are left out of that pair.
+    """
+    names = list(OBSERVABLES)
+    stacked = xr.concat([per_replica[name] for name in names], dim=xr.DataArray(names, dims="observable", name="observable"))
+    other = stacked.rename(observable="observable_other")
+    both = stacked.notnull() & other.notnull()
+    count = both.sum("replica")
+    centred = stacked - stacked.where(both).mean("replica")
+    centred_other = other - other.where(both).mean("replica")
+    products = (centred * centred_other).where(both).sum("replica")
+    covariance = products / (count - 1).where(count > 1)
+    covariance.attrs["description"] = "covariance across replicas of the replica averages"
+    return covariance.drop_vars("replica", errors="ignore")
 
 
 def summarize(

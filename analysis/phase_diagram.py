@@ -2,6 +2,7 @@
 
     figure = plot_learned_vs_original("ensemble.zarr")           # four observables against density
     table = difference_table("ensemble.zarr")                     # learned - original, in standard errors
+    joint = joint_differences("ensemble.zarr", COMPARED)          # per density, observables together
     figure = plot_activity_maps(["vp5.zarr", "vp25.zarr"], learned=["vp5_learned.zarr", ...])
     figure = plot_snapshots("ensemble.zarr", density=0.3)         # lattices side by side
     figure = plot_snapshot_grid("snapshots.zarr")                 # a row per density, a column per model
@@ -141,6 +142,72 @@ def difference_table(source: Any, reference: str = REFERENCE_MODEL, burn_in: flo
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def joint_differences(source: Any, observables: Sequence[str], reference: str = REFERENCE_MODEL,
+                      burn_in: float | None = None) -> pd.DataFrame:  # fmt: skip
+    """Every model against the reference at every density, its ``observables`` judged together.
+
+    The observables of one replica are correlated (n_c and <s> = N / n_c nearly perfectly), so their
+    z's are not independent and the sum of their squares is not chi-square. Here the difference vector
+    d of the replica means is judged by Hotelling's two-sample T^2 with the pooled covariance S across
+    replicas (under agreement both ensembles share it): T^2 = d' [S (1/n + 1/n_ref)]^-1 d, and
+    T^2 (nu - k + 1) / (k nu) follows F(k, nu - k + 1) with nu = n + n_ref - 2 and k the rank of S
+    (directions with no variance left out). ``chi2`` is the chi-square on k degrees of freedom with
+    the same p-value, so the chi2's of independent densities add up to one chi-square of the family.
+    Columns: model, density, observables (the k kept), t2, dof (k), denominator_dof, p, chi2.
+    """
+    from scipy.stats import chi2, f
+
+    summary = summary_of(source, burn_in)
+    if "covariance" not in summary:
+        raise ConfigurationError("source: the summary has no covariance across replicas; summarize the store again")
+    models = summary["model"].values.tolist()
+    if reference not in models:
+        raise ConfigurationError(f"reference: model {reference!r} is not in the store (models: {models})")
+    names = list(observables)
+    means = summary[names].to_array("observable").transpose("model", "density", "observable").values
+    covariance = summary["covariance"].sel(observable=names, observable_other=names).transpose(
+        "model", "density", "observable", "observable_other").values  # fmt: skip
+    counts = summary["n_replicas"].transpose("model", "density").values
+    there = models.index(reference)
+    rows = []
+    for model in _model_order(models, reference)[1:]:
+        here = models.index(model)
+        for column, density in enumerate(summary["density"].values):
+            pair = [(means[at, column], covariance[at, column], int(counts[at, column])) for at in (here, there)]
+            tested = _hotelling(pair, names)
+            if tested is None:
+                continue
+            t2, rank, count, kept = tested
+            denominator = count - 2 - rank + 1
+            p_value = float(f.sf(t2 * denominator / (rank * (count - 2)), rank, denominator))
+            rows.append({"model": str(model), "density": float(density), "observables": " ".join(kept), "t2": t2,
+                         "dof": rank, "denominator_dof": denominator, "p": p_value,
+                         "chi2": float(chi2.isf(p_value, rank)) if p_value > 0 else float("inf")})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _hotelling(pair: list[tuple[np.ndarray, np.ndarray, int]], names: list[str]) -> tuple[float, int, int, list[str]] | None:
+    """(T^2, rank, n + n_ref, observables kept) of (means, covariance, replicas) of a model and its reference;
+    None when there is nothing to judge."""
+    (mean, spread, count), (mean_ref, spread_ref, count_ref) = pair
+    finite = np.isfinite(mean) & np.isfinite(mean_ref)
+    if min(count, count_ref) < 2 or not finite.any():
+        return None
+    difference = (mean - mean_ref)[finite]
+    pooled = ((count - 1) * spread + (count_ref - 1) * spread_ref)[np.ix_(finite, finite)] / (count + count_ref - 2)
+    if not np.isfinite(pooled).all():
+        return None
+    # directions with variance (1e-12 of the largest), at most nu of them so that F has a denominator
+    values, vectors = np.linalg.eigh(pooled * (1 / count + 1 / count_ref))
+    kept = values > max(values.max(), 0) * 1e-12
+    kept &= np.cumsum(kept[::-1])[::-1] <= count + count_ref - 2
+    rank = int(kept.sum())
+    if rank == 0:
+        return None
+    projected = vectors[:, kept].T @ difference
+    return float((projected**2 / values[kept]).sum()), rank, count + count_ref, [n for n, ok in zip(names, finite) if ok]
 
 
 def activity_summary(

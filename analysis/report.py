@@ -39,6 +39,7 @@ from analysis.observables import (
 )
 from analysis.phase_diagram import (
     difference_table,
+    joint_differences,
     learned_models,
     plot_activity_maps,
     plot_learned_vs_original,
@@ -48,15 +49,23 @@ from analysis.phase_diagram import (
 )
 
 # Many cells (observables x densities) are judged as a family: a perfect model shows some |z| > 2 by
-# chance, so the learned dynamics agrees when every |z| < AGREEMENT_Z and the chi-square of all the
-# z's has p >= FAMILY_P; a cell's own verdict uses the same |z| bound.
+# chance, so the learned dynamics agrees when every |z| < AGREEMENT_Z and the chi-square of the family
+# has p >= FAMILY_P; a cell's own verdict uses the same |z| bound. The observables of one density are
+# correlated (n_c and <s> = N / n_c nearly perfectly), so with the covariance across replicas the
+# chi-square adds per density Hotelling's T^2 of the observables together (``joint_differences``);
+# the sum of the z's squares, which counts one fluctuation of n_c twice, only without it.
 AGREEMENT_Z = 3.0
 FAMILY_P = 0.01
 COMPARED = ("f4", "f4_variance", "n_clusters", "mean_cluster_size")
 
 
-def family_verdicts(differences: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model: max |z|, chi-square of all its z's (observables COMPARED x densities), p, and the verdict."""
+def family_verdicts(differences: list[dict[str, Any]], joint: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per model: max |z|, the family's chi-square, its degrees of freedom and p, and the verdict.
+
+    ``differences``: rows of ``difference_table``; ``joint``: rows of ``joint_differences`` (the
+    chi-square then sums their per-density chi2 on their dof; without it, the squares of the z's,
+    one dof each, which is right only for independent cells).
+    """
     from scipy.stats import chi2
 
     verdicts = []
@@ -67,11 +76,15 @@ def family_verdicts(differences: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if scores.size == 0:
             verdicts.append({"model": model, "cells": 0, "agrees": None})
             continue
-        statistic = float((scores**2).sum())
-        p_value = float(chi2.sf(statistic, scores.size))
+        densities = [row for row in joint or [] if row["model"] == model]
+        if joint is not None and densities:
+            statistic, dof, test = sum(row["chi2"] for row in densities), sum(row["dof"] for row in densities), "hotelling"
+        else:
+            statistic, dof, test = float((scores**2).sum()), int(scores.size), "independent"
+        p_value = float(chi2.sf(statistic, dof))
         agrees = bool(np.abs(scores).max() < AGREEMENT_Z and p_value >= FAMILY_P)
         verdicts.append({"model": model, "cells": int(scores.size), "max_abs_z": float(np.abs(scores).max()),
-                         "chi2": statistic, "p": p_value, "agrees": agrees})  # fmt: skip
+                         "chi2": float(statistic), "dof": int(dof), "test": test, "p": p_value, "agrees": agrees})  # fmt: skip
     return verdicts
 
 
@@ -84,10 +97,18 @@ def _family_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         word = "AGREES with" if verdict["agrees"] else "DIFFERS from"
         lines.append(
             f"**{verdict['model']} {word} the original dynamics** over {verdict['cells']} cells (f4, var f4, n_c, <s> "
-            f"x densities): max |z| = {verdict['max_abs_z']:.2f} (rule: every |z| < {AGREEMENT_Z:g}), chi-square "
-            f"{verdict['chi2']:.1f} on {verdict['cells']}, p = {verdict['p']:.3g} (rule: p >= {FAMILY_P:g})."
+            f"x densities): max |z| = {verdict['max_abs_z']:.2f} (rule: every |z| < {AGREEMENT_Z:g}), "
+            f"{chi_square_words(verdict)}, p = {verdict['p']:.3g} (rule: p >= {FAMILY_P:g})."
         )
     return lines
+
+
+def chi_square_words(verdict: dict[str, Any]) -> str:
+    """How a verdict's chi-square was formed, in words."""
+    if verdict.get("test") == "hotelling":
+        return (f"chi-square {verdict['chi2']:.1f} on {verdict['dof']} dof (per density, Hotelling's T^2 of the "
+                "observables together, with their correlation across replicas)")  # fmt: skip
+    return f"chi-square {verdict['chi2']:.1f} on {verdict.get('dof', verdict['cells'])} (z's taken as independent)"
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -168,8 +189,9 @@ def _write_contents(
     else:
         figures += save_figure(plot_snapshots(ensemble), directory / "snapshots")
     models = statistics["model"].values.tolist()
-    differences = difference_table(statistics) if REFERENCE_MODEL in models and len(models) > 1 else None
-    if differences is not None:
+    differences, joint = None, None
+    if REFERENCE_MODEL in models and len(models) > 1:
+        differences, joint = difference_table(statistics), _joint(statistics)
         differences.to_csv(directory / "differences.csv", index=False)
     activity_family = []
     if activity_ensembles:  # each store summarised once, the main one already is
@@ -183,15 +205,17 @@ def _write_contents(
             if REFERENCE_MODEL in summary_of_store["model"].values.tolist() and len(learned_models(summary_of_store)):
                 rows = difference_table(summary_of_store).to_dict(orient="records")
                 activity = _store_activity(data)
-                activity_family += [{**verdict, "store": str(path), "activity": activity} for verdict in family_verdicts(rows)]
+                verdicts = family_verdicts(rows, _joint(summary_of_store))
+                activity_family += [{**verdict, "store": str(path), "activity": activity} for verdict in verdicts]
     large_store, large_ensemble = large
-    large_statistics, large_differences = None, None
+    large_statistics, large_differences, large_joint = None, None, None
     if large_ensemble is not None:  # beyond the paper's size: judged like the main ensemble, at its own burn-in
         large_statistics = _summary(large_store, large_ensemble, resolve_burn_in(large_ensemble, None), progress, run_tasks)
         figures += save_figure(plot_learned_vs_original(large_statistics), directory / "large_learned_vs_original")
         figures += save_figure(plot_snapshot_grid(large_ensemble), directory / "large_snapshots")
         if REFERENCE_MODEL in large_statistics["model"].values.tolist() and len(learned_models(large_statistics)):
             large_differences = difference_table(large_statistics).to_dict(orient="records")
+            large_joint = _joint(large_statistics)
     sweep_summary = None
     if sweep is not None:
         from analysis.sweep_plots import sweep_figures
@@ -209,19 +233,25 @@ def _write_contents(
         "observables": OBSERVABLES,
         "results": _results(statistics),
         "differences": [] if differences is None else _jsonable(differences.to_dict(orient="records")),
-        "family": [] if differences is None else _jsonable(family_verdicts(differences.to_dict(orient="records"))),
+        "family": [] if differences is None else _jsonable(family_verdicts(differences.to_dict(orient="records"), joint)),
+        "joint_differences": _jsonable(joint or []),
         "activity_family": _jsonable(activity_family),
         "headline": list(headline),
         "snapshots": None if snapshot_store is None else str(snapshot_store),
         "large": None if large_store is None else _large_summary(large_store, large_ensemble, large_statistics,
                                                                  large_differences),  # fmt: skip
-        "large_family": [] if large_differences is None else _jsonable(family_verdicts(large_differences)),
+        "large_family": [] if large_differences is None else _jsonable(family_verdicts(large_differences, large_joint)),
         "sweep_results": sweep_summary,
         "figures": sorted(path.name for path in figures),
     }
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (directory / "report.md").write_text(markdown_report(summary))
     return summary
+
+
+def _joint(statistics: xr.Dataset) -> list[dict[str, Any]]:
+    """Rows of ``joint_differences`` over the COMPARED observables."""
+    return joint_differences(statistics, COMPARED).to_dict(orient="records")
 
 
 def _large_summary(store, ensemble: xr.Dataset, statistics: xr.Dataset, differences) -> dict[str, Any]:
@@ -332,7 +362,7 @@ def _activity_lines(verdicts: list[dict[str, Any]]) -> list[str]:
             continue
         word = "agrees" if verdict["agrees"] else "differs"
         lines.append(f"- v_plus/D = {activity} ({verdict['model']}): {word}; max |z| = {verdict['max_abs_z']:.2f}, "
-                     f"chi-square {verdict['chi2']:.1f} on {verdict['cells']}, p = {verdict['p']:.3g}.")  # fmt: skip
+                     f"{chi_square_words(verdict)}, p = {verdict['p']:.3g}.")  # fmt: skip
     return lines + [""]
 
 
@@ -350,7 +380,8 @@ def _agreement_lines(differences: list[dict[str, Any]]) -> list[str]:
         "## Difference from the original, in standard errors",
         "",
         f"z = (model − original) / √(se_model² + se_original²); a cell agrees when |z| < {AGREEMENT_Z:g} (the family "
-        f"rule above adds the chi-square of all the z's; with this many cells some |z| > 2 are expected by chance).",
+        f"rule above adds a chi-square over all the cells, each density's observables judged together with their "
+        f"correlation; with this many cells some |z| > 2 are expected by chance).",
         "",
         "| model | density | f4 | var f4 | n_c | <s> | verdict |",
         "|---|---:|---:|---:|---:|---:|---|",

@@ -365,3 +365,63 @@ def test_the_report_judges_many_cells_as_a_family():
     assert shifted["p"] < 0.01 and not shifted["agrees"]
     ignored = family_verdicts(rows([9.0], observable="other") + rows([float("nan"), 0.3]))[0]
     assert ignored["cells"] == 1 and ignored["agrees"]  # only the compared observables, finite z's
+
+
+def _correlated_pair(generator: np.random.Generator, shift: float = 0.0, densities: int = 7,
+                     replicas: int = 24) -> xr.Dataset:  # fmt: skip
+    """A summary of two models drawn from one distribution (``shift``: learned's n_c moved, in its sd),
+    replica averages with n_c and <s> correlated like N / n_c (rho -0.99) and f4 with both (+-0.4)."""
+    from analysis.observables import OBSERVABLES, replica_statistics
+
+    names = list(OBSERVABLES)
+    correlation = np.eye(len(names))
+    pairs = {("n_clusters", "mean_cluster_size"): -0.99, ("f4", "n_clusters"): 0.4, ("f4", "mean_cluster_size"): -0.4}
+    for (a, b), rho in pairs.items():
+        i, j = names.index(a), names.index(b)
+        correlation[i, j] = correlation[j, i] = rho
+    draws = generator.multivariate_normal(np.zeros(len(names)), correlation, size=(2, densities, replicas))
+    draws[1, ..., names.index("n_clusters")] += shift
+    coords = {"model": ["original", "learned"], "density": np.linspace(0.1, 0.6, densities)}
+    per_replica = xr.Dataset({name: (("model", "density", "replica"), draws[..., k]) for k, name in enumerate(names)},
+                             coords=coords)  # fmt: skip
+    return replica_statistics(per_replica)
+
+
+def test_the_family_chi_square_accounts_for_correlated_observables():
+    """Same dynamics at 600 independent densities: per density, Hotelling's p-values are uniform (KS p
+    >= 0.01, fixed seed) and reject at their 5 % level (allowed 18 to 42 of 600: +-4 sd), while the sum
+    of the 4 z's squares rejects far more (n_c and <s> carry one fluctuation twice: 62 of 600 here). A family
+    of 7 densities with n_c shifted by 1.2 sd per replica is found; the same family unshifted agrees."""
+    from scipy.stats import chi2, kstest
+
+    from analysis.phase_diagram import joint_differences
+    from analysis.report import COMPARED, family_verdicts
+
+    summary = _correlated_pair(np.random.default_rng(20261130), densities=600)
+    joint = joint_differences(summary, COMPARED)
+    assert (joint["dof"] == 4).all() and (joint["denominator_dof"] == 43).all()
+    assert kstest(joint["p"], "uniform").pvalue >= 0.01
+    assert 18 <= (joint["p"] < 0.05).sum() <= 42
+    table = difference_table(summary)
+    squares = table[table["observable"].isin(COMPARED)].groupby("density")["z"].apply(lambda z: float((z**2).sum()))
+    assert (chi2.sf(squares, 4) < 0.05).sum() >= 45
+    for shift, agrees in ((0.0, True), (1.2, False)):
+        family = _correlated_pair(np.random.default_rng(7), shift=shift)
+        verdict = family_verdicts(difference_table(family).to_dict(orient="records"),
+                                  joint_differences(family, COMPARED).to_dict(orient="records"))[0]  # fmt: skip
+        assert verdict["test"] == "hotelling" and verdict["dof"] == 28 and verdict["agrees"] == agrees, verdict
+
+
+def test_joint_differences_leave_out_directions_without_variance():
+    """An observable constant in every replica (no variance, no difference) is not a degree of freedom."""
+    from analysis.phase_diagram import joint_differences
+    from analysis.report import COMPARED
+
+    summary = _correlated_pair(np.random.default_rng(3))
+    summary["covariance"].loc[{"observable": "f4_variance"}] = 0.0
+    summary["covariance"].loc[{"observable_other": "f4_variance"}] = 0.0
+    summary["f4_variance"][:] = 0.5
+    joint = joint_differences(summary, COMPARED)
+    assert (joint["dof"] == 3).all() and np.isfinite(joint["chi2"]).all()
+    with pytest.raises(ConfigurationError, match="covariance"):
+        joint_differences(summary.drop_vars("covariance"), COMPARED)
