@@ -43,11 +43,15 @@ def add_parser(commands) -> None:
     optimisation.add_argument("--lr", type=float, default=3e-3)
     optimisation.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
     optimisation.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    optimisation.add_argument("--segment-events", type=int, default=256, help="consecutive events per gradient step")
+    optimisation.add_argument("--segment-events", type=int,
+                              help="consecutive events per gradient step (default: 256, halved down to 16 while an "
+                                   "epoch would take fewer than 128 steps; config.json records the value used)")  # fmt: skip
     optimisation.add_argument("--validation-fraction", type=float, default=0.1)
     optimisation.add_argument("--max-train-events", type=int, help="use only the first events for training")
     optimisation.add_argument("--gradient-clip", type=float, default=1.0)
-    optimisation.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping")
+    optimisation.add_argument("--patience", type=int,
+                              help="epochs without a better held-out U/T before stopping (default: half of --epochs, "
+                                   "at least 5)")  # fmt: skip
     optimisation.add_argument("--seed", type=non_negative_int, default=0)
     optimisation.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
                               help="Mode 2: leave the class rates to the gradient (default), set them to "

@@ -50,12 +50,16 @@ class TrainingConfig:
     lr: float = 3e-3
     lr_schedule: str = "cosine"  # cosine (down to 5 % at the last epoch) or constant
     optimizer: str = "adam"
-    segment_events: int = 256
+    # events per gradient step; None: chosen from the training events (default_segment_events),
+    # 256 on long trajectories, shorter on short ones so an epoch still takes enough steps
+    segment_events: int | None = None
     shuffle_segments: int = 64  # segments read ahead and visited in random order
     max_train_events: int | None = None  # use only the first events of the training part
     validation_fraction: float = 0.1
     gradient_clip: float = 1.0
-    patience: int = 5  # epochs without a better validation U/T before stopping
+    # epochs without a better validation U/T before stopping; None: half the epoch budget, at least 5
+    # (default_patience), so a noisy held-out tail does not stop a run before its learning rate has decayed
+    patience: int | None = None
     gumbel_temperature: tuple[float, float] = (1.0, 0.1)  # start, end (Mode 2, gumbel)
     # Mode 2: leave the class rates to the gradient steps, or set them to n_k / E_k, their best values
     # for the classifier (hpcdyn.learning.class_rates), after each epoch or after the last one (CLASS_RATE_FITS)
@@ -89,14 +93,15 @@ class TrainingConfig:
         require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a finite learning rate > 0, got {self.lr!r}")
         require(self.lr_schedule in ("cosine", "constant"), "lr_schedule", f"must be cosine or constant, got {self.lr_schedule!r}")
         require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        require(isinstance(self.segment_events, int) and self.segment_events >= 1,
-                "segment_events", f"must be an integer >= 1, got {self.segment_events!r}")  # fmt: skip
+        require(self.segment_events is None or (isinstance(self.segment_events, int) and self.segment_events >= 1),
+                "segment_events", f"must be None (chosen from the trajectory) or an integer >= 1, got {self.segment_events!r}")  # fmt: skip
         require(self.shuffle_segments >= 1, "shuffle_segments", f"must be >= 1, got {self.shuffle_segments!r}")
         require(0 < self.validation_fraction < 1, "validation_fraction",
                 f"must be in (0, 1), got {self.validation_fraction!r}")  # fmt: skip
         require(self.max_train_events is None or self.max_train_events >= 1, "max_train_events", "must be >= 1")
         require(math.isfinite(self.gradient_clip) and self.gradient_clip > 0, "gradient_clip", "must be > 0")
-        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience!r}")
+        require(self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),
+                "patience", f"must be None (half the epochs, at least 5) or an integer >= 1, got {self.patience!r}")  # fmt: skip
         require(self.class_rate_fit in CLASS_RATE_FITS, "class_rate_fit",
                 f"must be one of {CLASS_RATE_FITS}, got {self.class_rate_fit!r}")  # fmt: skip
         require(self.expected_from_epoch is None or (isinstance(self.expected_from_epoch, int) and self.expected_from_epoch >= 0),
@@ -135,9 +140,52 @@ class TrainingResult:
     stopped_early: bool
 
 
+SEGMENT_EVENTS_LONG = 256  # the default on long trajectories (the active L 12 and L 30 runs: 90 k, 770 k training events)
+SEGMENT_EVENTS_SHORTEST = 16
+STEPS_PER_EPOCH = 128  # a shorter trajectory is cut into shorter segments until an epoch takes this many steps
+
+
+def default_segment_events(n_train_events: int) -> int:
+    """Events per gradient step when none is given: 256 halved (down to 16) while an epoch would take
+    fewer than 128 steps. 4,660 training events (FA chain, L 64, T 350) give 32; 23 k (L 10, T 1e4) 128;
+    32,768 and more keep 256 (benchmarks/TRAINING.md, fa-defaults: 16-event segments overfit sooner)."""
+    segment = SEGMENT_EVENTS_LONG
+    while segment > SEGMENT_EVENTS_SHORTEST and n_train_events // segment < STEPS_PER_EPOCH:
+        segment //= 2
+    return max(1, min(segment, n_train_events))
+
+
+def default_patience(epochs: int) -> int:
+    """Epochs without improvement before stopping when none is given: half the budget, at least 5."""
+    return max(5, math.ceil(epochs / 2))
+
+
+def training_events(n_events: int, config: TrainingConfig) -> int:
+    """How many events the training part holds (the held-out tail and max_train_events taken off)."""
+    boundary = n_events - _validation_events(n_events, config)
+    return boundary if config.max_train_events is None else min(boundary, config.max_train_events)
+
+
+def resolve_defaults(config: TrainingConfig, source: EventSource, saved: dict[str, Any] | None = None) -> TrainingConfig:
+    """The configuration with the values it leaves open (segment_events, patience) chosen for this
+    trajectory; a resumed run keeps its checkpoint's segment length (``saved``: its training config)."""
+    segment_events, patience = config.segment_events, config.patience
+    if segment_events is None:
+        saved_segment = (saved or {}).get("segment_events")
+        segment_events = saved_segment if saved_segment is not None else default_segment_events(training_events(source.n_events, config))
+    if patience is None:
+        patience = default_patience(config.epochs)
+    return dataclasses.replace(config, segment_events=segment_events, patience=patience)
+
+
+def _validation_events(n_events: int, config: TrainingConfig) -> int:
+    return max(1, int(round(n_events * config.validation_fraction)))
+
+
 def split(source: EventSource, config: TrainingConfig) -> tuple[EventWindow, EventWindow]:
     """Training events first, the held-out validation tail last."""
-    n_validation = max(1, int(round(source.n_events * config.validation_fraction)))
+    config = resolve_defaults(config, source)
+    n_validation = _validation_events(source.n_events, config)
     boundary = source.n_events - n_validation
     if boundary < config.segment_events:
         raise ConfigurationError(
@@ -273,14 +321,16 @@ def run_progress(run_dir: str | Path) -> int | None:
 def _train_locked(config, source, run_dir: Path, resume: bool, report, progress) -> TrainingResult:
     last_path = run_dir / "last.pt"
     torch.manual_seed(config.seed)
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    # resolved: segment length and patience; a resumed run keeps its checkpoint's segment length
+    config = resolve_defaults(config, source, state["training_config"] if state is not None else None)
     training, validation = split(source, config)
     model = build_model(config, source).to(config.device)
     config = dataclasses.replace(config, model=model.config)  # resolved: lattice, system, initial rate
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     metrics: list[dict[str, Any]] = []
     identity = store_identity(source)
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
+    if state is not None:
         _check_resumable(state, config, identity)
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
