@@ -57,7 +57,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 # ----------------------------------------------------------------------------- compiled index
 @numba.njit(cache=True, inline="always")
-def _home_slot(key, mask):
+def home_slot(key, mask):
     # Fibonacci hashing: exact keys are consecutive integers, the top bits of key * golden spread them
     return np.int64((np.uint64(key) * _GOLDEN) >> np.uint64(32)) & mask
 
@@ -71,7 +71,7 @@ def find_entry(direct, slots, keys, checks, key, check):
     if direct.shape[0] > 0:
         return direct[key]
     mask = slots.shape[0] - 1
-    slot = _home_slot(key, mask)
+    slot = home_slot(key, mask)
     while True:
         entry = slots[slot]
         if entry == EMPTY:
@@ -85,7 +85,7 @@ def find_entry(direct, slots, keys, checks, key, check):
 def _index_entries(slots, keys, start, stop):
     mask = slots.shape[0] - 1
     for entry in range(start, stop):
-        slot = _home_slot(keys[entry], mask)
+        slot = home_slot(keys[entry], mask)
         while slots[slot] != EMPTY:
             slot = (slot + 1) & mask
         slots[slot] = entry

@@ -72,9 +72,10 @@ from hpcdyn.simulation.environment_table import (
     EnvironmentTable,
     PatchEvaluator,
     find_entry,
+    home_slot,
     log_rate_difference,
 )
-from hpcdyn.simulation.rate_groups import RateGroups, distinct_rates, escape_rate, pick, regroup
+from hpcdyn.simulation.rate_groups import NO_GROUP, RateGroups, distinct_rates
 from hpcdyn.storage.environment_tables import CollisionError
 from hpcdyn.storage.events import EventLog
 
@@ -127,67 +128,6 @@ def sum_tree(n_leaves: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, inline="always")
-def _set_leaf(tree, offsets, leaf, value):
-    """Set a leaf and recompute its ancestors from their children (no drift)."""
-    depth = offsets.shape[0] - 1
-    if tree[offsets[depth] + leaf] == value:
-        return
-    tree[offsets[depth] + leaf] = value
-    index = leaf
-    for level in range(depth - 1, -1, -1):
-        parent = index // FANOUT
-        first = offsets[level + 1] + parent * FANOUT
-        total = 0.0
-        for child in range(FANOUT):
-            total += tree[first + child]
-        tree[offsets[level] + parent] = total
-        index = parent
-
-
-@numba.njit(cache=True, inline="always")
-def _descend(tree, offsets, r):
-    """Leaf chosen by r uniform in [0, root), and the remainder of r within the leaf.
-
-    Rounding can leave r at or above a node's children's sum: the last child with a positive
-    weight is taken then, so an empty subtree is never entered.
-    """
-    index = 0
-    for level in range(1, offsets.shape[0]):
-        first = offsets[level] + index * FANOUT
-        chosen, last = -1, -1
-        for child in range(FANOUT):
-            weight = tree[first + child]
-            if weight <= 0.0:
-                continue
-            last = child
-            if r < weight:
-                chosen = child
-                break
-            r -= weight
-        if chosen < 0:  # overshoot by rounding: the last live child, r at its top
-            chosen = last
-            r = tree[first + last]
-        index = index * FANOUT + chosen
-    return index, r
-
-
-@numba.njit(cache=True, inline="always")
-def _pick_move(rates, entry, r):
-    """Move of a row chosen by the remainder r; the last live move if rounding overshoots."""
-    last = -1
-    for move in range(rates.shape[1]):
-        weight = rates[entry, move]
-        if weight <= 0.0:
-            continue
-        last = move
-        if r < weight:
-            return move
-        r -= weight
-    return last
-
-
-# ----------------------------------------------------------------------------- applying a move
-@numba.njit(cache=True, inline="always")
 def _site_content(site_index, particles, head, next_token, state):
     """0 empty, else the largest 1 + state on the site (particles); the spin (site tokens)."""
     token = head[site_index]
@@ -220,17 +160,6 @@ def _shifted(x, y, dx, dy, lx, ly):
 
 
 @numba.njit(cache=True, inline="always")
-def _exact_key_at(grid, site_index, own_state, stencil_steps, sides, digit_of_content, weights, n_own_states):
-    """The exact key of a token with ``own_state`` on ``site_index`` (``token_key`` without the site table)."""
-    lx, ly = sides[0], sides[1]
-    x, y = site_index % lx, site_index // lx
-    code = 0
-    for i in range(weights.shape[0]):
-        code += digit_of_content[grid[_shifted(x, y, stencil_steps[i, 0], stencil_steps[i, 1], lx, ly)]] * weights[i]
-    return own_state + n_own_states * code
-
-
-@numba.njit(cache=True, inline="always")
 def _relink(token, old_site, new_site, head, next_token, count):
     """Move a particle between the sites' token lists; the change in the number of occupied sites."""
     if head[old_site] == token:
@@ -248,32 +177,6 @@ def _relink(token, old_site, new_site, head, next_token, count):
 
 
 @numba.njit(cache=True, inline="always")
-def _spread(changed, delta, hashed, single, head, next_token, token_keys, stencil_steps, sides, weights, pending, stamp,
-            mark, n_pending):  # fmt: skip
-    """A site's digit moved by ``delta``: queue every token whose stencil holds the site, shift its key.
-
-    The token at ``changed - offset_i`` sees the site as its digit i: its exact key moves by
-    delta * n_own_states * base**i (``delta`` comes premultiplied), O(1) whatever the stencil's size.
-    Returns the new length of the queue. ``single``: at most one token per site (no overlaps), so
-    no list to walk (a token's next is never read: one cache miss less per token at large lattices).
-    """
-    lx, ly = sides[0], sides[1]
-    x, y = changed % lx, changed // lx
-    for i in range(weights.shape[0]):
-        token = head[_shifted(x, y, -stencil_steps[i, 0], -stencil_steps[i, 1], lx, ly)]
-        while token >= 0:
-            if not hashed:
-                token_keys[token] += delta * weights[i]
-            if stamp[token] != mark:
-                stamp[token] = mark
-                pending[n_pending] = token
-                n_pending += 1
-            token = -1 if single else next_token[token]
-    return n_pending
-
-
-# ----------------------------------------------------------------------------- re-keying
-@numba.njit(cache=True, inline="always")
 def _audit_gap(audit_rng, log_keep):
     """Lookups until the next audited one: geometric with success probability 1 - exp(log_keep)."""
     if log_keep == 0.0:
@@ -283,12 +186,13 @@ def _audit_gap(audit_rng, log_keep):
     return 1 + int(math.log(1.0 - audit_rng.random()) / log_keep)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
 def _find_pending(
     site, state, grid, token_keys, stencil_sites, digit_of_content, weights, n_own_states, hashed,
     direct, slots, keys, checks, pending, counters, found_entries, miss_keys, miss_checks, miss_patches,
 ):  # fmt: skip
-    """Table entry of every queued token's key into ``found_entries``; nothing changes yet.
+    """Table entry of every queued token's key into ``found_entries``; nothing changes yet (the
+    first keys, before the selection structure is chosen; ``_run`` resolves its queue the same way).
 
     All or nothing: when a key is missing, the missing patches are returned (MISSED) and the queue
     is looked up again after the fill, so the selection structure sees the same updates in the same
@@ -316,46 +220,6 @@ def _find_pending(
     return MISSED if missing else RUNNING
 
 
-@numba.njit(cache=True, inline="always")
-def _apply_pending(
-    use_groups, n_moves, entry, tree, tree_offsets, entry_group, group_count, members, slot, totals, blocked_totals,
-    sightings, pending, found_entries, clock, counters, audit_tokens, audit_rng, log_keep,
-):  # fmt: skip
-    """Give every queued token its found entry: its leaf or its group lists, the blocked sum, the audit."""
-    countdown, n_audit, blocked = counters[AUDIT_COUNTDOWN], counters[N_AUDIT], clock[BLOCKED_SUM]
-    n_pending = counters[N_PENDING]
-    for index in range(n_pending):
-        token, found = pending[index], found_entries[index]
-        old = entry[token]
-        if old != found:
-            entry[token] = found
-            if use_groups:
-                regroup(token, old, found, n_moves, entry_group, group_count, members, slot)
-            else:
-                _set_leaf(tree, tree_offsets, token, totals[found])
-            blocked += blocked_totals[found] - (blocked_totals[old] if old >= 0 else 0.0)
-        sightings[found] += 1
-        countdown -= 1
-        if countdown == 0:
-            audit_tokens[n_audit] = token
-            n_audit += 1
-            countdown = _audit_gap(audit_rng, log_keep)
-    counters[LOOKUPS] += n_pending
-    counters[AUDIT_COUNTDOWN], counters[N_AUDIT], clock[BLOCKED_SUM] = countdown, n_audit, blocked
-    counters[N_PENDING] = 0
-
-
-@numba.njit(cache=True, inline="always")
-def _draw(use_groups, r, n_moves, tree, tree_offsets, rates, entry, group_rate, group_order, group_count, members):
-    """(token, move) chosen by r uniform in [0, escape rate): from the group lists or down the sum tree."""
-    if use_groups:
-        member = pick(r, group_rate, group_order, group_count, members)
-        token = member // n_moves
-        return token, member - token * n_moves
-    token, remainder = _descend(tree, tree_offsets, r)
-    return token, _pick_move(rates, entry[token], remainder)
-
-
 # ----------------------------------------------------------------------------- the loop
 @numba.njit(cache=True)
 def _snapshot(grid, n_overlapping, slot, when, out_snapshot_time, out_grid, out_overlap):
@@ -375,25 +239,115 @@ def _run(
     pending, found_entries, stamp, miss_keys, miss_checks, miss_patches, audit_tokens,
     out_token, out_move, out_dwell, move_counts, snapshot_times, out_snapshot_time, out_grid, out_overlap,
 ):  # fmt: skip
-    """Advance until t_final or a stop (see the status codes); every stop is resumable."""
-    n_moves = displacing.shape[0]
+    """Advance until t_final or a stop (see the status codes); every stop is resumable.
+
+    Each pass: resolve the queue of re-keyed tokens (look every key up, all or nothing, then give each
+    token its entry), draw an event, apply it and queue the tokens whose key it changed. The helpers of
+    the queue, the draw and the selection structures are written out here: numba increments and
+    decrements (atomically) the reference count of every array handed to a helper, inlined or not,
+    and with a dozen helpers of ten arrays each that took more than half of an event's time.
+    """
+    n_moves, n_stencil = displacing.shape[0], weights.shape[0]
+    lx, ly = sides[0], sides[1]
+    depth = tree_offsets.shape[0] - 1
+    direct_table = direct.shape[0] > 0
     # one token per site at most (fa; particles whose hops onto occupied sites are rejected): a hop
     # then goes onto an empty site, and the site lists and counts need no walking (``count`` is kept
     # only with overlaps)
     single = not keep_overlaps
-    status = _find_pending(site, state, grid, token_keys, stencil_sites, digit_of_content, weights, n_own_states, hashed,
-                           direct, slots, keys, checks, pending, counters, found_entries, miss_keys, miss_checks,
-                           miss_patches)  # fmt: skip
-    if status == RUNNING:
-        _apply_pending(use_groups, n_moves, entry, tree, tree_offsets, entry_group, group_count, members, member_slot,
-                       totals, blocked_totals, sightings, pending, found_entries, clock, counters, audit_tokens,
-                       audit_rng, log_keep)  # fmt: skip
-    while status == RUNNING:
+    while True:
+        # ---- resolve the queue: every key looked up first (a miss stops here, the queue kept), then applied
+        n_pending, missing = counters[N_PENDING], 0
+        for index in range(n_pending):
+            token = pending[index]
+            if hashed:
+                key, check = token_key(grid, stencil_sites, site[token] * n_stencil, n_stencil, state[token],
+                                       digit_of_content, weights, n_own_states, True)  # fmt: skip
+            else:
+                key, check = token_keys[token], 0
+            if direct_table:
+                found = direct[key]
+            else:  # ``find_entry``: linear probing from the key's home slot
+                mask = slots.shape[0] - 1
+                probe = home_slot(key, mask)
+                while True:
+                    found = slots[probe]
+                    if found == EMPTY:
+                        break
+                    if keys[found] == key:
+                        found = found if checks[found] == check else COLLISION
+                        break
+                    probe = (probe + 1) & mask
+            if found == COLLISION:
+                return COLLIDED
+            found_entries[index] = found
+            if found == EMPTY:
+                miss_keys[missing] = key
+                miss_checks[missing] = check
+                token_patch(grid, stencil_sites, site[token] * n_stencil, n_stencil, state[token], digit_of_content,
+                            miss_patches[missing])  # fmt: skip
+                missing += 1
+        counters[N_MISSES] = missing
+        if missing:
+            return MISSED
+        countdown, n_audit, blocked = counters[AUDIT_COUNTDOWN], counters[N_AUDIT], clock[BLOCKED_SUM]
+        for index in range(n_pending):
+            token, found = pending[index], found_entries[index]
+            old = entry[token]
+            if old != found:
+                entry[token] = found
+                if use_groups:  # ``rate_groups`` lists: move the moves whose group changed
+                    for move in range(n_moves):
+                        old_group = entry_group[old, move] if old >= 0 else NO_GROUP
+                        new_group = entry_group[found, move]
+                        if old_group == new_group:
+                            continue
+                        member = token * n_moves + move
+                        if old_group >= 0:  # swap-remove: the list's last member takes this one's place
+                            position = member_slot[member]
+                            last = members[old_group, group_count[old_group] - 1]
+                            members[old_group, position] = last
+                            member_slot[last] = position
+                            group_count[old_group] -= 1
+                        if new_group >= 0:
+                            members[new_group, group_count[new_group]] = member
+                            member_slot[member] = group_count[new_group]
+                            group_count[new_group] += 1
+                        else:
+                            member_slot[member] = -1
+                elif tree[tree_offsets[depth] + token] != totals[found]:  # the leaf, its ancestors from their children
+                    tree[tree_offsets[depth] + token] = totals[found]
+                    node = token
+                    for level in range(depth - 1, -1, -1):
+                        parent = node // FANOUT
+                        first = tree_offsets[level + 1] + parent * FANOUT
+                        total = 0.0
+                        for child in range(FANOUT):
+                            total += tree[first + child]
+                        tree[tree_offsets[level] + parent] = total
+                        node = parent
+                blocked += blocked_totals[found] - (blocked_totals[old] if old >= 0 else 0.0)
+            sightings[found] += 1
+            countdown -= 1
+            if countdown == 0:
+                audit_tokens[n_audit] = token
+                n_audit += 1
+                countdown = _audit_gap(audit_rng, log_keep)
+        counters[LOOKUPS] += n_pending
+        counters[AUDIT_COUNTDOWN], counters[N_AUDIT], clock[BLOCKED_SUM] = countdown, n_audit, blocked
+        counters[N_PENDING] = 0
+
+        # ---- the next draw
         if counters[OUT_EVENTS] == out_token.shape[0]:
             return EVENTS_FULL
         if counters[N_AUDIT] >= audit_capacity:
             return AUDIT_FULL
-        escape = escape_rate(group_rate, group_order, group_count) if use_groups else tree[0]
+        if use_groups:  # sum_g count_g * rate_g, by increasing rate
+            escape = 0.0
+            for index in range(group_order.shape[0]):
+                escape += group_count[group_order[index]] * group_rate[group_order[index]]
+        else:
+            escape = tree[0]
         if clock[PENDING] >= 0.0:
             dwell, clock[PENDING] = clock[PENDING], -1.0
         else:
@@ -415,14 +369,55 @@ def _run(
             clock[LOG_LIKELIHOOD] -= (t_final - now) * escape
             clock[TIME] = t_final
             return DONE
-        token, move = _draw(use_groups, rng.random() * escape, n_moves, tree, tree_offsets, rates, entry,
-                            group_rate, group_order, group_count, members)  # fmt: skip
+        r = rng.random() * escape
+        if use_groups:  # a group by its weight, then a member uniformly; rounding at the top: the last member
+            member, last = -1, -1
+            for index in range(group_order.shape[0]):
+                group = group_order[index]
+                weight = group_count[group] * group_rate[group]
+                if weight <= 0.0:
+                    continue
+                last = group
+                if r < weight:
+                    member = members[group, min(int(r / group_rate[group]), group_count[group] - 1)]
+                    break
+                r -= weight
+            if member < 0:
+                member = members[last, group_count[last] - 1]
+            token = member // n_moves
+            move = member - token * n_moves
+        else:  # down the sum tree to a token (rounding: the last live child), then the move within its row
+            node = 0
+            for level in range(1, depth + 1):
+                first = tree_offsets[level] + node * FANOUT
+                chosen, last = -1, -1
+                for child in range(FANOUT):
+                    weight = tree[first + child]
+                    if weight <= 0.0:
+                        continue
+                    last = child
+                    if r < weight:
+                        chosen = child
+                        break
+                    r -= weight
+                if chosen < 0:
+                    chosen = last
+                    r = tree[first + last]
+                node = node * FANOUT + chosen
+            token, move = node, -1
+            for candidate in range(n_moves):
+                weight = rates[entry[token], candidate]
+                if weight <= 0.0:
+                    continue
+                move = candidate
+                if r < weight:
+                    break
+                r -= weight
         counters[DRAWS] += 1
         clock[LOG_LIKELIHOOD] -= dwell * escape
         clock[TIME] = now + dwell
         old_site = site[token]
-        new_site = _shifted(old_site % sides[0], old_site // sides[0], move_steps[move, 0], move_steps[move, 1], sides[0],
-                            sides[1])  # fmt: skip
+        new_site = _shifted(old_site % lx, old_site // lx, move_steps[move, 0], move_steps[move, 1], lx, ly)
         onto_occupied = False
         if particles:
             clock[REJECTED_MASS] += clock[BLOCKED_SUM] / escape
@@ -439,46 +434,59 @@ def _run(
         counters[OUT_EVENTS] += 1
         counters[EVENTS] += 1
         move_counts[move] += 1
-        # apply: the mover's lists, state and sites' contents; then queue every token whose key
-        # changed (digit deltas for its neighbours, the mover's key recomputed whole)
+
+        # ---- apply: the mover's state, lists and the sites' contents
         state[token] = move_state[state[token] * n_moves + move]
-        mark = counters[STAMP] + 1
-        counters[STAMP] = mark
-        n_pending = 0
         before_old, before_new = grid[old_site], grid[new_site]
         if new_site != old_site:
+            site[token] = new_site
             if single:  # onto an empty site: the token alone there, its old site empty
                 head[old_site], head[new_site] = -1, token
-                grid[new_site] = 1 + state[token]
+                grid[new_site], grid[old_site] = 1 + state[token], 0
             else:
                 counters[OCCUPIED_SITES] += _relink(token, old_site, new_site, head, next_token, count)
                 grid[new_site] = _site_content(new_site, particles, head, next_token, state)
-            site[token] = new_site
-            delta = (digit_of_content[grid[new_site]] - digit_of_content[before_new]) * n_own_states
-            if delta != 0:
-                n_pending = _spread(new_site, delta, hashed, single, head, next_token, token_keys, stencil_steps, sides,
-                                    weights, pending, stamp, mark, n_pending)  # fmt: skip
-        grid[old_site] = 0 if single and new_site != old_site else _site_content(old_site, particles, head, next_token, state)
-        delta = (digit_of_content[grid[old_site]] - digit_of_content[before_old]) * n_own_states
-        if delta != 0:
-            n_pending = _spread(old_site, delta, hashed, single, head, next_token, token_keys, stencil_steps, sides,
-                                weights, pending, stamp, mark, n_pending)  # fmt: skip
-        if not hashed:
-            token_keys[token] = _exact_key_at(grid, new_site, state[token], stencil_steps, sides, digit_of_content, weights,
-                                              n_own_states)  # fmt: skip
+                grid[old_site] = _site_content(old_site, particles, head, next_token, state)
+        elif single:  # alone on its site: the content is its own
+            grid[old_site] = 1 + state[token] if particles else state[token]
+        else:
+            grid[old_site] = _site_content(old_site, particles, head, next_token, state)
+        # ---- queue every token whose key changed: a changed site's digit moves the key of each token
+        # whose stencil holds it (the token at site - offset_i sees it as digit i) by delta * base**i,
+        # O(1) per token; the new site first, then the old one (the group lists follow queue order)
+        mark = counters[STAMP] + 1
+        counters[STAMP] = mark
+        n_pending = 0
+        for which in range(2):
+            if which == 0 and new_site == old_site:
+                continue
+            changed, before = (new_site, before_new) if which == 0 else (old_site, before_old)
+            delta = (digit_of_content[grid[changed]] - digit_of_content[before]) * n_own_states
+            if delta == 0:
+                continue
+            x, y = changed % lx, changed // lx
+            for i in range(n_stencil):
+                watcher = head[_shifted(x, y, -stencil_steps[i, 0], -stencil_steps[i, 1], lx, ly)]
+                while watcher >= 0:
+                    if not hashed:
+                        token_keys[watcher] += delta * weights[i]
+                    if stamp[watcher] != mark:
+                        stamp[watcher] = mark
+                        pending[n_pending] = watcher
+                        n_pending += 1
+                    # one token per site: its next is never read (a cache miss less at large lattices)
+                    watcher = -1 if single else next_token[watcher]
+        if not hashed:  # the mover's key, whole
+            x, y = new_site % lx, new_site // lx
+            code = 0
+            for i in range(n_stencil):
+                code += digit_of_content[grid[_shifted(x, y, stencil_steps[i, 0], stencil_steps[i, 1], lx, ly)]] * weights[i]
+            token_keys[token] = state[token] + n_own_states * code
         if stamp[token] != mark:
             stamp[token] = mark
             pending[n_pending] = token
             n_pending += 1
         counters[N_PENDING] = n_pending
-        status = _find_pending(site, state, grid, token_keys, stencil_sites, digit_of_content, weights, n_own_states, hashed,
-                               direct, slots, keys, checks, pending, counters, found_entries, miss_keys, miss_checks,
-                               miss_patches)  # fmt: skip
-        if status == RUNNING:
-            _apply_pending(use_groups, n_moves, entry, tree, tree_offsets, entry_group, group_count, members, member_slot,
-                           totals, blocked_totals, sightings, pending, found_entries, clock, counters, audit_tokens,
-                           audit_rng, log_keep)  # fmt: skip
-    return status
 
 
 @numba.njit(cache=True)
