@@ -9,7 +9,9 @@ of its rate's group, as in the compiled simulator's class lists:
 
 A token whose table row changes moves only those of its moves whose group changed (swap-remove from
 the old list through a position index, append to the new one): O(n_moves) per re-keyed token,
-O(1) per draw for a fixed number of groups. A sum tree over tokens costs O(log n_tokens) dependent
+O(1) per draw for a fixed number of groups. The draw and the moves between lists are written out in
+the table engine's compiled loop (``table_engine._run``: numba counts references to every array
+handed to a helper, which cost more than the work); this module builds and grows the arrays. A sum tree over tokens costs O(log n_tokens) dependent
 memory reads per draw and per update; at large lattices those are cache misses.
 
 Arrays (``RateGroups``): ``rate`` float64 [G] (group ids in order of first appearance), ``order``
@@ -84,45 +86,3 @@ def escape_rate(rate, order, count):
         group = order[index]
         total += count[group] * rate[group]
     return total
-
-
-@numba.njit(cache=True, inline="always")
-def pick(r, rate, order, count, members):
-    """Member chosen by r uniform in [0, R): the group by its weight, then uniformly by r's remainder.
-
-    Rounding can leave r at the top of [0, R): the last member of the last live group is taken then.
-    """
-    last = -1
-    for index in range(order.shape[0]):
-        group = order[index]
-        weight = count[group] * rate[group]
-        if weight <= 0.0:
-            continue
-        last = group
-        if r < weight:
-            return members[group, min(int(r / rate[group]), count[group] - 1)]
-        r -= weight
-    return members[last, count[last] - 1]
-
-
-@numba.njit(cache=True, inline="always")
-def regroup(token, old_entry, new_entry, n_moves, entry_group, count, members, slot):
-    """A token's row changed from ``old_entry`` (-1: none yet) to ``new_entry``: move its moves whose group changed."""
-    for move in range(n_moves):
-        old = entry_group[old_entry, move] if old_entry >= 0 else NO_GROUP
-        new = entry_group[new_entry, move]
-        if old == new:
-            continue
-        member = token * n_moves + move
-        if old >= 0:  # swap-remove: the list's last member takes this one's place
-            position = slot[member]
-            last = members[old, count[old] - 1]
-            members[old, position] = last
-            slot[last] = position
-            count[old] -= 1
-        if new >= 0:
-            members[new, count[new]] = member
-            slot[member] = count[new]
-            count[new] += 1
-        else:
-            slot[member] = -1
