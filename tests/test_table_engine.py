@@ -366,10 +366,14 @@ def test_the_audit_catches_a_model_that_is_not_local():
     assert local.statistics.audit_largest_difference == 0.0
 
 
-def test_auto_selection_takes_groups_for_few_distinct_rates_and_the_tree_otherwise():
-    options = EngineOptions(group_limit=3)
-    assert options.selection_for(np.array([[0.1, 0.1, 25.0, 1.0, 1.0, 0.0]])) == "groups"
-    assert options.selection_for(np.array([[0.1, 0.2, 25.0, 1.0, 1.5, 0.0]])) == "tree"
+def test_auto_selection_takes_groups_for_few_distinct_rates_on_small_lattices_and_the_tree_otherwise():
+    options = EngineOptions(group_limit=3, group_token_limit=100)
+    assert options.selection_for(np.array([[0.1, 0.1, 25.0, 1.0, 1.0, 0.0]]), 100) == "groups"
+    assert options.selection_for(np.array([[0.1, 0.2, 25.0, 1.0, 1.5, 0.0]]), 100) == "tree"
+    assert options.selection_for(np.array([[0.1, 0.1, 25.0, 1.0, 1.0, 0.0]]), 101) == "tree"  # lists outgrow caches
+    assert EngineOptions(selection="groups").selection_for(np.array([[0.1, 0.2]]), 10**6) == "groups"
+    with pytest.raises(ConfigurationError, match="group_token_limit"):
+        EngineOptions(group_token_limit=0)
     system = make_system("active", {"L": 12, "density": 0.3})
     assert run_engine(system, 1, 1.0)[0].selection == "groups"  # D, v_plus, v_other
     model = SpreadRates(system, 1e-3)

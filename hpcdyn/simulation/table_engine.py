@@ -609,7 +609,11 @@ class EngineOptions:
     selection: how an event is drawn. "groups": one list of candidate moves per distinct rate
     (``hpcdyn.simulation.rate_groups``); "tree": a sum tree over tokens; "auto": "groups" when the
     table's rates take at most ``group_limit`` distinct positive values once every token's first key
-    is in it (class rates of Mode 2, the original rates), else "tree". Both are exact; the choice is
+    is in it (class rates of Mode 2, the original rates) and the lattice holds at most
+    ``group_token_limit`` tokens, else "tree". Beyond that the group lists (4 bytes per group, token and
+    move) outgrow the caches and the tree's 8-wide levels cost fewer misses (benchmarks/RESULTS.md,
+    table-engine: 32,768 tokens, tree 1.38 M/s against groups 1.06; 112 and 450 tokens, groups as fast
+    or faster). Both are exact; the choice is
     made once per run (a run that meets new rates later keeps its structure: groups stay exact with
     more groups, only slower).
     """
@@ -623,6 +627,7 @@ class EngineOptions:
     step_limit: int = 4096  # patches one "step" prefetch collects at most
     selection: str = "auto"
     group_limit: int = 16  # "auto" takes groups up to this many distinct rates
+    group_token_limit: int = 4096  # and up to this many tokens
     chunk_events: int = 1 << 20
     snapshot_chunk: int = 1024
 
@@ -633,16 +638,18 @@ class EngineOptions:
             raise ConfigurationError(f"prefetch: must be one of {PREFETCH}, got {self.prefetch!r}")
         if self.selection not in SELECTIONS:
             raise ConfigurationError(f"selection: must be one of {SELECTIONS}, got {self.selection!r}")
-        for name in ("audit_capacity", "space_limit", "step_limit", "chunk_events", "snapshot_chunk", "group_limit"):
+        for name in ("audit_capacity", "space_limit", "step_limit", "chunk_events", "snapshot_chunk", "group_limit",
+                     "group_token_limit"):  # fmt: skip
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigurationError(f"{name}: must be an integer >= 1, got {value!r}")
 
-    def selection_for(self, rates: np.ndarray) -> str:
-        """The structure for a table whose rows so far are ``rates`` [K, M]."""
+    def selection_for(self, rates: np.ndarray, n_tokens: int) -> str:
+        """The structure for a table whose rows so far are ``rates`` [K, M], on ``n_tokens`` tokens."""
         if self.selection != "auto":
             return self.selection
-        return "groups" if len(distinct_rates(rates)) <= self.group_limit else "tree"
+        few = len(distinct_rates(rates)) <= self.group_limit and n_tokens <= self.group_token_limit
+        return "groups" if few else "tree"
 
     def prefetch_for(self, encoder) -> str:
         if self.prefetch != "auto":
@@ -801,7 +808,7 @@ class TableEngine:
                                self.counters, self.found_entries, self.miss_keys, self.miss_checks, self.miss_patches)  # fmt: skip
         if status != RUNNING:
             return status
-        self.selection = self.options.selection_for(self.table.rates[: self.table.size])
+        self.selection = self.options.selection_for(self.table.rates[: self.table.size], len(self.site))
         if self.selection == "groups":
             self.groups = RateGroups(len(self.site), self.system.n_moves)
         else:
