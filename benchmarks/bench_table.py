@@ -318,9 +318,13 @@ def speed_note(rows) -> str:
         f"simulator runs at {speed(large['compiled'])}, the table engine at {speed(large['cold'])} cold, "
         f"{speed(large['groups'])} (groups) and {speed(large['tree'])} (tree) warm, {best_warm(large) / large['compiled']:.2f} "
         "of the compiled simulator's rate. Its L 256 loop keeps token and site arrays narrow (int32, contents int8), "
-        "computes neighbours instead of reading site tables (megabytes at that size) and, with one token per site, "
-        f"walks no site lists (before those changes, in an earlier run of this benchmark: 0.31-0.33 M/s against 1.04 M/s compiled). The >= 1 M events/s "
-        f"per core of the issue at L 256 is {verdict} in this run on this shared machine."
+        "computes neighbours instead of reading site tables (megabytes at that size), with one token per site "
+        "walks no site lists, and has the queue, the draw and the selection structures written out in the compiled "
+        "loop (numba counts the references to every array handed to a helper, atomically: sampled with perf, that "
+        "was over half of an event); 'auto' takes the tree beyond 4,096 tokens. Earlier runs of this benchmark: "
+        "0.31-0.33 M/s against 1.04 M/s compiled before the narrow arrays, 0.58-0.66 M/s against 1.37 M/s before the "
+        f"written-out loop. The >= 1 M events/s per core of the issue at L 256 is {verdict} in this run on this "
+        "shared machine."
     )
 
 
@@ -337,7 +341,10 @@ def model_note(rows) -> str:
         f"the full 450-token configuration count too) at L 30, against {network} for the network engine "
         f"({', '.join(f'{value:,.0f}' for value in times)} times faster); at L 256, {speed(large['cold'])} cold, "
         f"{speed(best_warm(large))} warm, compiled original {speed(large['compiled'])} (no network engine and no audit "
-        "there: one network call on 32,768 tokens is out of reach on this machine)."
+        "there: one network call on 32,768 tokens is out of reach on this machine): the >= 1 M events/s of the issue "
+        f"for a trained model at L 256 including its misses is {'met' if large['cold'] >= 1e6 else 'not met'} in this run "
+        "(memory-bound runs on this shared machine vary by tens of percent: compare the compiled simulator's L 256 "
+        "rate here with the first table's)."
     )
 
 
