@@ -46,6 +46,13 @@ def add_parser(commands) -> None:
     optimisation.add_argument("--segment-events", type=int,
                               help="consecutive events per gradient step (default: 256, halved down to 16 while an "
                                    "epoch would take fewer than 128 steps; config.json records the value used)")  # fmt: skip
+    optimisation.add_argument("--average-weights", action=argparse.BooleanOptionalAction, default=None,
+                              help="end each epoch on the mean of its weights over the epoch's steps (default: on below "
+                                   "32,768 training events; config.json records the value used)")  # fmt: skip
+    optimisation.add_argument("--learn-position-tables", action=argparse.BooleanOptionalAction, default=None,
+                              help="train the absolute position tables; --no-learn-position-tables keeps them at their "
+                                   "initial values (default: trained from 32,768 training events on, fixed below; "
+                                   "config.json records the value used)")  # fmt: skip
     optimisation.add_argument("--validation-fraction", type=float, default=0.1)
     optimisation.add_argument("--max-train-events", type=int, help="use only the first events for training")
     optimisation.add_argument("--gradient-clip", type=float, default=1.0)
@@ -140,6 +147,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         max_train_events=args.max_train_events,
         gradient_clip=args.gradient_clip,
         patience=args.patience,
+        average_weights=args.average_weights,
+        learn_position_tables=args.learn_position_tables,
         class_rate_fit=args.class_rate_fit,
         expected_from_epoch=args.expected_from_epoch,
         seed=args.seed,

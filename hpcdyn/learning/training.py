@@ -60,6 +60,13 @@ class TrainingConfig:
     # epochs without a better validation U/T before stopping; None: half the epoch budget, at least 5
     # (default_patience), so a noisy held-out tail does not stop a run before its learning rate has decayed
     patience: int | None = None
+    # the weights at the end of each epoch replaced by their mean over that epoch's gradient steps;
+    # None: chosen from the training events (default_average_weights), on below 32,768
+    average_weights: bool | None = None
+    # train the absolute position tables (zero at the start with rotary); False: they keep their initial
+    # values and the rates depend on positions only through relative offsets (rotary, offset scores);
+    # None: chosen from the training events (default_learn_position_tables), learned from 32,768 on
+    learn_position_tables: bool | None = None
     gumbel_temperature: tuple[float, float] = (1.0, 0.1)  # start, end (Mode 2, gumbel)
     # Mode 2: leave the class rates to the gradient steps, or set them to n_k / E_k, their best values
     # for the classifier (hpcdyn.learning.class_rates), after each epoch or after the last one (CLASS_RATE_FITS)
@@ -102,6 +109,10 @@ class TrainingConfig:
         require(math.isfinite(self.gradient_clip) and self.gradient_clip > 0, "gradient_clip", "must be > 0")
         require(self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),
                 "patience", f"must be None (half the epochs, at least 5) or an integer >= 1, got {self.patience!r}")  # fmt: skip
+        require(self.average_weights in (None, True, False), "average_weights",
+                f"must be None (chosen from the trajectory), true or false, got {self.average_weights!r}")  # fmt: skip
+        require(self.learn_position_tables in (None, True, False), "learn_position_tables",
+                f"must be None (chosen from the trajectory), true or false, got {self.learn_position_tables!r}")  # fmt: skip
         require(self.class_rate_fit in CLASS_RATE_FITS, "class_rate_fit",
                 f"must be one of {CLASS_RATE_FITS}, got {self.class_rate_fit!r}")  # fmt: skip
         require(self.expected_from_epoch is None or (isinstance(self.expected_from_epoch, int) and self.expected_from_epoch >= 0),
@@ -140,6 +151,7 @@ class TrainingResult:
     stopped_early: bool
 
 
+LONG_TRAJECTORY_EVENTS = 32_768  # training events from which the defaults are those of the active L 12 and L 30 runs
 SEGMENT_EVENTS_LONG = 256  # the default on long trajectories (the active L 12 and L 30 runs: 90 k, 770 k training events)
 SEGMENT_EVENTS_SHORTEST = 16
 STEPS_PER_EPOCH = 128  # a shorter trajectory is cut into shorter segments until an epoch takes this many steps
@@ -155,6 +167,31 @@ def default_segment_events(n_train_events: int) -> int:
     return max(1, min(segment, n_train_events))
 
 
+def default_learn_position_tables(n_train_events: int, mode: int = 1) -> bool:
+    """Whether the absolute position tables are trained when not said: from 32,768 training events on,
+    and always in Mode 2 (not measured there; see default_average_weights).
+    A table gives every site its own parameters; on ~5 k training events (FA chain, L 64, T 350: ~75 events
+    a site) it learns the sites' fluctuations. Measured with default_average_weights (benchmarks/TRAINING.md,
+    fa-defaults): L 64 seed 1, best held-out gap 0.0070 with trained tables, 0.0027 with fixed ones.
+    Long trajectories keep learning them: their validated active-matter runs are unchanged."""
+    return n_train_events >= LONG_TRAJECTORY_EVENTS or mode != 1
+
+
+def default_average_weights(n_train_events: int, mode: int = 1) -> bool:
+    """Whether each epoch ends on the mean of its weights when not said: below 32,768 training events,
+    in Mode 1 only (measured there; in Mode 2 the averaging together with fixed tables left the class
+    rates of tests/test_training.py's 17 k-event exclusion-mask run at 0.26 instead of 0.5 after 10
+    epochs, so Mode 2 keeps the last weights and trained tables).
+    Measured on the FA chain (benchmarks/TRAINING.md, fa-defaults): at L 64, T 350 (~5 k training
+    events, 32-event segments) the held-out gap of the last weights jumped by up to 0.04 nats/event from
+    one epoch to the next and the best epoch reached 0.0076 / 0.0055 / -0.0010 on three trajectories;
+    with the epoch's mean (seed 1) the gap fell steadily, 0.020 -> 0.0070 over epochs 3-8 (counted from 1), best 0.0070
+    (0.0076 before); together with fixed position tables (default_learn_position_tables) 0.0027.
+    Only training on segments averages (a hard-local model trained on its statistics does not).
+    Long trajectories keep the last weights: their validated active-matter runs are unchanged."""
+    return n_train_events < LONG_TRAJECTORY_EVENTS and mode == 1
+
+
 def default_patience(epochs: int) -> int:
     """Epochs without improvement before stopping when none is given: half the budget, at least 5."""
     return max(5, math.ceil(epochs / 2))
@@ -167,15 +204,24 @@ def training_events(n_events: int, config: TrainingConfig) -> int:
 
 
 def resolve_defaults(config: TrainingConfig, source: EventSource, saved: dict[str, Any] | None = None) -> TrainingConfig:
-    """The configuration with the values it leaves open (segment_events, patience) chosen for this
-    trajectory; a resumed run keeps its checkpoint's segment length (``saved``: its training config)."""
-    segment_events, patience = config.segment_events, config.patience
+    """The configuration with the values it leaves open (segment_events, patience, average_weights,
+    learn_position_tables) chosen for this trajectory; a resumed run keeps its checkpoint's segment length,
+    averaging and tables (``saved``: its training config; a checkpoint without average_weights or
+    learn_position_tables was written before they existed: without averaging, with trained tables)."""
+    segment_events, patience, average = config.segment_events, config.patience, config.average_weights
+    n_train = training_events(source.n_events, config)
+    if average is None:  # a run saved before the setting existed kept its last weights
+        average = saved.get("average_weights", False) if saved is not None else default_average_weights(n_train, config.model.mode)
+    tables = config.learn_position_tables
+    if tables is None:  # likewise, a run saved before it existed learned its tables
+        tables = saved.get("learn_position_tables", True) if saved is not None else default_learn_position_tables(n_train, config.model.mode)
     if segment_events is None:
         saved_segment = (saved or {}).get("segment_events")
-        segment_events = saved_segment if saved_segment is not None else default_segment_events(training_events(source.n_events, config))
+        segment_events = saved_segment if saved_segment is not None else default_segment_events(n_train)
     if patience is None:
         patience = default_patience(config.epochs)
-    return dataclasses.replace(config, segment_events=segment_events, patience=patience)
+    return dataclasses.replace(config, segment_events=segment_events, patience=patience, average_weights=bool(average),
+                               learn_position_tables=bool(tables))
 
 
 def _validation_events(n_events: int, config: TrainingConfig) -> int:
@@ -223,6 +269,8 @@ def _train_epoch(model, optimizer, window, config, generator, progress) -> dict[
     model.train()
     system = window.system
     total_u, total_time, total_events = 0.0, 0.0, 0
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    mean, steps = ([parameter.detach().clone() for parameter in parameters] if config.average_weights else None), 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and config.device.startswith("cuda"))
     for positions, states, tokens, moves, dwell in _segments_in_shuffled_blocks(window, config, generator):
         with autocast:
@@ -234,10 +282,19 @@ def _train_epoch(model, optimizer, window, config, generator, progress) -> dict[
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
         optimizer.step()
+        if mean is not None:  # running mean of the weights after each step
+            steps += 1
+            with torch.no_grad():
+                for average, parameter in zip(mean, parameters):
+                    average.lerp_(parameter.detach(), 1.0 / steps)
         total_u += float(u.detach())
         total_time += float(elapsed)
         total_events += len(tokens)
         progress.update(len(tokens))
+    if mean is not None and steps:
+        with torch.no_grad():
+            for average, parameter in zip(mean, parameters):
+                parameter.copy_(average)
     return {"train_U_per_T": total_u / total_time, "train_events": total_events}
 
 
@@ -322,10 +379,13 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
     last_path = run_dir / "last.pt"
     torch.manual_seed(config.seed)
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    # resolved: segment length and patience; a resumed run keeps its checkpoint's segment length
+    # resolved: segment length, patience, averaging; a resumed run keeps its checkpoint's segment length and averaging
     config = resolve_defaults(config, source, state["training_config"] if state is not None else None)
     training, validation = split(source, config)
     model = build_model(config, source).to(config.device)
+    if not config.learn_position_tables and hasattr(model, "embed_x"):  # kept at their initial values
+        model.embed_x.weight.requires_grad_(False)
+        model.embed_y.weight.requires_grad_(False)
     config = dataclasses.replace(config, model=model.config)  # resolved: lattice, system, initial rate
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     metrics: list[dict[str, Any]] = []
@@ -463,7 +523,7 @@ def _check_resumable(state, config, identity) -> None:
         )
     saved, current = state["training_config"], config.as_dict()
     # a setting the checkpoint lacks was added later: the run had its default
-    defaults = TrainingConfig(model=config.model).as_dict()
+    defaults = {**TrainingConfig(model=config.model).as_dict(), "average_weights": False, "learn_position_tables": True}
     differing = sorted(key for key in current
                        if key not in RESUMABLE_CHANGES and current[key] != saved.get(key, defaults[key]))  # fmt: skip
     if differing:
