@@ -7,8 +7,9 @@ Reads the stage's store (DIR/large.zarr: original and learned dynamics on L x L)
 family verdict, then simulates the ORIGINAL dynamics once more with the learned model's class rates
 in place of the true D, v_other and v_plus (the same L, densities, replicas, times; another seed) and
 judges the learned dynamics against that too. The learned rates are n/E of one training trajectory:
-D rests on about 10^4 rotations there (1 % standard error). At L 256 the observables' standard
-errors are small enough to see such an error; if the learned dynamics agrees with the original
+on the paper's (T 500) D rests on about 10^4 rotations (1 % standard error), and at L 256 the
+observables' standard errors are small enough to see such an error (the `large` preset therefore
+trains on T 5000, 0.3 %); if the learned dynamics agrees with the original
 dynamics at its own rates, what separates it from the truth is the training data's error on the
 rates, not the model or the table engine. The class rates are matched to D < v_other < v_plus by
 size (the three largest classes; the smallest is the blocked hops, ~0): valid for the paper's rates.
@@ -54,6 +55,15 @@ def learned_rates_store(record: dict, out: Path, seed: int) -> tuple[Path, dict,
     begin = time.perf_counter()
     summary = run_ensemble(config, out, Placement())
     return out, {"D": d, "v_other": v_other, "v_plus": v_plus, **{k: summary.get(k) for k in ("events", "units_run")}}, time.perf_counter() - begin
+
+
+def training_time(preset: dict) -> float:
+    return float(preset["sweep_overrides"]["data.t_final"])
+
+
+def paper_or_not(preset: dict) -> str:
+    factor = training_time(preset) / 500.0
+    return ", the paper's" if factor == 1 else f", {factor:g} times the paper's"
 
 
 def table(rows: list[tuple[str, object]]) -> list[str]:
@@ -122,7 +132,7 @@ def main() -> None:
         f"The stage: {len(preset['large_densities'])} densities x {preset['large_replicas']} replicas of each dynamics, "
         f"t {preset['large_t_final']:g} (burn-in {preset['large_burn_in']:g}, a snapshot every "
         f"{preset['large_snapshot_every']:g}), the learned model (Mode 2, N_theta {len(record['stages']['sweep']['best_trial']['class_rates'])}, "
-        f"vn1, trained on the paper's 30 x 30 trajectory) on its environment table (engines: {stage.get('engines')}); "
+        f"vn1, trained on a 30 x 30 trajectory of T {training_time(preset):g}{paper_or_not(preset)}) on its environment table (engines: {stage.get('engines')}); "
         f"{stage['events']:,} events in {stage['seconds']:.0f} s of wall time on Ray actors (the whole `large` preset took "
         f"{record.get('seconds_this_run', 0):.0f} s, stage by stage: "
         + ", ".join(f"{name} {value:.0f} s" for name, value in record.get("stage_seconds", {}).items()) + ").",
