@@ -154,8 +154,8 @@ PRESETS = {
     "quick": QUICK,
     # The quick study, then learned against original dynamics at 70x the paper's number of particles:
     # L 256 at densities 0.124, 0.3 and 0.5 (8 k to 33 k particles), the learned model on its
-    # environment table (any lattice size), 8 replicas per density on Ray actors (measured: 218 M events,
-    # 327 s on 2 cores shared with two other jobs). The training trajectory is ten times the paper's
+    # environment table (any lattice size), 8 replicas per density on Ray actors (measured: 217 M events,
+    # 80 s on 2 cores; the whole preset 1,075 s). The training trajectory is ten times the paper's
     # (T 5000, about 8.6 M events): at this size the observables resolve a 1 % error in a rate (the
     # paper's T 500 gives D from about 10^4 rotations, 1 % standard error; a model learned from it had D
     # 1.8 % high and its f4 at density 0.5 differed by 3.7 standard errors, as did the original dynamics
