@@ -28,8 +28,8 @@ def add_parser(commands) -> None:
         "run and reuses finished stages.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick (default): the paper's study in minutes on 2 CPU cores; large: quick, then learned against original "
-                        "dynamics on 256 x 256 (OUT/large.zarr); paper: the paper-scale study for GPUs or a cluster")  # fmt: skip
+                        help="quick (default): the paper's study in minutes on 2 CPU cores; large: quick on a 10x longer training "
+                        "trajectory (T 5000), then learned against original dynamics on 256 x 256 (OUT/large.zarr); paper: the paper-scale study for GPUs or a cluster")  # fmt: skip
     parser.add_argument("--out", required=True, help="directory of the whole study (resumed when it exists)")
     parser.add_argument("--address", help="join the Ray cluster at this address (default: start a local Ray)")
     parser.add_argument("--num-cpus", type=positive_int, help="CPUs of a local Ray (default: all); not with --address")
