@@ -206,30 +206,38 @@ def model_rows(args) -> tuple[list[dict], str]:
     rows = [measure_model(label, params, network, model, chosen["key_family"], identity, args)
             for label, params, network in MODEL_CASES]  # fmt: skip
     large = by_label(rows, "L256")
-    large["repeats"] = [repeat_row(large, args, lambda: measure_model(*MODEL_CASES[-1], model, chosen["key_family"], identity, args))
+    again = next_seed(args)
+    large["repeats"] = [rates_of(measure_model(*case_of(MODEL_CASES, large), model, chosen["key_family"], identity, again))
                         for _ in range(args.large_repeats)]  # fmt: skip
     return rows, f"{chosen['key_family']} ({chosen['reason']})"
 
 
-def repeat_row(row: dict, args, run) -> dict:
-    """The L 256 case once more, with seed + 1 each time: the same events, so the repeats' spread is the machine's
-    (memory-bound rates on a shared machine vary by tens of percent from one run to the next)."""
-    args.seed += 1
-    try:
-        again = run()
-    finally:
-        args.seed -= 1
-    return {key: again[key] for key in ("compiled", "cold", "groups", "tree")}
+# The L 256 cases run again (--large-repeats), all with seed + 1: the same events, so the repeats' spread is the
+# machine's (memory-bound rates on a shared machine vary by tens of percent from one run to the next).
+def next_seed(args) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "seed": args.seed + 1})
+
+
+def case_of(cases, row: dict) -> tuple:
+    return next(case for case in cases if case[0] == row["label"])
+
+
+def rates_of(row: dict) -> dict:
+    return {key: row[key] for key in ("compiled", "cold", "groups", "tree")}
+
+
+def values_of(row: dict, key: str) -> list[float]:
+    """``key``'s rate in ``row`` and in its repeats, sorted."""
+    return sorted([row[key]] + [repeat[key] for repeat in row.get("repeats", [])])
 
 
 def median(row: dict, key: str) -> float:
-    """The median of ``key``'s rate over ``row`` and its repeats."""
-    return float(np.median([row[key]] + [repeat[key] for repeat in row.get("repeats", [])]))
+    return float(np.median(values_of(row, key)))
 
 
 def spread(row: dict, key: str) -> str:
     """``key``'s rate in ``row`` and its repeats: "x" alone, else "median x (min-max over n runs)"."""
-    values = sorted([row[key]] + [repeat[key] for repeat in row.get("repeats", [])])
+    values = values_of(row, key)
     if len(values) == 1:
         return speed(values[0])
     return f"median {speed(median(row, key))} ({values[0] / 1e6:.2f}-{values[-1] / 1e6:.2f} M/s over {len(values)} runs)"
@@ -428,8 +436,8 @@ def main() -> None:
         rows, model, machine_line = saved["rows"], saved["model"], saved["machine"]
     else:
         rows = [measure(label, params, family, args) for label, params, family in CASES]
-        large = by_label(rows, "active L256")
-        large["repeats"] = [repeat_row(large, args, lambda: measure(*CASES[2], args)) for _ in range(args.large_repeats)]
+        large, again = by_label(rows, "active L256"), next_seed(args)
+        large["repeats"] = [rates_of(measure(*case_of(CASES, large), again)) for _ in range(args.large_repeats)]
         model = model_rows(args) if args.model else None
         machine_line = machine()
         if args.rows:
