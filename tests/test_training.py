@@ -102,8 +102,8 @@ def test_gumbel_training_anneals_the_temperature(events, tmp_path):
     temperatures = []
     original = training_module._set_schedules
 
-    def spy(model, optimizer, config, epoch):
-        original(model, optimizer, config, epoch)
+    def spy(model, optimizer, config, epoch, *more):
+        original(model, optimizer, config, epoch, *more)
         temperatures.append(model.temperature)
 
     training_module._set_schedules = spy

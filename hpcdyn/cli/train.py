@@ -68,14 +68,17 @@ def add_parser(commands) -> None:
                               help="Mode 2: from this epoch on, train the classifier by the exact gradient of the "
                                    "expected U instead of --estimator (e.g. 4 of 10 epochs, with --class-rate-fit "
                                    "closed_form_last; README)")  # fmt: skip
+    optimisation.add_argument("--class-init", choices=CLASS_INITS, default="auto",
+                              help="Mode 2: start from the maximum-likelihood partition of the (environment, move) pairs, "
+                                   "the classifier fitted to it (auto, partition; default), or from scratch (none). On "
+                                   "statistics the model's own key family; an unrestricted model starts from the nearest "
+                                   "neighbours' and refines (expected-U gradient, class rates in closed form after every "
+                                   "epoch); there auto means none when --expected-from-epoch or --class-rate-fit is given")  # fmt: skip
     local = parser.add_argument_group("hard-local model (--attention-stencil)")
     local.add_argument("--no-statistics", dest="statistics", action="store_false",
                        help="train on segments of events instead of the exact sufficient statistics of the model's "
                             "key family (default: statistics, computed once beside the store and reused)")  # fmt: skip
     local.add_argument("--statistics-steps", type=int, default=50, help="gradient steps per epoch on the statistics")
-    local.add_argument("--class-init", choices=CLASS_INITS, default="auto",
-                       help="Mode 2 on statistics: start from the maximum-likelihood partition of the (environment, "
-                            "move) pairs, the classifier fitted to it (auto, partition; default), or from scratch (none)")  # fmt: skip
     local.add_argument("--statistics-batch-keys", type=int, metavar="KEYS",
                        help="keys per gradient step (default: every key, full batch)")  # fmt: skip
     hardware = parser.add_argument_group("hardware")

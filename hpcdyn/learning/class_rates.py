@@ -75,14 +75,21 @@ def _class_counts(classes: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_class_rates(model, source: EventSource, segment_events: int = 512, device: str = "cpu") -> ClassStatistics:
+def fit_class_rates(model, source: EventSource, segment_events: int = 512, device: str = "cpu",
+                    empty_to_lowest: bool = False) -> ClassStatistics:  # fmt: skip
     """Set the class rates of a Mode 2 model to their maximum-likelihood values on ``source``.
 
-    A class no event of the data falls in keeps its current rate: its best rate is 0, which the
-    gradient steps approach from above.
+    A class no event of the data falls in has the best rate 0: it keeps its current rate, which the
+    gradient steps approach 0 from, or with ``empty_to_lowest`` goes down to the lowest rate the
+    classes started at (a class that held events for a while, moves since sorted out of it, would
+    otherwise keep their rate).
     """
     statistics = class_statistics(model, source, segment_events, device)
     rates = statistics.rates().to(model.class_log_rates.device)
     fitted = torch.isfinite(rates)
     model.class_log_rates[fitted] = rates[fitted].log().to(model.class_log_rates.dtype)
+    if empty_to_lowest:
+        empty = ~fitted & (statistics.exposure.to(fitted.device) > 0)
+        lowest = torch.full_like(model.class_log_rates, model.lowest_class_log_rate)
+        model.class_log_rates[empty] = torch.minimum(model.class_log_rates, lowest)[empty]
     return statistics

@@ -15,6 +15,7 @@ stream is reseeded from (seed, epoch).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -86,9 +87,13 @@ class TrainingConfig:
     statistics: bool = True
     statistics_steps: int = 50
     statistics_batch_keys: int | None = None  # keys per step; None: every key (full batch)
-    # Mode 2 on statistics: "auto" (= "partition") starts from the maximum-likelihood partition of the
-    # (key, move) pairs (hpcdyn.learning.class_partition), the classifier fitted to it, then follows the
-    # expected-U gradient with closed-form class rates refitted every few steps; "none": the plain recipe
+    # Mode 2's start. On statistics, "auto" (= "partition") starts from the maximum-likelihood partition
+    # of the (key, move) pairs (hpcdyn.learning.class_partition), the classifier fitted to it, then
+    # follows the expected-U gradient with closed-form class rates refitted every few steps. On
+    # segments (an unrestricted model) the start is the partition of the nearest-neighbour environments
+    # (hpcdyn.learning.segment_start), then the expected-U gradient from the first epoch, the class rates
+    # in closed form after every epoch, and an epoch undone when it lowers the held-out U; "auto" takes it
+    # unless expected_from_epoch or class_rate_fit ask for a from-scratch recipe. "none": from scratch.
     class_init: str = "auto"
 
     def __post_init__(self) -> None:
@@ -397,6 +402,7 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
         metrics = state["metrics"]
     scored = compiled_model(model, config)
     local = _statistics_objective(model, source, config)
+    partition_start = _partition_start(model, config, local, source.system)
     true_result = _true_validation(source, validation, config)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once everything checked out: a refused run leaves nothing
     best = max(metrics, key=lambda m: m["val_U_per_T"]) if metrics else None
@@ -409,7 +415,7 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
             break
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         torch.manual_seed(config.seed * 100_003 + epoch)  # Gumbel noise
-        _set_schedules(model, optimizer, config, epoch)
+        _set_schedules(model, optimizer, config, epoch, partition_start)
         begin = time.perf_counter()
         if local is not None:  # a hard-local model: exact U from the sufficient statistics
             from hpcdyn.learning import local_training
@@ -420,10 +426,8 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
                 train_stats["train_U_per_T"] = local.both_parts(model)[0] / max(local.stats.t_train, 1e-300)
             validation_result = local_training.validate(local, scored)
         else:
-            train_stats = _train_epoch(scored, optimizer, training, config, generator, bar)
-            if model.config.mode == 2 and _closed_form_epoch(config, epoch):
-                fit_class_rates(model, training, max(config.segment_events, 512), config.device)
-            validation_result = _validate(scored, validation, config)
+            train_stats, validation_result = _segment_epoch(model, scored, optimizer, source, (training, validation),
+                                                            config, generator, bar, epoch, partition_start, metrics)  # fmt: skip
         epoch_metrics = _epoch_metrics(epoch, train_stats, validation_result, true_result, model, time.perf_counter() - begin)
         if local is not None:
             epoch_metrics.update(local_training.ceiling_metrics(local.stats), trained_on=f"statistics:{local.stats.family}")
@@ -442,6 +446,38 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
     return TrainingResult(run_dir, metrics, best or {}, stopped_early)
 
 
+def _segment_epoch(model, scored, optimizer, source, windows, config, generator, progress, epoch: int,
+                   partition_start: bool, metrics) -> tuple[dict[str, Any], LikelihoodResult]:  # fmt: skip
+    """One epoch on segments of events, then the Mode 2 class rates in closed form when due.
+
+    From the partition's start (segment_start: the classes sorted, the rates n_k / E_k, refitted after
+    every epoch) the steps refine what the start leaves open; an epoch whose steps lower the held-out U
+    is undone (model and optimiser), as on statistics: the next one tries again at its lower learning rate.
+    """
+    training, validation = windows
+    started, start_u = {}, None
+    if partition_start:
+        if epoch == 0:
+            from hpcdyn.learning import segment_start
+
+            started = segment_start.initialise_classes(model, source, training, validation, config)
+            start_u = _validate(scored, validation, config).per_time
+            started["start_val_U_per_T"] = start_u
+        else:
+            start_u = metrics[-1]["val_U_per_T"]
+        start_state = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    train_stats = {**started, **_train_epoch(scored, optimizer, training, config, generator, progress)}
+    if model.config.mode == 2 and (_closed_form_epoch(config, epoch) or partition_start):
+        fit_class_rates(model, training, max(config.segment_events, 512), config.device, empty_to_lowest=partition_start)
+    validation_result = _validate(scored, validation, config)
+    if start_u is not None and validation_result.per_time < start_u:
+        model.load_state_dict(start_state[0])
+        optimizer.load_state_dict(start_state[1])
+        validation_result = _validate(scored, validation, config)
+        train_stats["steps_reverted"] = True
+    return train_stats, validation_result
+
+
 def _statistics_objective(model: TransformerRates, source: EventSource, config: TrainingConfig):
     """The statistics of a hard-local model's key family (cached beside the store), or None."""
     if not (model.config.hard_local and config.statistics):
@@ -457,6 +493,15 @@ def _statistics_objective(model: TransformerRates, source: EventSource, config: 
         )
     stats, _ = cached_statistics(source, family, config.validation_fraction, config.max_train_events)
     return StatisticsObjective(stats, source.system, config.device)
+
+
+def _partition_start(model, config, local, system) -> bool:
+    """Whether a Mode 2 run on segments starts from the nearest-neighbour partition (class_init)."""
+    if local is not None or model.config.mode != 2:
+        return False
+    from hpcdyn.learning import segment_start  # numba's statistics: imported only for Mode 2
+
+    return segment_start.applies(model, config, False, system)
 
 
 def compiled_model(model: TransformerRates, config: TrainingConfig):
@@ -481,13 +526,16 @@ def _true_validation(source, validation, config) -> LikelihoodResult | None:
     return result
 
 
-def _set_schedules(model, optimizer, config, epoch) -> None:
+def _set_schedules(model, optimizer, config, epoch, partition_start: bool = False) -> None:
     factor = cosine_factor(epoch, config.epochs) if config.lr_schedule == "cosine" else 1.0
     for group in optimizer.param_groups:
         group["lr"] = config.lr * factor
     start, end = config.gumbel_temperature
     model.temperature = start * (end / start) ** (epoch / max(config.epochs - 1, 1))  # geometric annealing
-    model.expected_gradient = config.expected_from_epoch is not None and epoch >= config.expected_from_epoch
+    # from the partition's start (segment_start) the classes are sorted: the expected-U gradient refines
+    # them from the first epoch, where straight-through steps would scatter them
+    start = 0 if partition_start and config.expected_from_epoch is None else config.expected_from_epoch
+    model.expected_gradient = start is not None and epoch >= start
 
 
 def _closed_form_epoch(config: TrainingConfig, epoch: int) -> bool:

@@ -456,6 +456,7 @@ class TransformerRates(torch.nn.Module):
             low, high = MASKED_CLASS_LOG_RATE_SPREAD if config.exclusion_mask else CLASS_LOG_RATE_SPREAD
             spread = torch.linspace(low, high, config.n_classes) if config.n_classes > 1 else torch.zeros(1)
             self.class_log_rates = torch.nn.Parameter(config.initial_log_rate + spread)
+            self.lowest_class_log_rate = float(self.class_log_rates.detach().min())  # where the rates start, at least
         self.temperature = 1.0  # Gumbel-softmax temperature, annealed by the trainer
         self.expected_gradient = False  # Mode 2: set by the trainer (TrainingConfig.expected_from_epoch)
 

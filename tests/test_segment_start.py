@@ -1,0 +1,74 @@
+"""Mode 2's start on segments: the unrestricted classifier fitted to the nearest-neighbour partition."""
+
+import math
+
+import pytest
+import torch
+
+from hpcdyn.cli.rules import rate_interval
+from hpcdyn.learning import training as training_module
+from hpcdyn.learning.class_rates import class_statistics
+from hpcdyn.learning.evaluation import class_table
+from hpcdyn.learning.training import TrainingConfig, load_model, split, train
+from hpcdyn.learning.transformer import TransformerConfig
+from hpcdyn.physics.systems import make_system
+from hpcdyn.simulation.drivers import simulate
+
+SYSTEM = make_system("active", {"L": 6, "N": 5, "D": 0.3, "v_plus": 4.0, "v_other": 0.8})
+MODEL = TransformerConfig(mode=2, n_classes=4)
+TRUE_RATES = {"rotation": 0.3, "forward_hop": 4.0, "other_hop": 0.8}
+
+
+@pytest.fixture(scope="module")
+def events():
+    return simulate(SYSTEM, 300.0, seed=5).events  # about 9 k events, 800 of them rotations
+
+
+def config(**changes) -> TrainingConfig:
+    values = dict(model=MODEL, epochs=2, segment_events=64)
+    values.update(changes)
+    return TrainingConfig(**values)
+
+
+def test_the_plain_mode_2_run_recovers_every_kind_of_move_and_its_rate(events, tmp_path):
+    result = train(config(), events, tmp_path / "run")
+    first = result.metrics[0]
+    assert first["class_init"] == "partition:vn1-occ" and first["class_init_agreement"] > 0.99
+    model = load_model(tmp_path / "run")[0]
+    table = class_table(model, events, max_events=events.n_events)
+    statistics = class_statistics(model, split(events, config())[0])
+    chosen = {}
+    for kind, row in table.items():  # each true kind of move: >= 99 % of its candidate moves in one class
+        if sum(row):
+            chosen[kind] = max(range(len(row)), key=row.__getitem__)
+            assert row[chosen[kind]] >= 0.99 * sum(row), (kind, row)
+    assert len(set(chosen.values())) == len(chosen), chosen  # and each kind in a class of its own
+    for kind, rate in TRUE_RATES.items():  # the 99 % interval of n / E covers the true rate
+        k = chosen[kind]
+        low, high = rate_interval(int(statistics.events[k]), float(statistics.exposure[k]))
+        assert low <= rate <= high, (kind, low, high)
+    blocked = chosen["blocked_hop"]
+    assert statistics.events[blocked] == 0 and model.class_rates()[blocked] < 1e-3 * TRUE_RATES["rotation"]
+
+
+@pytest.mark.parametrize("changes", [{"class_init": "none"}, {"expected_from_epoch": 1}, {"class_rate_fit": "closed_form_last"}])
+def test_a_from_scratch_recipe_runs_as_asked(events, tmp_path, changes):
+    result = train(config(epochs=1, **changes), events, tmp_path / "run")
+    assert "class_init" not in result.metrics[0]
+
+
+def test_an_epoch_that_lowers_the_held_out_likelihood_is_undone(events, tmp_path, monkeypatch):
+    original = training_module._train_epoch
+
+    def scrambling(model, optimizer, window, config, generator, progress):  # the steps, then a bad jump
+        stats = original(model, optimizer, window, config, generator, progress)
+        with torch.no_grad():
+            for parameter in model.classifier.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        return stats
+
+    monkeypatch.setattr(training_module, "_train_epoch", scrambling)
+    undone = train(config(epochs=1), events, tmp_path / "undone")
+    first = undone.metrics[0]
+    assert first["steps_reverted"] and first["val_U_per_T"] == pytest.approx(first["start_val_U_per_T"], rel=1e-12)
+    assert math.isfinite(first["val_U_per_T"])
