@@ -379,7 +379,19 @@ def main() -> None:
     for part in args.part:
         PARTS[part](args)
     if args.report:
-        (HERE / "TRAINING.md").write_text(render_report())
+        write_report(HERE / "TRAINING.md")
+
+
+SECTION_MARKER = "<!-- section: "
+
+
+def write_report(path: Path) -> None:
+    """Replace the part of TRAINING.md this script renders (everything before the first section) and
+    keep the sections other scripts write (results.write_section) as they are."""
+    text = path.read_text() if path.exists() else ""
+    first = text.find(SECTION_MARKER)
+    kept = text[first:] if first >= 0 else ""
+    path.write_text(render_report().rstrip("\n") + "\n" + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":
