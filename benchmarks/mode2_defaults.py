@@ -8,8 +8,8 @@ the class of each true kind of move (the class holding most of its candidate mov
 50 k events, and the share it holds), each class rate n_k / E_k over the run's training part with its 99 %
 interval (``hpcdyn.cli.rules.rate_interval``: standard error sqrt(n_k) / E_k), and the verdict: RECOVERED
 when every kind holds >= 99 % of its moves in a class of its own, the intervals of the rotations', the
-forward hops' and the other hops' classes cover D, v_plus and v_other, and the blocked hops' class took no
-event and sits below 1e-3 D. `--write` replaces the `mode2-defaults-record` section of benchmarks/TRAINING.md;
+forward hops' and the other hops' classes cover D, v_plus and v_other, and the blocked hops' class sits
+below 1e-3 D (the events it took are shown). `--write` replaces the `mode2-defaults-record` section of benchmarks/TRAINING.md;
 `--rows` keeps the measured rows (JSON) and, with --from-rows, renders them again without measuring.
 """
 
@@ -78,7 +78,7 @@ def _checks(kinds: dict, classes: list[dict], params: dict) -> dict[str, bool]:
         low, high = classes[kinds[kind]["class"]]["interval_99"] if kind in kinds else (float("nan"),) * 2
         checks[f"{name} covered"] = bool(low <= params[name] <= high)
     blocked = classes[kinds["blocked_hop"]["class"]] if "blocked_hop" in kinds else None
-    checks["blocked ~0"] = blocked is not None and blocked["events"] == 0 and blocked["rate"] < BLOCKED_BELOW * params["D"]
+    checks["blocked ~0"] = blocked is not None and blocked["rate"] < BLOCKED_BELOW * params["D"]
     return checks
 
 
@@ -99,7 +99,7 @@ def render(rows: list[dict], command: str) -> str:
         "",
         f"Judged at best.pt: each true kind of move must put >= {ONE_CLASS:.0%} of its candidate moves (over the first "
         f"{TABLE_EVENTS:,} events) in a class of its own; the 99 % interval of its class's n/E (over the training part) "
-        f"must cover D, v_plus, v_other; the blocked hops' class must take no event and sit below {BLOCKED_BELOW:g} D. "
+        f"must cover D, v_plus, v_other; the blocked hops' class must sit below {BLOCKED_BELOW:g} D. "
         "Truth: D 0.1, v_other 1, v_plus 25 (the paper's rates).",
         "",
         "| case | L | density | events (training) | seed | start | best / run | gap (nats/event) | D class (99 %) "

@@ -57,18 +57,21 @@ def test_a_from_scratch_recipe_runs_as_asked(events, tmp_path, changes):
     assert "class_init" not in result.metrics[0]
 
 
-def test_an_epoch_that_lowers_the_held_out_likelihood_is_undone(events, tmp_path, monkeypatch):
+@pytest.mark.parametrize("jump", [1.0, 0.0])  # a bad jump after the steps; no step at all (no gain)
+def test_an_epoch_without_a_clear_held_out_gain_is_undone(events, tmp_path, monkeypatch, jump):
     original = training_module._train_epoch
 
-    def scrambling(model, optimizer, window, config, generator, progress):  # the steps, then a bad jump
+    def jumping(model, optimizer, window, config, generator, progress):
+        if not jump:
+            return {"train_U_per_T": 0.0, "train_events": 0}
         stats = original(model, optimizer, window, config, generator, progress)
         with torch.no_grad():
             for parameter in model.classifier.parameters():
-                parameter.add_(torch.randn_like(parameter))
+                parameter.add_(jump * torch.randn_like(parameter))
         return stats
 
-    monkeypatch.setattr(training_module, "_train_epoch", scrambling)
-    undone = train(config(epochs=1), events, tmp_path / "undone")
-    first = undone.metrics[0]
+    monkeypatch.setattr(training_module, "_train_epoch", jumping)
+    first = train(config(epochs=1), events, tmp_path / "undone").metrics[0]
+    # undone: the held-out U is the start's, exactly (the start's state, scored again)
     assert first["steps_reverted"] and first["val_U_per_T"] == pytest.approx(first["start_val_U_per_T"], rel=1e-12)
     assert math.isfinite(first["val_U_per_T"])

@@ -61,9 +61,10 @@ def add_parser(commands) -> None:
                                    "at least 5)")  # fmt: skip
     optimisation.add_argument("--seed", type=non_negative_int, default=0)
     optimisation.add_argument("--class-rate-fit", choices=CLASS_RATE_FITS, default="gradient",
-                              help="Mode 2: leave the class rates to the gradient (default), set them to "
-                                   "events / exposure per class after each epoch (closed_form) or after the last "
-                                   "one only (closed_form_last)")  # fmt: skip
+                              help="Mode 2 from scratch: leave the class rates to the gradient (default), set them "
+                                   "to events / exposure per class after each epoch (closed_form) or after the last "
+                                   "one only (closed_form_last); given, an unrestricted model starts from scratch "
+                                   "(the default start sets them after every epoch; --class-init)")  # fmt: skip
     optimisation.add_argument("--expected-from-epoch", type=int, metavar="EPOCH",
                               help="Mode 2: from this epoch on, train the classifier by the exact gradient of the "
                                    "expected U instead of --estimator (e.g. 4 of 10 epochs, with --class-rate-fit "

@@ -52,11 +52,11 @@ def start_family(system) -> str | None:
     return "vn1-occ" if isinstance(system, ActiveSystem) else None
 
 
-def applies(model, config, on_statistics: bool, system) -> bool:
-    """Whether a run starts from the partition on segments (``TrainingConfig.class_init``): always with
+def applies(model, config, system) -> bool:
+    """Whether a run on segments starts from the partition (``TrainingConfig.class_init``): always with
     "partition"; with "auto" unless a from-scratch recipe was asked for (an expected-U switch epoch or
     a class rate fit other than the default), which then runs as given."""
-    if model.config.mode != 2 or on_statistics or start_family(system) is None:
+    if model.config.mode != 2 or start_family(system) is None:
         return False
     if config.class_init == "partition":
         return True
