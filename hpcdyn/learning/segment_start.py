@@ -78,9 +78,10 @@ def initialise_classes(model, source, training, validation, config) -> dict:
     check_set = _labelled(validation, objective, targets, margins, CHECK_CONFIGURATIONS, config)
     steps, agreement = _fit(model, train_set, check_set, config)
     fitted = fit_class_rates(model, training, max(config.segment_events or 0, 512), config.device, empty_to_lowest=True)
+    # None: a class without events (no estimate); NaN is not JSON and metrics.jsonl must stay readable
     return {"class_init": f"partition:{family}", "class_init_steps": steps, "class_init_agreement": agreement,
             "partition_rates": partition.rates.tolist(), "partition_classes": len(partition.rates),
-            "class_init_rates": fitted.rates().tolist()}  # fmt: skip
+            "class_init_rates": [rate if math.isfinite(rate) else None for rate in fitted.rates().tolist()]}  # fmt: skip
 
 
 def _labelled(window, objective, targets, margins, wanted: int, config):
