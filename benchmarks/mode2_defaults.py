@@ -45,7 +45,8 @@ def judge(label: str, store: str, run: str) -> dict:
     source = open_trajectory(store)
     model, state = load_model(run)
     config = TrainingConfig.from_dict(state["training_config"])
-    statistics = class_statistics(model, split(source, config)[0])
+    training = split(source, config)[0]
+    statistics = class_statistics(model, training)
     table = class_table(model, source, max_events=TABLE_EVENTS)
     params = source.system.params()
     kinds = {}
@@ -63,7 +64,7 @@ def judge(label: str, store: str, run: str) -> dict:
     return {
         "label": label, "store": store, "run": run, "L": params["L"], "N": params["N"],
         "density": params["N"] / params["L"] ** 2, "seed": source.seed, "events": source.n_events,
-        "training_events": int(split(source, config)[0].n_events), "segment_events": config.segment_events,
+        "training_events": int(training.n_events), "segment_events": config.segment_events,
         "class_init": metrics[0].get("class_init", "none (from scratch)"), "best_epoch": best["epoch"],
         "epochs_run": len(metrics), "gap_per_event": best["gap_per_event"],
         "seconds_per_epoch": sum(row["seconds"] for row in metrics) / len(metrics),
