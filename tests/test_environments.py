@@ -57,6 +57,10 @@ def test_families_have_the_documented_stencils_and_key_spaces():
 @pytest.mark.parametrize("system_name", sorted(SYSTEMS))
 def test_compiled_encoder_agrees_with_the_vectorised_one(family, system_name):
     system = SYSTEMS[system_name]
+    if "+count" in family and system_name.startswith("fa"):  # spins: nothing to count
+        with pytest.raises(ConfigurationError, match="key family: .* counts particles"):
+            make_encoder(family, system)
+        return
     encoder = make_encoder(family, system)
     positions, states = configurations(system, 2, seed=3)
     keys, checks = environment_keys(encoder, system, positions, states)

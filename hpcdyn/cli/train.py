@@ -9,7 +9,8 @@ from hpcdyn.cli.options import add_progress, check_device, check_output_path, no
 
 
 def add_parser(commands) -> None:
-    from hpcdyn.learning.names import ATTENTION_STENCILS, CLASS_INITS, CLASS_RATE_FITS, ESTIMATORS, OPTIMIZERS
+    from hpcdyn.learning.names import (ATTENTION_STENCILS, CLASS_INITS, CLASS_RATE_FITS, COUNT_SIDES, ESTIMATORS,
+                                       OPTIMIZERS, STENCIL_NAMES)
 
     parser = commands.add_parser(
         "train",
@@ -34,10 +35,12 @@ def add_parser(commands) -> None:
     model.add_argument("--no-attention-sink", dest="attention_sink", action="store_false", help="plain softmax attention")
     model.add_argument("--no-relative-bias", dest="relative_bias", action="store_false",
                        help="no learned attention score per offset on the torus")  # fmt: skip
-    model.add_argument("--attention-stencil", choices=tuple(ATTENTION_STENCILS), metavar="STENCIL",
+    model.add_argument("--attention-stencil", choices=STENCIL_NAMES, metavar="STENCIL",
                        help=f"hard-local model: each layer attends only within this stencil ({', '.join(ATTENTION_STENCILS)}), "
                             "relative offsets only (no position tables, no rotary); its rates depend exactly on the "
-                            "stencil grown --n-layers times (default: unrestricted, the paper's)")  # fmt: skip
+                            "stencil grown --n-layers times; add +countN (vn1+count5) to let each particle also see how "
+                            f"many others sit in the N x N block around it, N in {COUNT_SIDES} "
+                            "(default: unrestricted, the paper's)")  # fmt: skip
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=int, default=20)
     optimisation.add_argument("--lr", type=float, default=3e-3)

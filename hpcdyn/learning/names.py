@@ -36,5 +36,20 @@ ATTENTION_STENCILS: dict[str, tuple[Offset, ...]] = {
     "block5": _block(2),
 }
 
+# A stencil may add a count: "vn1+count5" attends within vn1 and also sees the number of other
+# particles in the 5 x 5 block around the token (one number, not where they are), the summary a
+# density-dependent rule such as quorum sensing needs (DESIGN 1.6). Particle systems only.
+COUNT_SIDES = (3, 5, 7, 9)
+STENCIL_NAMES = tuple(ATTENTION_STENCILS) + tuple(
+    f"{stencil}+count{side}" for stencil in ATTENTION_STENCILS for side in COUNT_SIDES
+)
+
+
+def split_stencil(name: str) -> tuple[str, int | None]:
+    """(attention stencil, side of the counted block or None) of a stencil name such as "vn1+count5"."""
+    stencil, _, count = name.partition("+count")
+    return stencil, (int(count) if count else None)
+
+
 # key families `hpcdyn locality` certifies by default, smallest first
 DEFAULT_FAMILIES = ("vn1-occ", "vn1", "block3-occ", "block3", "diamond2-occ", "diamond2", "block5-occ", "block5")

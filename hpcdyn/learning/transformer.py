@@ -22,7 +22,10 @@ of offsets around each token ("vn1", "block3", "diamond2", "block5", the token's
 included), with one learned score per head and offset of the stencil. Its rates then depend exactly
 on the content of its receptive field (the stencil grown ``n_layers`` times) and on nothing else:
 translation invariant, on a lattice of any size, and reproduced exactly by an environment table of
-the key family ``config.key_family``.
+the key family ``config.key_family``. A stencil with a count (``"vn1+count5"``, particle systems)
+also gives each token the number of other particles in the block around it: embedded after the
+attention and mixed into the token's features by a feed-forward of its own (one token at a time,
+so no neighbour's count leaks in); the key family is then ``"vn1+count5"`` too.
 
 Every layer's offset scores form a mask [batch, heads, tokens, tokens (+ sink)], gathered from a
 per-head table head-major (``table[:, index]``: a layout the attention kernel reads without a
@@ -39,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as functional
 
-from hpcdyn.learning.names import ATTENTION_STENCILS, ESTIMATORS, Offset
+from hpcdyn.learning.names import ATTENTION_STENCILS, ESTIMATORS, STENCIL_NAMES, Offset, split_stencil
 from hpcdyn.physics.systems import PARTICLE_SYSTEMS, SYSTEMS, ConfigurationError
 
 
@@ -52,7 +55,8 @@ MASKED_CLASS_LOG_RATE_SPREAD = (-5.0, 3.0)
 
 def stencil_reach(stencil: str) -> int:
     """The largest |dx| or |dy| of a stencil's offsets (its Chebyshev radius)."""
-    return max(max(abs(dx), abs(dy)) for dx, dy in ATTENTION_STENCILS[stencil])
+    attended, side = split_stencil(stencil)
+    return max(max(max(abs(dx), abs(dy)) for dx, dy in ATTENTION_STENCILS[attended]), (side or 1) // 2)
 
 
 def receptive_field(stencil: str, n_layers: int) -> frozenset[Offset]:
@@ -62,8 +66,9 @@ def receptive_field(stencil: str, n_layers: int) -> frozenset[Offset]:
     tokens at the stencil's offsets, whose features already hold their own fields.
     """
     field: set[Offset] = {(0, 0)}
+    attended, _ = split_stencil(stencil)  # a counted block is not attended: it adds one number, not a field
     for _ in range(n_layers):
-        field = {(x + dx, y + dy) for x, y in field for dx, dy in ATTENTION_STENCILS[stencil]}
+        field = {(x + dx, y + dy) for x, y in field for dx, dy in ATTENTION_STENCILS[attended]}
     return frozenset(field)
 
 
@@ -144,8 +149,10 @@ class TransformerConfig:
         stencil = self.attention_stencil
         if stencil is None:
             return
-        require(stencil in ATTENTION_STENCILS, "attention_stencil",
-                f"must be one of {list(ATTENTION_STENCILS)} or None (unrestricted), got {stencil!r}")  # fmt: skip
+        require(stencil in STENCIL_NAMES, "attention_stencil",
+                f"must be one of {list(STENCIL_NAMES)} or None (unrestricted), got {stencil!r}")  # fmt: skip
+        require(self.count_side is None or self.system in PARTICLE_SYSTEMS, "attention_stencil",
+                f"{stencil!r} counts particles; the {self.system!r} system has none (use a stencil without +count)")  # fmt: skip
         require(not self.rotary, "rotary",
                 "a hard-local model (attention_stencil) sees relative offsets only; set rotary=False")  # fmt: skip
         require(self.relative_bias, "relative_bias",
@@ -158,6 +165,11 @@ class TransformerConfig:
     def hard_local(self) -> bool:
         """Whether attention is restricted to a stencil (rates depend on a finite receptive field)."""
         return self.attention_stencil is not None
+
+    @property
+    def count_side(self) -> int | None:
+        """Side of the block whose particles a token counts ("vn1+count5": 5), None without a count."""
+        return None if self.attention_stencil is None else split_stencil(self.attention_stencil)[1]
 
     @property
     def receptive_field(self) -> frozenset[Offset] | None:
@@ -175,7 +187,10 @@ class TransformerConfig:
         locality must be measured (``hpcdyn.learning.locality``), or a field wider than every family.
         """
         field = self.receptive_field
-        return None if field is None else covering_family(field)
+        family = None if field is None else covering_family(field)
+        if family is None or self.count_side is None:
+            return family
+        return f"{family}+count{self.count_side}"
 
     @property
     def n_moves(self) -> int:
@@ -430,7 +445,7 @@ class TransformerRates(torch.nn.Module):
                     self.embed_y.weight[:, half : 2 * half] = fourier_table(config.lattice_size, half)
         self.embed_state = torch.nn.Embedding(config.n_states, width)
         if config.hard_local:
-            offsets = len(ATTENTION_STENCILS[config.attention_stencil])
+            offsets = len(ATTENTION_STENCILS[split_stencil(config.attention_stencil)[0]])
         else:
             offsets = config.lattice_size**2 if config.relative_bias else 0
         self.blocks = torch.nn.ModuleList(
@@ -441,6 +456,15 @@ class TransformerRates(torch.nn.Module):
         # the table entry of the sink: after the offsets (and the stencil's "outside" entry)
         self.sink_entry = offsets + int(config.hard_local)
         self._stencil_lookups: dict[tuple[int, str], torch.Tensor] = {}
+        if config.count_side is not None:  # the counted block: one embedding per count, then a token-wise mix
+            self.embed_count = torch.nn.Embedding(config.count_side**2, width)
+            self.count_mix = torch.nn.Sequential(
+                torch.nn.LayerNorm(width), torch.nn.Linear(width, config.d_ff), torch.nn.GELU(), torch.nn.Linear(config.d_ff, width)
+            )
+            with torch.no_grad():  # the count starts without effect
+                self.embed_count.weight.zero_()
+                self.count_mix[-1].weight.zero_()
+                self.count_mix[-1].bias.zero_()
         self.final_norm = torch.nn.LayerNorm(width)
         if config.mode == 1:
             self.head = torch.nn.Linear(width, config.n_moves)
@@ -485,7 +509,17 @@ class TransformerRates(torch.nn.Module):
             else:
                 mask = None if index is None else block.attention.score_mask(index)
             h = block(h, rotation, mask, index if self.config.offset_values else None)
+        if self.config.count_side is not None:
+            h = h + self.embed_count(self.block_counts(positions, size))
+            h = h + self.count_mix(h)
         return self.final_norm(h)
+
+    def block_counts(self, positions: torch.Tensor, lattice_size: int) -> torch.Tensor:
+        """Other tokens within the counted block of each token (Chebyshev distance <= side // 2), long [batch, tokens]."""
+        half = self.config.count_side // 2
+        delta = (positions[..., None, :, :] - positions[..., :, None, :]) % lattice_size  # [B, T, T, 2]
+        near = torch.minimum(delta, lattice_size - delta).amax(-1) <= half
+        return near.sum(-1) - 1  # the token itself excluded
 
     def lattice_size_for(self, lattice_size: int | None) -> int:
         """The lattice side to run on: the training one, or any other for a hard-local model."""
@@ -520,7 +554,7 @@ class TransformerRates(torch.nn.Module):
         """Stencil slot of each offset index dx * L + dy of an L x L torus (long [L^2]), cached per (L, device)."""
         key = (lattice_size, str(device))
         if key not in self._stencil_lookups:
-            stencil = ATTENTION_STENCILS[self.config.attention_stencil]
+            stencil = ATTENTION_STENCILS[split_stencil(self.config.attention_stencil)[0]]
             lookup = torch.full((lattice_size**2,), len(stencil), dtype=torch.long)
             for slot, (dx, dy) in enumerate(stencil):
                 lookup[(dx % lattice_size) * lattice_size + dy % lattice_size] = slot

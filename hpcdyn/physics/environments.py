@@ -18,7 +18,12 @@ caught instead of silently merging two environments (exact keys have check 0). K
 
 Families have short names for the command line: ``vn1`` (the 4 nearest neighbours), ``diamond2``
 and ``diamond3`` (|dx| + |dy| <= r), ``block3``, ``block5``, ``block7``, ``block9`` (the square
-around the token), each with an ``-occ`` (occupancy-only) variant. ``make_encoder(name, system)``
+around the token), each with an ``-occ`` (occupancy-only) variant, and vn1, block3, diamond2 and
+block5 with a ``+countN`` variant, N in 3, 5, 7, 9 (``vn1+count5``): the stencil's states and the number of particles in the N x N
+block around the token. A count family's patch lists the stencil's digits, then one occupancy
+digit per block site (``count_offsets``), all of which share the weight base**S: the key holds
+their sum, the count, so key = own + n_own * (code of the stencil + base**S * count). Keys stay
+linear in the patch digits, with a digit map per patch column (``digit_array`` [S, contents]). ``make_encoder(name, system)``
 binds a family to a system (own states, site digits); on a chain (fa, dim 1) the stencil keeps
 its offsets along x only.
 
@@ -59,17 +64,21 @@ class KeyFamily:
     name: str
     offsets: tuple[tuple[int, int], ...]  # (dx, dy), centre excluded, in key-digit order
     content: str  # "state" or "occupancy"
+    count_offsets: tuple[tuple[int, int], ...] = ()  # a block whose occupied sites are counted (one key digit)
 
     def __post_init__(self) -> None:
         if self.content not in CONTENTS:
             raise ConfigurationError(f"content: must be one of {CONTENTS}, got {self.content!r}")
-        if not self.offsets or (0, 0) in self.offsets or len(set(self.offsets)) != len(self.offsets):
-            raise ConfigurationError(f"offsets: need distinct offsets other than (0, 0), got {self.offsets!r}")
+        for field in ("offsets", "count_offsets"):
+            offsets = getattr(self, field)
+            if (field == "offsets" and not offsets) or (0, 0) in offsets or len(set(offsets)) != len(offsets):
+                raise ConfigurationError(f"{field}: need distinct offsets other than (0, 0), got {offsets!r}")
 
     @property
     def radius(self) -> tuple[int, int]:
-        """Largest |dx| and |dy| of the stencil."""
-        return max(abs(dx) for dx, _ in self.offsets), max(abs(dy) for _, dy in self.offsets)
+        """Largest |dx| and |dy| of the stencil (and of the counted block)."""
+        every = self.offsets + self.count_offsets
+        return max(abs(dx) for dx, _ in every), max(abs(dy) for _, dy in every)
 
 
 def _ordered(offsets) -> tuple[tuple[int, int], ...]:
@@ -95,6 +104,9 @@ def _registry() -> dict[str, KeyFamily]:
     for name, offsets in stencils.items():
         families[name] = KeyFamily(name, offsets, "state")
         families[f"{name}-occ"] = KeyFamily(f"{name}-occ", offsets, "occupancy")
+        if name in ("vn1", "block3", "diamond2", "block5"):  # the attention stencils' families, with a count
+            for side in (3, 5, 7, 9):
+                families[f"{name}+count{side}"] = KeyFamily(f"{name}+count{side}", offsets, "state", block_offsets(side))
     return families
 
 
@@ -119,10 +131,11 @@ class EnvironmentEncoder:
 
     family: KeyFamily
     system: str  # system name
-    offsets: tuple[tuple[int, int], ...]  # the family's stencil on this system's lattice
+    offsets: tuple[tuple[int, int], ...]  # every patch column's site: the stencil, then the counted block
     n_own_states: int
-    digit_of_content: tuple[int, ...]
+    digit_of_content: tuple[int, ...]  # the stencil's digit of each site content
     base: int  # number of distinct digits
+    n_counted: int = 0  # the counted block's sites, the last columns (occupancy digits)
 
     @property
     def name(self) -> str:
@@ -130,7 +143,12 @@ class EnvironmentEncoder:
 
     @property
     def n_sites(self) -> int:
+        """Patch columns after the own state (a counted block's sites included)."""
         return len(self.offsets)
+
+    @property
+    def n_stencil(self) -> int:
+        return self.n_sites - self.n_counted
 
     @property
     def patch_width(self) -> int:
@@ -138,8 +156,8 @@ class EnvironmentEncoder:
 
     @property
     def key_space(self) -> int:
-        """Number of distinct patches (a Python int; may exceed 2**63)."""
-        return self.n_own_states * self.base**self.n_sites
+        """Number of distinct keys (a Python int; may exceed 2**63)."""
+        return self.n_own_states * self.base**self.n_stencil * (self.n_counted + 1)
 
     @property
     def hashed(self) -> bool:
@@ -147,14 +165,18 @@ class EnvironmentEncoder:
 
     @property
     def weights(self) -> np.ndarray:
-        """int64 [S]: base**i for exact keys (unused, zeros, when hashed)."""
+        """int64 [S]: base**i for exact keys, base**S_stencil for each counted site (zeros when hashed)."""
         if self.hashed:
             return np.zeros(self.n_sites, np.int64)
-        return np.array([self.base**i for i in range(self.n_sites)], np.int64)
+        stencil = [self.base**i for i in range(self.n_stencil)]
+        return np.array(stencil + [self.base**self.n_stencil] * self.n_counted, np.int64)
 
     @property
     def digit_array(self) -> np.ndarray:
-        return np.array(self.digit_of_content, np.int64)
+        """int64 [S, contents]: the digit of each patch column for each site content."""
+        occupancy = [min(digit, 1) for digit in range(len(self.digit_of_content))]
+        rows = [self.digit_of_content] * self.n_stencil + [occupancy] * self.n_counted
+        return np.array(rows, np.int64).reshape(self.n_sites, len(self.digit_of_content))
 
     @property
     def offset_array(self) -> np.ndarray:
@@ -170,6 +192,7 @@ class EnvironmentEncoder:
             "n_own_states": self.n_own_states,
             "digit_of_content": list(self.digit_of_content),
             "hashed": self.hashed,
+            **({"counted_sites": self.n_counted} if self.n_counted else {}),
         }
 
 
@@ -183,9 +206,12 @@ def make_encoder(family: str | KeyFamily, system: System) -> EnvironmentEncoder:
         digits = tuple(range(1 + system.n_states)) if family.content == "state" else (0,) + (1,) * system.n_states
     elif isinstance(system, FASystem):
         digits = (0, 1)
+        if family.count_offsets:
+            raise ConfigurationError(f"key family: {family.name!r} counts particles; the fa system has none")
     else:
         raise TypeError(f"no environment keys for {type(system).__name__}")
-    return EnvironmentEncoder(family, system.name, offsets, system.n_states, digits, max(digits) + 1)
+    counted = family.count_offsets
+    return EnvironmentEncoder(family, system.name, offsets + counted, system.n_states, digits, max(digits) + 1, len(counted))
 
 
 def rate_family(system: System) -> str:
@@ -250,7 +276,7 @@ def patches(encoder: EnvironmentEncoder, system: System, positions, states) -> n
     x = (positions[..., 0, None] + encoder.offset_array[:, 0]) % lx  # [B, T, S]
     y = (positions[..., 1, None] + encoder.offset_array[:, 1]) % ly
     contents = np.take_along_axis(grid, (y * lx + x).reshape(len(grid), -1), axis=1).reshape(x.shape)
-    digits = encoder.digit_array[contents]
+    digits = encoder.digit_array[np.arange(encoder.n_sites), contents]
     return np.concatenate([states[..., None], digits], axis=-1).astype(np.int8)
 
 
@@ -274,7 +300,7 @@ def keys_of_patches(encoder: EnvironmentEncoder, patch_digits) -> tuple[np.ndarr
     patch_digits = np.asarray(patch_digits, dtype=np.int64)
     if encoder.hashed:
         return _hash(patch_digits, 0), _hash(patch_digits, 1)
-    code = patch_digits[..., 1:] @ encoder.weights  # < base**S, no overflow: the code fits 63 bits
+    code = patch_digits[..., 1:] @ encoder.weights  # < key_space / n_own, no overflow: the code fits 63 bits
     return patch_digits[..., 0] + encoder.n_own_states * code, np.zeros(code.shape, np.int64)
 
 
@@ -284,22 +310,61 @@ def environment_keys(encoder: EnvironmentEncoder, system: System, positions, sta
 
 
 def decode_keys(encoder: EnvironmentEncoder, keys) -> np.ndarray:
-    """Patches int8 [K, 1 + S] of exact keys (hashed keys cannot be decoded: tables keep patches)."""
+    """Patches int8 [K, 1 + S] of exact keys (hashed keys cannot be decoded: tables keep patches).
+
+    A count family's key holds the count, not where the counted particles sit: its patch marks the
+    counted block's sites that the stencil shows occupied, then the first others in digit order (a
+    canonical patch of the same key). A count the stencil contradicts (fewer than the stencil's
+    particles in the block, or more than the block holds) is refused.
+    """
     if encoder.hashed:
         raise ConfigurationError(f"key family {encoder.name!r}: hashed keys cannot be decoded; read the table's patches")
     keys = np.asarray(keys, dtype=np.int64)
     own, code = keys % encoder.n_own_states, keys // encoder.n_own_states
-    digits = (code[:, None] // encoder.weights) % encoder.base
-    return np.concatenate([own[:, None], digits], axis=1).astype(np.int8)
+    stencil = encoder.n_stencil
+    digits = (code[:, None] // encoder.weights[:stencil]) % encoder.base
+    patches = np.concatenate([own[:, None], digits], axis=1)
+    if encoder.n_counted:
+        counted = _canonical_counted(encoder, digits, code // encoder.base**stencil)
+        patches = np.concatenate([patches, counted], axis=1)
+    return patches.astype(np.int8)
+
+
+def _consistent_counts(encoder: EnvironmentEncoder, digits: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(seen [K, C]: counted sites the stencil shows occupied, free [C]: counted sites outside the stencil,
+    ok [K]: whether each count fits the stencil's digits)."""
+    stencil_offsets = encoder.offsets[: encoder.n_stencil]
+    counted = encoder.offsets[encoder.n_stencil :]
+    column = np.array([stencil_offsets.index(offset) if offset in stencil_offsets else -1 for offset in counted])
+    seen = np.zeros((len(digits), len(counted)), bool)
+    inside = column >= 0
+    seen[:, inside] = digits[:, column[inside]] > 0
+    extra = counts - seen.sum(1)
+    return seen, ~inside, (extra >= 0) & (extra <= (~inside).sum())
+
+
+def _canonical_counted(encoder: EnvironmentEncoder, digits: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    seen, free, ok = _consistent_counts(encoder, digits, counts)
+    if not ok.all():
+        raise ConfigurationError(f"keys: {int((~ok).sum())} keys of family {encoder.name!r} have a count their stencil contradicts")
+    extra = counts - seen.sum(1)
+    rank = np.cumsum(free) * free  # 1, 2, ... over the counted sites outside the stencil, 0 inside
+    return (seen | (free & (rank <= extra[:, None]))).astype(np.int64)
 
 
 def all_patches(encoder: EnvironmentEncoder, limit: int = 1 << 20) -> np.ndarray:
-    """Every patch of a small exact family, int8 [key_space, 1 + S] (row k has key k)."""
+    """Every patch of a small exact family, int8 [K, 1 + S] in key order (K = key_space, less the keys
+    of a count family whose count contradicts the stencil)."""
     if encoder.hashed or encoder.key_space > limit:
         raise ConfigurationError(
             f"key family {encoder.name!r}: {encoder.key_space:.3g} patches, more than the {limit} enumerated at most"
         )
-    return decode_keys(encoder, np.arange(encoder.key_space))
+    keys = np.arange(encoder.key_space)
+    if encoder.n_counted:
+        code = keys // encoder.n_own_states
+        digits = (code[:, None] // encoder.weights[: encoder.n_stencil]) % encoder.base
+        keys = keys[_consistent_counts(encoder, digits, code // encoder.base**encoder.n_stencil)[2]]
+    return decode_keys(encoder, keys)
 
 
 # ----------------------------------------------------------------------------- compiled encoding
@@ -322,7 +387,7 @@ def _hashed_token_key(grid, stencil_sites, first, n_sites, own_state, digit_of_c
     value = (_BASIS_0 ^ np.uint64(own_state)) * _PRIME_0
     check = (_BASIS_1 ^ np.uint64(own_state)) * _PRIME_1
     for i in range(n_sites):
-        digit = np.uint64(digit_of_content[grid[stencil_sites[first + i]]])
+        digit = np.uint64(digit_of_content[i, grid[stencil_sites[first + i]]])
         value = (value ^ digit) * _PRIME_0
         check = (check ^ digit) * _PRIME_1
     return _finish(value, _MIX_00, _MIX_01), _finish(check, _MIX_10, _MIX_11)
@@ -331,12 +396,13 @@ def _hashed_token_key(grid, stencil_sites, first, n_sites, own_state, digit_of_c
 @numba.njit(cache=True, inline="always")
 def token_key(grid, stencil_sites, first, n_sites, own_state, digit_of_content, weights, n_own_states, hashed):
     """(key, check) of one token: ``grid`` int64 [sites] of contents, its stencil sites at
-    ``stencil_sites[first : first + n_sites]`` (``first = site * n_sites``)."""
+    ``stencil_sites[first : first + n_sites]`` (``first = site * n_sites``), ``digit_of_content``
+    the encoder's ``digit_array`` [S, contents]."""
     if hashed:
         return _hashed_token_key(grid, stencil_sites, first, n_sites, own_state, digit_of_content)
     code = 0
     for i in range(n_sites):
-        code += digit_of_content[grid[stencil_sites[first + i]]] * weights[i]
+        code += digit_of_content[i, grid[stencil_sites[first + i]]] * weights[i]
     return own_state + n_own_states * code, 0
 
 
@@ -345,7 +411,7 @@ def token_patch(grid, stencil_sites, first, n_sites, own_state, digit_of_content
     """Write one token's patch (own state, then its site digits) into ``out`` int8 [1 + S]."""
     out[0] = own_state
     for i in range(n_sites):
-        out[1 + i] = digit_of_content[grid[stencil_sites[first + i]]]
+        out[1 + i] = digit_of_content[i, grid[stencil_sites[first + i]]]
 
 
 def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_rows: np.ndarray, batch_size: int = 4096,
@@ -374,7 +440,13 @@ def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_r
             positions = np.broadcast_to(every, (len(rows), lx * ly, 2)).copy()
             yield rows, positions, spins.reshape(len(rows), -1), centre[1] * lx + centre[0]
         return
-    occupied = patch_rows[:, 1:] > 0
+    # site contents (0 empty, 1 + state) of the stencil, then of the counted sites outside it (a counted
+    # particle stands for orientation 0: a count family's rates depend on the count alone there)
+    stencil = encoder.n_stencil
+    outside = [stencil + i for i, offset in enumerate(encoder.offsets[stencil:]) if offset not in encoder.offsets[:stencil]]
+    contents = np.concatenate([content_of_digit[patch_rows[:, 1 : 1 + stencil]], patch_rows[:, [1 + i for i in outside]]], axis=1)
+    sites = sites[list(range(stencil)) + outside]
+    occupied = contents > 0
     counts = occupied.sum(1)
     for count in np.unique(counts):
         group = np.flatnonzero(counts == count)
@@ -382,5 +454,5 @@ def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_r
             rows = group[start : start + batch_size]
             site_index = np.nonzero(occupied[rows])[1].reshape(len(rows), count)
             positions = np.concatenate([np.broadcast_to(centre, (len(rows), 1, 2)), sites[site_index]], axis=1)
-            neighbour_states = content_of_digit[np.take_along_axis(patch_rows[rows, 1:], site_index, 1)] - 1
+            neighbour_states = np.take_along_axis(contents[rows], site_index, 1) - 1
             yield rows, positions, np.concatenate([patch_rows[rows, :1], neighbour_states], axis=1), 0

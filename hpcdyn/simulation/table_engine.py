@@ -461,11 +461,15 @@ def _run(
             if which == 0 and new_site == old_site:
                 continue
             changed, before = (new_site, before_new) if which == 0 else (old_site, before_old)
-            delta = (digit_of_content[grid[changed]] - digit_of_content[before]) * n_own_states
-            if delta == 0:
+            after = grid[changed]
+            if after == before:
                 continue
             x, y = changed % lx, changed // lx
             for i in range(n_stencil):
+                # each column has its digit map (a counted block's columns see occupancy only)
+                delta = (digit_of_content[i, after] - digit_of_content[i, before]) * n_own_states
+                if delta == 0:
+                    continue
                 watcher = head[_shifted(x, y, -stencil_steps[i, 0], -stencil_steps[i, 1], lx, ly)]
                 while watcher >= 0:
                     if not hashed:
@@ -480,7 +484,7 @@ def _run(
             x, y = new_site % lx, new_site // lx
             code = 0
             for i in range(n_stencil):
-                code += digit_of_content[grid[_shifted(x, y, stencil_steps[i, 0], stencil_steps[i, 1], lx, ly)]] * weights[i]
+                code += digit_of_content[i, grid[_shifted(x, y, stencil_steps[i, 0], stencil_steps[i, 1], lx, ly)]] * weights[i]
             token_keys[token] = state[token] + n_own_states * code
         if stamp[token] != mark:
             stamp[token] = mark
