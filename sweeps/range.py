@@ -4,7 +4,11 @@ Each trial trains a one-layer hard-local model (attention within the stencil, re
 only) on the exact sufficient statistics of its key family (``hpcdyn.learning.statistics``). The
 held-out U/T rises with the stencil until it covers the interaction range of the dynamics and then
 flattens: r* = vn1, the nearest neighbours, for the active model (volume exclusion acts on the
-target site of a hop) and for the FA model (the constraint counts up neighbours). ``find_range``
+target site of a hop) and for the FA model (the constraint counts up neighbours). The quorum model's
+forward hops depend on how many particles sit in the (2R+1) x (2R+1) block, which no tabulated
+full-state stencil of that size can hold (about 4 new block5 environments per event), so its ladder
+is vn1 with the count of a growing block: vn1, vn1+count3, vn1+count5, vn1+count7, and r* =
+vn1+count5, range 2 = R (preset paper). ``find_range``
 reads r* off the results Dataset as ``find_plateau`` reads N*; ``plot_range`` draws it.
 
     hpcdyn sweep range --smoke
@@ -25,6 +29,8 @@ from sweeps.common import ACTIVE_DATA, SMOKE_DATA, TINY_MODEL
 
 NAME = "range"
 STENCILS = ["vn1", "block3", "diamond2", "block5"]  # in order of size (ATTENTION_STENCILS)
+COUNT_LADDER = ["vn1", "vn1+count3", "vn1+count5", "vn1+count7"]  # quorum: the nearest neighbours and a count
+LADDERS = {"quorum": COUNT_LADDER}
 N_STAR = 4  # the active model's N* (sweeps/ntheta.py)
 N_STARS = {"active": N_STAR, "quorum": 5}  # quorum adds v_crowded; its range R 2 makes r* = block5 (preset paper)
 LOCAL = {"model.rotary": False, "model.n_layers": 1, "training.statistics": True, "training.statistics_steps": 50}
@@ -71,7 +77,25 @@ def for_system(study: Study, system: str) -> Study:
         study = dataclasses.replace(study, base=base).with_overrides(FA_DATA)
     else:
         study = study.with_overrides({"data.system": system})
-    return study.with_overrides(axes={"model.n_classes": [N_STARS[system]]})
+    axes: dict[str, list] = {"model.n_classes": [N_STARS[system]]}
+    if system in LADDERS:
+        axes["model.attention_stencil"] = LADDERS[system]
+    return study.with_overrides(axes=axes)
+
+
+def stencil_range(name: str) -> int:
+    """Chebyshev range of what a one-layer model of this stencil sees (the attended stencil or the counted block)."""
+    from hpcdyn.learning.names import ATTENTION_STENCILS, split_stencil
+
+    attended, side = split_stencil(name)
+    return max(max(max(abs(dx), abs(dy)) for dx, dy in ATTENTION_STENCILS[attended]), (side or 1) // 2)
+
+
+def ladder_order(names) -> list[str]:
+    """Stencils from the smallest: by range, then a count before a full-state stencil of that range
+    (one number against the states of every site), then by size."""
+    known = ["vn1", "vn1+count3", "block3", "vn1+count5", "diamond2", "block5", "vn1+count7"]
+    return sorted(set(names), key=lambda name: (stencil_range(name), known.index(name) if name in known else len(known), name))
 
 
 @dataclasses.dataclass
@@ -92,7 +116,7 @@ def find_range(dataset, per_event: float = PER_EVENT) -> RangePlateau:
 
     Reach = max(per_event x held-out events per unit time, the best stencil's spread over seeds).
     """
-    present = [name for name in STENCILS if name in [str(v) for v in dataset["attention_stencil"].values]]
+    present = ladder_order(str(v) for v in dataset["attention_stencil"].values)
     modes = [int(m) for m in dataset["mode"].values] if "mode" in dataset.dims else [0]
     mean, spread, r_star = {}, {}, {}
     for mode in modes:

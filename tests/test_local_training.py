@@ -143,6 +143,27 @@ def test_range_study_and_its_plateau(tmp_path):
     assert study_summary("ntheta", dataset, tmp_path) == {}
 
 
+def test_the_quorum_range_study_climbs_a_count_ladder_and_orders_it_by_range():
+    import numpy as np
+    import xarray as xr
+
+    from hpcdyn.distributed.sweep import check_study
+    from sweeps import get_study
+    from sweeps.range import COUNT_LADDER, find_range, ladder_order, stencil_range
+
+    points = check_study(get_study("range", smoke=True, system="quorum"))
+    assert {p["model.attention_stencil"] for p in points} == set(COUNT_LADDER)
+    assert [stencil_range(name) for name in COUNT_LADDER] == [1, 1, 2, 3]
+    assert ladder_order(["vn1+count7", "block5", "vn1+count5", "vn1", "vn1+count3"]) == [
+        "vn1", "vn1+count3", "vn1+count5", "block5", "vn1+count7"]  # fmt: skip
+    # held-out U/T rises until the count covers the 5 x 5 block (R 2), then stays: r* = vn1+count5
+    values = np.array([[111.9], [114.2], [145.8], [145.8]])
+    dataset = xr.Dataset({"val_U_per_T": (("attention_stencil", "seed"), values),
+                          "val_U_per_event": (("attention_stencil", "seed"), values / 300.0)},  # fmt: skip
+                         coords={"attention_stencil": COUNT_LADDER, "seed": [0]})  # fmt: skip
+    assert find_range(dataset).r_star == {0: "vn1+count5"}
+
+
 def test_rate_intervals_follow_the_poisson_standard_error():
     import math
 

@@ -45,13 +45,18 @@ def feature_table(system, encoder, keys: np.ndarray) -> tuple[np.ndarray, list[s
     patches = decode_keys(encoder, keys).astype(np.int64)  # [K, 1 + S] own state, site digits
     n_moves = system.n_moves
     table = np.asarray(system.move_table)
-    offsets = [tuple(int(v) for v in offset) for offset in encoder.offsets]
+    offsets = [tuple(int(v) for v in offset) for offset in encoder.offsets[: encoder.n_stencil]]
+    sites = patches[:, 1 : 1 + encoder.n_stencil]
+    names = ["move", "own", "move-own", "target"] + [f"site({dx},{dy})" for dx, dy in offsets]
+    if encoder.n_counted:  # a count family: the count is one feature (where its particles sit is not known)
+        side = int(round(math.sqrt(encoder.n_counted + 1)))
+        sites = np.column_stack([sites, patches[:, 1 + encoder.n_stencil :].sum(1)])
+        names.append(f"count{side}x{side}")
     rows = []
     for move in range(n_moves):
         dx, dy = int(table[move, 0]), int(table[move, 1])
         target = patches[:, 1 + offsets.index((dx, dy))] if (dx, dy) in offsets else np.full(len(keys), -1)
-        rows.append(np.column_stack([np.full(len(keys), move), patches[:, 0], move - patches[:, 0], target, patches[:, 1:]]))
-    names = ["move", "own", "move-own", "target"] + [f"site({dx},{dy})" for dx, dy in offsets]
+        rows.append(np.column_stack([np.full(len(keys), move), patches[:, 0], move - patches[:, 0], target, sites]))
     return np.stack(rows, axis=1).reshape(len(keys) * n_moves, -1), names
 
 
