@@ -16,7 +16,7 @@ CANDIDATE_MOVES = 20_000  # per density by default: a class disagreement of 1e-4
 
 
 def add_parser(commands) -> None:
-    from hpcdyn.learning.names import DEFAULT_FAMILIES
+    from hpcdyn.learning.names import COUNT_FAMILIES, DEFAULT_FAMILIES
 
     parser = commands.add_parser(
         "locality",
@@ -35,7 +35,8 @@ def add_parser(commands) -> None:
                         help="densities of fresh original-dynamics configurations "
                              "(default: the training density, 0.3, 0.5)")  # fmt: skip
     parser.add_argument("--family", action="append", metavar="FAMILY",
-                        help=f"key family to certify (repeatable; default: {' '.join(DEFAULT_FAMILIES)})")  # fmt: skip
+                        help=f"key family to certify (repeatable; default: {' '.join(DEFAULT_FAMILIES)}, and for particle "
+                             f"systems {' '.join(COUNT_FAMILIES)})")  # fmt: skip
     parser.add_argument("--tolerance", type=non_negative_float,
                         help="largest Mode 2 class disagreement (default 1e-4) or Mode 1 99th percentile of "
                              "|delta log-rate| (default 0.01) at which a family passes")  # fmt: skip
@@ -53,14 +54,14 @@ def add_parser(commands) -> None:
 
 def _locality(args: argparse.Namespace) -> dict[str, Any]:
     from hpcdyn.learning.locality import (
-        DEFAULT_FAMILIES, certificate_directory, certify, check_families, checkpoint_file, load_certified_model,
+        certificate_directory, certify, check_families, checkpoint_file, default_families, load_certified_model,
         write_certificate,
     )  # fmt: skip
 
     check_device(args.device)
     check_existing_path(args.run, "run", "a training run directory (with best.pt) or a checkpoint file")
-    families = args.family or DEFAULT_FAMILIES
     _, system = load_certified_model(checkpoint_file(args.run))
+    families = args.family or default_families(system)
     check_families(families, system)  # before any simulation: an unknown family is named with the valid ones
     samples = [_store_sample(store, system, args.configurations) for store in args.store]
     if args.density is not None or not args.store:

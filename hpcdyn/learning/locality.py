@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hpcdyn.learning.checkpoint import load_checkpoint
-from hpcdyn.learning.names import DEFAULT_FAMILIES
+from hpcdyn.learning.names import COUNT_FAMILIES, DEFAULT_FAMILIES
 from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 from hpcdyn.physics.environments import EnvironmentEncoder, check_fits, make_encoder, patch_configurations, patches
 from hpcdyn.physics.rates import true_rate_model
@@ -275,6 +275,11 @@ def sample_passes(result: SampleResult, mode: int, tolerance: float) -> bool:
     return result.percentiles["p99"] <= tolerance
 
 
+def default_families(system: System) -> tuple[str, ...]:
+    """The families certified unless told: DEFAULT_FAMILIES, and COUNT_FAMILIES for particle systems."""
+    return DEFAULT_FAMILIES + (COUNT_FAMILIES if isinstance(system, ActiveSystem) else ())
+
+
 def check_families(families: Sequence[str], system: System) -> list[EnvironmentEncoder]:
     """Encoders of the families, in the order given; an unknown one is refused with the valid ones listed."""
     if not families:
@@ -288,7 +293,7 @@ def check_families(families: Sequence[str], system: System) -> list[EnvironmentE
 def certify(
     run_or_checkpoint: str | Path,
     samples: Sequence[Sample],
-    families: Sequence[str] = DEFAULT_FAMILIES,
+    families: Sequence[str] | None = None,
     tolerance: float | None = None,
     device: str = "cpu",
 ) -> Certificate:
@@ -296,6 +301,7 @@ def certify(
 
     tolerance: Mode 2's largest class disagreement (default 1e-4) or Mode 1's largest 99th percentile
     of |delta log-rate| (default 0.01) at which a family passes; it must pass at every sample.
+    families: default ``default_families(system)``.
     """
     path = checkpoint_file(run_or_checkpoint)
     model, system = load_certified_model(path, device)
@@ -305,7 +311,7 @@ def certify(
         raise ConfigurationError(f"tolerance: must be a finite number >= 0, got {tolerance!r}")
     if not samples:
         raise ConfigurationError("samples: give at least one sample of configurations to certify on")
-    encoders = check_families(families, system)
+    encoders = check_families(default_families(system) if families is None else families, system)
     for sample in samples:
         check_sample(sample, system)
     full = [evaluate_full(model, sample, device) for sample in samples]

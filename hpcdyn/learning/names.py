@@ -53,3 +53,5 @@ def split_stencil(name: str) -> tuple[str, int | None]:
 
 # key families `hpcdyn locality` certifies by default, smallest first
 DEFAULT_FAMILIES = ("vn1-occ", "vn1", "block3-occ", "block3", "diamond2-occ", "diamond2", "block5-occ", "block5")
+# and, for particle systems, the nearest neighbours with the count of a block (a density rule's summary)
+COUNT_FAMILIES = ("vn1+count3", "vn1+count5", "vn1+count7")
