@@ -6,12 +6,14 @@ of the nearest-neighbour environments (DESIGN 1.6).
 Started from arbitrary classes, the straight-through epochs sort the moves slowly: on a 50 k-event
 trajectory the rotations' class rate climbs by ~0.01 per epoch from where the blocked hops sit, and
 the held-out optimum comes before it arrives (benchmarks/TRAINING.md, mode2-defaults). The exact
-partition of the (key, move) pairs of the smallest key family (``start_family``: the occupancy of the
-nearest neighbours, what volume exclusion needs; the spins of an FA chain's) gives every pair a class
-in one pass over the statistics (``hpcdyn.learning.class_partition``). The classifier is fitted to
-those classes on the trajectory's own configurations, the class rates set in closed form, and the
-trainer then refines with the expected-U gradient. Only the start sees the nearest neighbours: the
-model stays unrestricted, and a rate that depends on more (quorum's block count) is left to it.
+partition of the (key, move) pairs of a key family gives every pair a class in one pass over the
+statistics (``hpcdyn.learning.class_partition``). The classifier is fitted to those classes on the
+trajectory's own configurations, the class rates set in closed form, and the trainer then refines
+with the expected-U gradient. The model stays unrestricted; the start's family is read from the data
+(``choose_family``): for particles, the occupancy of the nearest neighbours (what volume exclusion
+needs) or the nearest neighbours with the count of a 3 x 3, 5 x 5 or 7 x 7 block (what a density
+rule such as quorum sensing needs), whichever partition scores the held-out part best, the smallest
+within 1e-3 nats per held-out event of the best; an FA chain's, the spins of the nearest neighbours.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hpcdyn.learning.class_rates import fit_class_rates
 from hpcdyn.learning.likelihood import iter_segments
 from hpcdyn.learning.local_training import StatisticsObjective, balanced, evidence_weights, key_partition
 from hpcdyn.learning.statistics import cached_statistics
-from hpcdyn.physics.environments import environment_keys
+from hpcdyn.physics.environments import environment_keys, key_family
 from hpcdyn.physics.replay import replay_segment
 from hpcdyn.physics.systems import ActiveSystem, FASystem
 
@@ -45,18 +47,71 @@ DECISIVE_NATS = 3.0
 LABEL_SMOOTHING = 0.1
 
 
-def start_family(system) -> str | None:
-    """The key family of the start, or None where the system has no environment keys."""
+# A larger family must score the held-out part better by this much (nats per held-out event) to be chosen.
+PER_EVENT = 1e-3
+
+
+def start_families(system) -> tuple[str, ...]:
+    """The key families the start chooses from, smallest first, those that fit on the lattice (none
+    where the system has no keys)."""
     if isinstance(system, FASystem):
-        return "vn1"
-    return "vn1-occ" if isinstance(system, ActiveSystem) else None
+        return ("vn1",)
+    if not isinstance(system, ActiveSystem):
+        return ()
+    fitting = []
+    for name in ("vn1-occ", "vn1+count3", "vn1+count5", "vn1+count7"):
+        reach_x, reach_y = key_family(name).radius
+        if system.shape[1] >= 2 * reach_x + 1 and system.shape[0] >= 2 * reach_y + 1:
+            fitting.append(name)
+    return tuple(fitting)
+
+
+def held_out_score(objective: StatisticsObjective, model, partition) -> float:
+    """U of the held-out part predicted from the training part under a partition's class rates.
+
+    A pair's rate is its posterior mean over the classes, with the share of the pairs in each class as
+    the prior and its training events and exposure as the evidence: a pair that has shown its rate
+    gets its class's, one seen too little (no rotation in a rare environment looks like a blocked
+    move) a mixture, one never seen the prior's mean. The hard ML classes would give such pairs the
+    rate 0 and a family too fine for the data would lose everything on their first held-out event;
+    here it pays only for what its sparse pairs leave unknown."""
+    exposure, counts = objective.stats.part("train")
+    classes = partition.classes.reshape(counts.shape)
+    rates = partition.rates  # [K]
+    prior = np.bincount(classes[classes >= 0], minlength=len(rates)) / max(int((classes >= 0).sum()), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_rates = np.log(rates)
+        log_post = (np.log(prior)[None, None, :] + np.where(counts[..., None] > 0, counts[..., None] * log_rates, 0.0)
+                    - exposure[:, None, None] * rates[None, None, :])  # fmt: skip
+    log_post = np.nan_to_num(log_post, nan=-np.inf)
+    log_post -= log_post.max(-1, keepdims=True)
+    posterior = np.exp(log_post)
+    predicted = (posterior * rates).sum(-1) / posterior.sum(-1)
+    predicted = np.maximum(predicted, float(model.class_log_rates.detach().min().exp()))
+    held_exposure, held_counts = objective.stats.part("heldout")
+    return float((held_counts * np.log(predicted)).sum() - (held_exposure[:, None] * predicted).sum())
+
+
+def choose_family(source, model, config) -> tuple[StatisticsObjective, object, dict]:
+    """(objective, partition) of the start's family and the held-out score of every candidate."""
+    candidates, scores = [], {}
+    for family in start_families(source.system):
+        stats, _ = cached_statistics(source, family, config.validation_fraction, config.max_train_events)
+        objective = StatisticsObjective(stats, source.system, config.device)
+        partition = key_partition(objective, model)
+        scores[family] = held_out_score(objective, model, partition)
+        candidates.append((objective, partition))
+    reach = PER_EVENT * float(candidates[0][0].stats.counts[1].sum())
+    best = max(scores.values())
+    index = next(i for i, score in enumerate(scores.values()) if score >= best - reach)
+    return candidates[index][0], candidates[index][1], scores
 
 
 def applies(model, config, system) -> bool:
     """Whether a run on segments starts from the partition (``TrainingConfig.class_init``): always with
     "partition"; with "auto" unless a from-scratch recipe was asked for (an expected-U switch epoch or
     a class rate fit other than the default), which then runs as given."""
-    if model.config.mode != 2 or start_family(system) is None:
+    if model.config.mode != 2 or not start_families(system):
         return False
     if config.class_init == "partition":
         return True
@@ -64,11 +119,9 @@ def applies(model, config, system) -> bool:
 
 
 def initialise_classes(model, source, training, validation, config) -> dict:
-    """Class rates and classifier from the nearest-neighbour partition; returns what the start did."""
-    family = start_family(source.system)
-    stats, _ = cached_statistics(source, family, config.validation_fraction, config.max_train_events)
-    objective = StatisticsObjective(stats, source.system, config.device)
-    partition = key_partition(objective, model)
+    """Class rates and classifier from the partition of the chosen family; returns what the start did."""
+    objective, partition, scores = choose_family(source, model, config)
+    stats, family = objective.stats, objective.stats.family
     exposure, counts = stats.part("train")
     pair_counts = counts.reshape(-1).astype(np.float64)
     pair_exposure = np.broadcast_to(exposure[:, None], counts.shape).reshape(-1)
@@ -80,6 +133,7 @@ def initialise_classes(model, source, training, validation, config) -> dict:
     fitted = fit_class_rates(model, training, max(config.segment_events or 0, 512), config.device, empty_to_lowest=True)
     # None: a class without events (no estimate); NaN is not JSON and metrics.jsonl must stay readable
     return {"class_init": f"partition:{family}", "class_init_steps": steps, "class_init_agreement": agreement,
+            "start_family_scores": scores,
             "partition_rates": partition.rates.tolist(), "partition_classes": len(partition.rates),
             "class_init_rates": [rate if math.isfinite(rate) else None for rate in fitted.rates().tolist()]}  # fmt: skip
 
