@@ -1,6 +1,7 @@
 """The maximum-likelihood partition of (environment, move) pairs into Mode 2 classes."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -72,3 +73,22 @@ def test_classes_the_held_out_pairs_do_not_support_are_pruned():
     assert len(pruned.rates) == 3 and pruned.rates[0] == 0.0
     assert np.array_equal(pruned.classes, np.repeat([0, 1, 2], 300))
     assert held_out_log_likelihood(pruned, heldout, exposure, 1e-6) >= held_out_log_likelihood(partition, heldout, exposure, 1e-6)
+
+
+def test_predicted_rates_follow_the_evidence_and_fall_back_on_the_prior():
+    """A pair with many events gets its class's rate, one never seen the prior mean of the classes
+    (the share of pairs in each class), one with a little exposure and no event a mixture in between."""
+    from hpcdyn.learning.class_partition import predicted_rates, predictive_log_likelihood
+
+    counts = np.array([0.0] * 50 + [10.0] * 50)  # half blocked (rate 0), half at rate 1 with exposure 10
+    exposure = np.full(100, 10.0)
+    partition = poisson_partition(counts, exposure, 2)
+    assert partition.rates.tolist() == [0.0, 1.0]
+    new = predicted_rates(partition, np.array([40.0, 0.0, 0.0]), np.array([40.0, 0.0, 0.5]), floor=1e-9)
+    assert new[0] == pytest.approx(1.0) and new[1] == pytest.approx(0.5)  # prior 1/2, 1/2
+    assert 1e-9 < new[2] < 0.5  # exp(-0.5) / (1 + exp(-0.5)) = 0.38: evidence leans to the blocked class
+    assert new[2] == pytest.approx(math.exp(-0.5) / (1 + math.exp(-0.5)))
+    # held out: the same pairs again; a blocked pair keeps the weight e^-10 of the rate-1 class
+    u = predictive_log_likelihood(partition, (counts, exposure), (counts, exposure), floor=1e-9)
+    leak = math.exp(-10) / (1 + math.exp(-10))
+    assert u == pytest.approx(50 * (10 * math.log(1.0) - 10.0) - 50 * 10 * leak, rel=1e-12)

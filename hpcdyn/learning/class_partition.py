@@ -125,6 +125,38 @@ def _refine(n, e, classes, n_classes, rounds: int = 20) -> np.ndarray:
     return classes
 
 
+def predicted_rates(partition: Partition, counts: np.ndarray, exposure: np.ndarray, floor: float) -> np.ndarray:
+    """Each pair's rate predicted from its training events ``counts`` in ``exposure`` under the partition:
+    the posterior mean over the classes, with the share of the pairs in each class as the prior.
+
+    A pair that has shown its rate gets its class's; one seen too little (no rotation in a rare
+    environment looks like a blocked move) a mixture; one never seen the prior's mean. At least
+    ``floor`` (the near-zero rate a model gives the moves never seen)."""
+    counts = np.asarray(counts, np.float64).reshape(-1)
+    exposure = np.asarray(exposure, np.float64).reshape(-1)
+    inside = partition.classes >= 0
+    rates = partition.rates
+    prior = np.bincount(partition.classes[inside], minlength=len(rates)) / max(int(inside.sum()), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_post = (np.log(prior)[None, :] + np.where(counts[:, None] > 0, counts[:, None] * np.log(rates)[None, :], 0.0)
+                    - exposure[:, None] * rates[None, :])  # fmt: skip
+    log_post = np.nan_to_num(log_post, nan=-np.inf)
+    log_post -= log_post.max(axis=1, keepdims=True)
+    posterior = np.exp(log_post)
+    return np.maximum((posterior * rates).sum(1) / posterior.sum(1), floor)
+
+
+def predictive_log_likelihood(partition: Partition, train: tuple[np.ndarray, np.ndarray],
+                              heldout: tuple[np.ndarray, np.ndarray], floor: float) -> float:  # fmt: skip
+    """U of the held-out pairs (events, exposure) at the rates ``predicted_rates`` gives them from the
+    training pairs (events, exposure): a partition of a fine key family pays for what its sparse pairs
+    leave unknown, where hard classes would score a held-out event of a pair that showed none in
+    training at the rate 0 (``floor``) and lose everything on it."""
+    predicted = predicted_rates(partition, *train, floor)
+    n, e = (np.asarray(a, np.float64).reshape(-1) for a in heldout)
+    return float(np.where(n > 0, n * np.log(predicted), 0.0).sum() - (e * predicted).sum())
+
+
 def held_out_log_likelihood(partition: Partition, counts: np.ndarray, exposure: np.ndarray, floor: float) -> float:
     """U of held-out pairs (their events ``counts`` in ``exposure``) under the partition's classes and
     rates, a rate-0 class scored at ``floor`` (the near-zero rate a model gives the moves never seen)."""

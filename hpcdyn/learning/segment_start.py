@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from hpcdyn.learning.class_partition import predictive_log_likelihood
 from hpcdyn.learning.class_rates import fit_class_rates
 from hpcdyn.learning.likelihood import iter_segments
 from hpcdyn.learning.local_training import StatisticsObjective, balanced, evidence_weights, key_partition
@@ -67,29 +68,14 @@ def start_families(system) -> tuple[str, ...]:
 
 
 def held_out_score(objective: StatisticsObjective, model, partition) -> float:
-    """U of the held-out part predicted from the training part under a partition's class rates.
-
-    A pair's rate is its posterior mean over the classes, with the share of the pairs in each class as
-    the prior and its training events and exposure as the evidence: a pair that has shown its rate
-    gets its class's, one seen too little (no rotation in a rare environment looks like a blocked
-    move) a mixture, one never seen the prior's mean. The hard ML classes would give such pairs the
-    rate 0 and a family too fine for the data would lose everything on their first held-out event;
-    here it pays only for what its sparse pairs leave unknown."""
+    """U of the held-out part at the rates the partition predicts from the training part
+    (``class_partition.predictive_log_likelihood``: a family too fine for the data pays for what its
+    sparse pairs leave unknown, not for the rate 0 its hard classes would give them)."""
     exposure, counts = objective.stats.part("train")
-    classes = partition.classes.reshape(counts.shape)
-    rates = partition.rates  # [K]
-    prior = np.bincount(classes[classes >= 0], minlength=len(rates)) / max(int((classes >= 0).sum()), 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_rates = np.log(rates)
-        log_post = (np.log(prior)[None, None, :] + np.where(counts[..., None] > 0, counts[..., None] * log_rates, 0.0)
-                    - exposure[:, None, None] * rates[None, None, :])  # fmt: skip
-    log_post = np.nan_to_num(log_post, nan=-np.inf)
-    log_post -= log_post.max(-1, keepdims=True)
-    posterior = np.exp(log_post)
-    predicted = (posterior * rates).sum(-1) / posterior.sum(-1)
-    predicted = np.maximum(predicted, float(model.class_log_rates.detach().min().exp()))
     held_exposure, held_counts = objective.stats.part("heldout")
-    return float((held_counts * np.log(predicted)).sum() - (held_exposure[:, None] * predicted).sum())
+    floor = float(model.class_log_rates.detach().min().exp())
+    every = (counts, np.broadcast_to(exposure[:, None], counts.shape)), (held_counts, np.broadcast_to(held_exposure[:, None], counts.shape))
+    return predictive_log_likelihood(partition, *every, floor)
 
 
 def choose_family(source, model, config) -> tuple[StatisticsObjective, object, dict]:
