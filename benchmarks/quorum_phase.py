@@ -6,10 +6,11 @@
 
 Stages (the commands are in COMMANDS; their wall times go to runs/quorum/timings.json):
 1. the training trajectory: quorum, paper preset (L 30, density 0.124), T 1000, seed 1 (0.95 M events),
-   and a T 50 one (47 k events) for the block5 attempts;
+   and the small preset's (L 12, N 18), T 600, seed 1 (0.1 M events);
 2. hard-local Mode 2 models, N_theta 5: vn1+count5 (the nearest neighbours and the number of particles in
-   the 5 x 5 block: what the quorum rule reads) on the T 1000 trajectory; vn1 (cannot see the block, the
-   negative control) on the T 1000 trajectory and on the T 50 one; a full-state block5 model could not be
+   the 5 x 5 block: what the quorum rule reads) on a small-preset trajectory (L 12, N 18, T 600, 0.1 M
+   events; hard-local models run on any lattice); vn1 (cannot see the block, the
+   negative control) on the T 1000 trajectory; a full-state block5 model could not be
    trained here (about 4 new block5 keys per event; TRAINING.md quorum-local);
 3. ensembles on L 30 at densities 0.05 ... 0.5, 16 replicas, t 100, burn-in 40, snapshots every 0.5: the
    original active and quorum dynamics (compiled simulator) and the two learned models (table engine);
@@ -50,14 +51,12 @@ MODEL = ["--n-layers", "1", "--d-model", "32", "--n-heads", "4", "--d-ff", "64",
 COMMANDS = [
     ("simulate T1000", ["hpcdyn", "simulate", "--system", "quorum", "--preset", "paper", "--t-final", "1000", "--seed", "1",
                         "--out", "runs/quorum/train.zarr", "--no-progress"], "runs/quorum/train.zarr"),  # fmt: skip
-    ("simulate T50", ["hpcdyn", "simulate", "--system", "quorum", "--preset", "paper", "--t-final", "50", "--seed", "1",
-                      "--out", "runs/quorum/train-T50.zarr", "--no-progress"], "runs/quorum/train-T50.zarr"),  # fmt: skip
-    ("train vn1+count5 T1000", ["hpcdyn", "train", "runs/quorum/train.zarr", "--attention-stencil", "vn1+count5", *MODEL,
-                                "--out", "runs/quorum/mode2-c5"], "runs/quorum/mode2-c5/best.pt"),  # fmt: skip
+    ("simulate small T600", ["hpcdyn", "simulate", "--system", "quorum", "--preset", "small", "--t-final", "600", "--seed", "1",
+                             "--out", "runs/quorum/small-T600.zarr", "--no-progress"], "runs/quorum/small-T600.zarr"),  # fmt: skip
+    ("train vn1+count5 small", ["hpcdyn", "train", "runs/quorum/small-T600.zarr", "--attention-stencil", "vn1+count5", *MODEL,
+                                "--out", "runs/quorum/small-mode2-c5"], "runs/quorum/small-mode2-c5/best.pt"),  # fmt: skip
     ("train vn1 T1000", ["hpcdyn", "train", "runs/quorum/train.zarr", "--attention-stencil", "vn1", *MODEL,
                          "--epochs", "4", "--out", "runs/quorum/mode2-vn1"], "runs/quorum/mode2-vn1/best.pt"),  # fmt: skip
-    ("train vn1 T50", ["hpcdyn", "train", "runs/quorum/train-T50.zarr", "--attention-stencil", "vn1", *MODEL,
-                       "--out", "runs/quorum/T50-mode2-vn1"], "runs/quorum/T50-mode2-vn1/best.pt"),  # fmt: skip
     ("ensemble active original", ["hpcdyn", "ensemble", "--model", "original", "--system", "active", "--L", "30", *ENSEMBLE,
                                   "--seed", "7", "--out", "runs/quorum/ens/active-original.zarr"],
      "runs/quorum/ens/active-original.zarr"),  # fmt: skip
@@ -67,7 +66,7 @@ COMMANDS = [
     ("ensemble quorum learned vn1", ["hpcdyn", "ensemble", "--model", "runs/quorum/mode2-vn1", "--engine", "auto", *ENSEMBLE,
                                      "--seed", "11", "--out", "runs/quorum/ens/quorum-vn1.zarr"],
      "runs/quorum/ens/quorum-vn1.zarr"),  # fmt: skip
-    ("ensemble quorum learned vn1+count5", ["hpcdyn", "ensemble", "--model", "runs/quorum/mode2-c5", "--engine", "auto",
+    ("ensemble quorum learned vn1+count5", ["hpcdyn", "ensemble", "--model", "runs/quorum/small-mode2-c5", "--L", "30", "--engine", "auto",
                                             *ENSEMBLE, "--seed", "13", "--out", "runs/quorum/ens/quorum-c5.zarr"],
      "runs/quorum/ens/quorum-c5.zarr"),  # fmt: skip
 ]
@@ -197,60 +196,70 @@ def _metrics(run: str) -> dict:
     return best
 
 
+def _class_lines(run: str) -> list[str]:
+    """`hpcdyn rules RUN`'s class table (rates with 99 % intervals n/E -+ 2.58 sqrt(n)/E)."""
+    printed = subprocess.run(["hpcdyn", "rules", str(RUNS / run)], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return [line for line in printed.splitlines() if line.startswith("|")]
+
+
+def _peaks(stats: dict, name: str) -> str:
+    data = stats[name].isel(model=0)
+    densities = data["density"].values
+    return (f"var f4 peaks at {densities[int(np.argmax(data['f4_variance'].values))]:g}, "
+            f"n_c at {densities[int(np.argmax(data['n_clusters'].values))]:g}, <s> at 0.5 is {float(data['mean_cluster_size'][-1]):.1f}")
+
+
 def section(stats, rows, verdicts) -> str:
     timings_path = RUNS / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    verdict = verdicts[0] if verdicts else {}
-    vn1, vn1_short = _metrics("mode2-vn1"), _metrics("T50-mode2-vn1")
-    events = {name: int(zarr.open_group(str(path), mode="r").attrs["events"]) for name, path in STORES.items()}
+    count, vn1 = _metrics("small-mode2-c5"), _metrics("mode2-vn1")
+    small_events = int(zarr.open_group(str(RUNS / "small-T600.zarr"), mode="r").attrs["n_events"])
+    events = {name: int(zarr.open_group(str(path), mode="r").attrs["events"]) for name, path in STORES.items() if path.exists()}
     lines = [
         "## Quorum sensing: phase-separation onset, learned against original (`python benchmarks/quorum_phase.py --run --write`)",
         "",
-        "Issue 20's emergent-behaviour item, on a CPU shared with 2-3 other heavy jobs (2 cores, load 6-14). "
-        "**The block5 model (the one that can see the quorum block) could not be trained here** (TRAINING.md, "
-        "section quorum-local: 3.77 M distinct block5 keys in the 0.95 M-event trajectory, about 4 per event; "
-        "the Mode 2 partition start's classifier fit holds the graph of every key at once, ~21 kB per key, "
-        ">4 GB already at 0.2 M keys; from scratch on statistics and on segments it was far too slow). "
-        "So the learned curve below is the range-blind vn1 model's (Mode 2, N_theta 5, trained on the T 1000 "
-        "trajectory): the negative control of the range study, and it DIFFERS, as it must.",
+        "Issue 20's emergent-behaviour item, CPU (2 cores shared with 2-3 other jobs). The learned model is a one-layer "
+        "hard-local Mode 2 model (N_theta 5) whose stencil is `vn1+count5`: the states of the four nearest neighbours and "
+        "the number of other particles in the 5 x 5 block (one embedded number, not where they sit), the summary the "
+        "quorum rule reads; its key family (62,500 keys) makes statistics, tables and the table engine exact. A full-state "
+        "block5 model could not be trained here (TRAINING.md quorum-local: about 4 new block5 keys per event). The range-"
+        "blind vn1 model is the negative control.",
         "",
-        f"Training trajectory: quorum, paper preset (L 30, N 112, density 0.124, D 0.1, v+ 25, v_other 1, R 2, q 3, "
-        f"v_crowded 5), T 1000, seed 1: 950,501 events ({timings.get('simulate T1000', '?')} s). "
-        f"vn1 model: held-out U/T {vn1['val_U_per_T']:.2f} against the generating rates' {vn1['true_val_U_per_T']:.2f}, "
-        f"gap {vn1['gap_per_event']:.4f} nats/event; class rates " + ", ".join(f"{r:.4g}" for r in vn1["class_rates"]) +
-        " (D and v_other recovered; the forward hops split into 5.94 and 12.78, mixtures of v_crowded 5 and v+ 25, "
-        f"which a vn1 key cannot tell apart). On the T 50 trajectory (47,287 events) the same model: gap "
-        f"{vn1_short['gap_per_event']:.4f} nats/event.",
+        f"vn1+count5: trained (`hpcdyn train`, statistics, default recipe) on the small preset's trajectory (L 12, N 18, "
+        f"density 0.125, T 600, seed 1: {small_events:,} events, {count['statistics_keys']:,} keys); "
+        f"held-out U/T {count['val_U_per_T']:.3f} against the generating rates' {count['true_val_U_per_T']:.3f}, gap "
+        f"{count['gap_per_event']:.5f} nats/event (epoch {count['epoch']}). Its classes (`hpcdyn rules`):",
+        "",
+        *_class_lines("small-mode2-c5"),
+        "",
+        f"vn1 (control): trained on the paper preset's T 1000 trajectory (L 30, N 112, 950,501 events); gap "
+        f"{vn1['gap_per_event']:.4f} nats/event, class rates " + ", ".join(f"{r:.4g}" for r in vn1["class_rates"]) +
+        " (the forward hops split into two mixtures of v_crowded 5 and v+ 25, which a vn1 key cannot tell apart).",
         "",
         "Ensembles: L 30, densities " + ", ".join(DENSITIES) + ", 16 replicas, t 100, burn-in 40, snapshots every 0.5; "
-        "original dynamics on the compiled simulator, the learned vn1 model on its vn1 environment table (`--engine auto`).",
+        "the original dynamics on the compiled simulator, the learned models on their environment tables "
+        "(`--engine auto`; the vn1+count5 model, trained at L 12, runs at L 30: a hard-local model's rates depend on its key alone).",
         "",
         "| store | events | wall time (s, whole command incl. Ray start) |",
         "|---|---|---|",
     ]
-    keys = {"active original": "ensemble active original", "quorum original": "ensemble quorum original",
-            "quorum learned (vn1)": "ensemble quorum learned vn1"}
+    keys = {"active original": "ensemble active original", "quorum original": "ensemble quorum original", **LEARNED}
     for name in STORES:
         lines.append(f"| {name} | {events.get(name, 0):,} | {timings.get(keys[name], '?')} |")
     lines += ["", "f4 and mean cluster size <s> (mean ± standard error over replicas):", "", *observable_table(stats), ""]
-    lines += ["Onset: the active model phase-separates between densities 0.1 and 0.2 (f4 0.017 -> 0.29, var f4 peak at 0.2); "
-              "quorum sensing (slower forward hops in crowds) delays it: f4 stays below 0.25 up to 0.5, n_c peaks at 0.3 "
-              "instead of 0.1, <s> at 0.5 is 10 against 35 (benchmarks/figures/quorum_onset.png).", ""]
-    lines += ["z = (learned vn1 - original quorum) / sqrt(se^2 + se^2):", "", *z_table(rows), ""]
-    if verdict:
+    lines += [f"Onset (benchmarks/figures/quorum_onset.png): active original: {_peaks(stats, 'active original')}; quorum "
+              f"original: {_peaks(stats, 'quorum original')}. Quorum sensing (slower forward hops in crowds) delays and "
+              "weakens the clustering.", ""]
+    for verdict in verdicts:
+        name = verdict["model"]
+        lines += [f"z = ({name} - quorum original) / sqrt(se^2 + se^2):", "",
+                  *z_table([row for row in rows if row["model"] == name]), ""]
         word = "AGREES with" if verdict["agrees"] else "DIFFERS from"
-        lines.append(f"**Family verdict: quorum learned (vn1) {word} the original dynamics** over {verdict['cells']} cells: "
-                     f"max |z| = {verdict['max_abs_z']:.2f} (rule < 3), chi-square {verdict['chi2']:.0f} on {verdict['cells']}, "
-                     f"p = {verdict['p']:.3g} (rule >= 0.01). Below the onset it clusters too little, above it too much: "
-                     "it cannot see the block, so crowding is guessed from the four neighbours.")
-    lines += ["", "Block5 model on the table engine (measured with the unfinished block5 checkpoint, 1 replica, t 2): "
-              "238 events in 72 s at density 0.1, 525 events in 148 s at 0.3 (3-4 events/s; a new block5 key at almost "
-              "every event, each one a stop of the compiled loop and a network call), against ~85,000 events/s for the "
-              "original ensembles here: the learned block5 phase diagram at 0.05-0.5 is out of reach on this machine.",
-              "", "Commands (from the repository root, each under `nice -n 5`):", "", "```"]
+        lines += [f"**Family verdict: {name} {word} the original dynamics** over {verdict['cells']} cells: max |z| = "
+                  f"{verdict['max_abs_z']:.2f} (rule < 3), chi-square {verdict['chi2']:.1f} on {verdict['dof']} "
+                  f"({verdict['test']}: the observables of a density judged together), p = {verdict['p']:.3g} (rule >= 0.01).", ""]
+    lines += ["Commands (from the repository root, each under `nice -n 5`):", "", "```"]
     lines += [" ".join(command) for _, command, _ in COMMANDS]
-    lines += ["# measured run of the vn1 T1000 model: the same command with the default 20 epochs, stopped (SIGTERM) after",
-              "# epoch 4 (at ~28 s an epoch the gap had been 0.17314 since epoch 0) and finished with --resume --epochs 4"]
     lines += ["```"]
     return "\n".join(lines)
 

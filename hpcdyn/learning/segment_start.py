@@ -1,5 +1,5 @@
 """Mode 2's start on segments: an unrestricted classifier fitted to the maximum-likelihood partition
-of the nearest-neighbour environments (DESIGN 1.6).
+of the (environment key, move) pairs (DESIGN 1.6).
 
     started = initialise_classes(model, source, training, validation, config)
 
@@ -74,8 +74,9 @@ def held_out_score(objective: StatisticsObjective, model, partition) -> float:
     exposure, counts = objective.stats.part("train")
     held_exposure, held_counts = objective.stats.part("heldout")
     floor = float(model.class_log_rates.detach().min().exp())
-    every = (counts, np.broadcast_to(exposure[:, None], counts.shape)), (held_counts, np.broadcast_to(held_exposure[:, None], counts.shape))
-    return predictive_log_likelihood(partition, *every, floor)
+    train = counts, np.broadcast_to(exposure[:, None], counts.shape)
+    heldout = held_counts, np.broadcast_to(held_exposure[:, None], counts.shape)
+    return predictive_log_likelihood(partition, train, heldout, floor)
 
 
 def choose_family(source, model, config) -> tuple[StatisticsObjective, object, dict]:
