@@ -139,3 +139,22 @@ def test_a_table_of_the_quorum_rates_in_a_count_family_is_exact(selection):
     now_positions, now_states = engine.configuration()
     keys, _ = environment_keys(encoder, system, now_positions[None], now_states[None])
     assert np.array_equal(engine.token_keys, keys[0])
+
+
+def test_a_count_larger_than_any_trained_acts_as_the_largest_seen():
+    """The count's embedding is cumulative: counts never seen in training get no gradient for their
+    steps, so a model trained at low density treats a crowd larger than it saw as the largest it saw."""
+    model = count_model(QUORUM, mode=1)
+    with torch.no_grad():
+        model.embed_count.weight[3:] = 0.0  # as trained on counts 0..2 only
+    # the token at (5, 5) with 2 others two sites away (count 2), then with 6 (count 6); no vn1 neighbour
+    ring = [[7, 7], [3, 3], [7, 3], [3, 7], [5, 7], [5, 3]]
+    two = torch.tensor([[[5, 5], *ring[:2]]]), torch.zeros(1, 3, dtype=torch.long)
+    six = torch.tensor([[[5, 5], *ring]]), torch.zeros(1, 7, dtype=torch.long)
+    assert model.block_counts(two[0], 12)[0, 0] == 2 and model.block_counts(six[0], 12)[0, 0] == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(*six)[0, 0], model(*two)[0, 0], rtol=0, atol=1e-12)
+    loss = model(*two)[0, 0].sum()
+    model.zero_grad()
+    loss.backward()
+    assert model.embed_count.weight.grad[3:].abs().max() == 0 and model.embed_count.weight.grad[:3].abs().max() > 0

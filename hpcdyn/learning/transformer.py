@@ -25,7 +25,12 @@ translation invariant, on a lattice of any size, and reproduced exactly by an en
 the key family ``config.key_family``. A stencil with a count (``"vn1+count5"``, particle systems)
 also gives each token the number of other particles in the block around it: embedded after the
 attention and mixed into the token's features by a feed-forward of its own (one token at a time,
-so no neighbour's count leaks in); the key family is then ``"vn1+count5"`` too.
+so no neighbour's count leaks in); the key family is then ``"vn1+count5"`` too. The count's
+embedding is cumulative (count c adds the learned steps 1..c to the embedding of 0, each step
+starting at zero): a count larger than any in the training data gets no step of its own and acts
+as the largest one seen, so a model trained at one density extrapolates a crowding rule by
+saturating it instead of meeting an untrained embedding (measured: with one free embedding per
+count, the model trained at density 0.125 clustered too little at 0.3-0.5, RESULTS.md quorum-phase).
 
 Every layer's offset scores form a mask [batch, heads, tokens, tokens (+ sink)], gathered from a
 per-head table head-major (``table[:, index]``: a layout the attention kernel reads without a
@@ -456,7 +461,7 @@ class TransformerRates(torch.nn.Module):
         # the table entry of the sink: after the offsets (and the stencil's "outside" entry)
         self.sink_entry = offsets + int(config.hard_local)
         self._stencil_lookups: dict[tuple[int, str], torch.Tensor] = {}
-        if config.count_side is not None:  # the counted block: one embedding per count, then a token-wise mix
+        if config.count_side is not None:  # the counted block: cumulative steps per count, then a token-wise mix
             self.embed_count = torch.nn.Embedding(config.count_side**2, width)
             self.count_mix = torch.nn.Sequential(
                 torch.nn.LayerNorm(width), torch.nn.Linear(width, config.d_ff), torch.nn.GELU(), torch.nn.Linear(config.d_ff, width)
@@ -510,7 +515,8 @@ class TransformerRates(torch.nn.Module):
                 mask = None if index is None else block.attention.score_mask(index)
             h = block(h, rotation, mask, index if self.config.offset_values else None)
         if self.config.count_side is not None:
-            h = h + self.embed_count(self.block_counts(positions, size))
+            steps = self.embed_count.weight.cumsum(0)  # [side^2, width]: count c -> step_0 + ... + step_c
+            h = h + steps[self.block_counts(positions, size)]
             h = h + self.count_mix(h)
         return self.final_norm(h)
 
