@@ -429,6 +429,7 @@ def test_ensemble_of_the_original_quorum_dynamics_and_its_refusals(tmp_path):
 def test_ntheta_and_range_studies_accept_the_quorum_system():
     from hpcdyn.distributed.sweep import check_study, trial_setup
     from sweeps import get_study
+    from sweeps.range import COUNT_LADDER
 
     for smoke in (True, False):
         ntheta = check_study(get_study("ntheta", smoke=smoke, system="quorum"))
@@ -436,7 +437,10 @@ def test_ntheta_and_range_studies_accept_the_quorum_system():
         assert 5 in {point.get("model.n_classes") for point in ntheta}  # N* = 5 is scanned
         ranges = check_study(get_study("range", smoke=smoke, system="quorum"))
         assert {point["model.n_classes"] for point in ranges if point["model.mode"] == 2} == {5}
-        assert len(ranges) == len(check_study(get_study("range", smoke=smoke)))
+        # the quorum ladder: the nearest neighbours with the count of a growing block (what its rule reads)
+        assert {point["model.attention_stencil"] for point in ranges} == set(COUNT_LADDER)
+        active = check_study(get_study("range", smoke=smoke))
+        assert len(ranges) == len(active) // len({point["model.attention_stencil"] for point in active}) * len(COUNT_LADDER)
     setup = trial_setup(ntheta[0])
     assert isinstance(setup.system, QuorumSystem) and setup.training.model.system == "quorum"
     assert (setup.system.L, setup.system.R, setup.system.q) == (12, 2, 3)
