@@ -18,14 +18,14 @@ caught instead of silently merging two environments (exact keys have check 0). K
 
 Families have short names for the command line: ``vn1`` (the 4 nearest neighbours), ``diamond2``
 and ``diamond3`` (|dx| + |dy| <= r), ``block3``, ``block5``, ``block7``, ``block9`` (the square
-around the token), each with an ``-occ`` (occupancy-only) variant, and vn1, block3, diamond2 and
-block5 with a ``+countN`` variant, N in 3, 5, 7, 9 (``vn1+count5``): the stencil's states and the number of particles in the N x N
-block around the token. A count family's patch lists the stencil's digits, then one occupancy
-digit per block site (``count_offsets``), all of which share the weight base**S: the key holds
-their sum, the count, so key = own + n_own * (code of the stencil + base**S * count). Keys stay
-linear in the patch digits, with a digit map per patch column (``digit_array`` [S, contents]). ``make_encoder(name, system)``
-binds a family to a system (own states, site digits); on a chain (fa, dim 1) the stencil keeps
-its offsets along x only.
+around the token), each with an ``-occ`` (occupancy-only) variant; vn1, block3, diamond2 and block5
+also with a ``+countN`` variant, N in 3, 5, 7, 9 (``vn1+count5``): the stencil's states and the
+number of particles in the N x N block around the token. A count family's patch lists the stencil's
+digits, then one occupancy digit per block site (``count_offsets``), all of which share the weight
+base**S: the key holds their sum, the count, so key = own + n_own * (code of the stencil + base**S *
+count). Keys stay linear in the patch digits, with a digit map per patch column (``digit_array``
+[S, contents]). ``make_encoder(name, system)`` binds a family to a system (own states, site digits);
+on a chain (fa, dim 1) the stencil keeps its offsets along x only.
 
 Shapes: positions long [B, T, 2] (x, y), states [B, T], a site's content int64 [B, Ly * Lx]
 (``content_grid``), patches int8 [B, T, 1 + S], keys and checks int64 [B, T]. The numba functions
