@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from hpcdyn.distributed.sweep import Study
+from hpcdyn.learning.names import stencil_reach
 from sweeps.common import ACTIVE_DATA, SMOKE_DATA, TINY_MODEL
 
 NAME = "range"
@@ -83,19 +84,11 @@ def for_system(study: Study, system: str) -> Study:
     return study.with_overrides(axes=axes)
 
 
-def stencil_range(name: str) -> int:
-    """Chebyshev range of what a one-layer model of this stencil sees (the attended stencil or the counted block)."""
-    from hpcdyn.learning.names import ATTENTION_STENCILS, split_stencil
-
-    attended, side = split_stencil(name)
-    return max(max(max(abs(dx), abs(dy)) for dx, dy in ATTENTION_STENCILS[attended]), (side or 1) // 2)
-
-
 def ladder_order(names) -> list[str]:
     """Stencils from the smallest: by range, then a count before a full-state stencil of that range
     (one number against the states of every site), then by size."""
     known = ["vn1", "vn1+count3", "block3", "vn1+count5", "diamond2", "block5", "vn1+count7"]
-    return sorted(set(names), key=lambda name: (stencil_range(name), known.index(name) if name in known else len(known), name))
+    return sorted(set(names), key=lambda name: (stencil_reach(name), known.index(name) if name in known else len(known), name))
 
 
 @dataclasses.dataclass

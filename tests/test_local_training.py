@@ -149,11 +149,12 @@ def test_the_quorum_range_study_climbs_a_count_ladder_and_orders_it_by_range():
 
     from hpcdyn.distributed.sweep import check_study
     from sweeps import get_study
-    from sweeps.range import COUNT_LADDER, find_range, ladder_order, stencil_range
+    from hpcdyn.learning.names import stencil_reach
+    from sweeps.range import COUNT_LADDER, find_range, ladder_order
 
     points = check_study(get_study("range", smoke=True, system="quorum"))
     assert {p["model.attention_stencil"] for p in points} == set(COUNT_LADDER)
-    assert [stencil_range(name) for name in COUNT_LADDER] == [1, 1, 2, 3]
+    assert [stencil_reach(name) for name in COUNT_LADDER] == [1, 1, 2, 3]
     assert ladder_order(["vn1+count7", "block5", "vn1+count5", "vn1", "vn1+count3"]) == [
         "vn1", "vn1+count3", "vn1+count5", "block5", "vn1+count7"]  # fmt: skip
     # held-out U/T rises until the count covers the 5 x 5 block (R 2), then stays: r* = vn1+count5

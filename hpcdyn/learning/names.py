@@ -51,6 +51,12 @@ def split_stencil(name: str) -> tuple[str, int | None]:
     return stencil, (int(count) if count else None)
 
 
+def stencil_reach(stencil: str) -> int:
+    """The Chebyshev radius of what a stencil sees: its offsets, or its counted block if wider."""
+    attended, side = split_stencil(stencil)
+    return max(max(max(abs(dx), abs(dy)) for dx, dy in ATTENTION_STENCILS[attended]), (side or 1) // 2)
+
+
 # key families `hpcdyn locality` certifies by default, smallest first
 DEFAULT_FAMILIES = ("vn1-occ", "vn1", "block3-occ", "block3", "diamond2-occ", "diamond2", "block5-occ", "block5")
 # and, for particle systems, the nearest neighbours with the count of a block (a density rule's summary)

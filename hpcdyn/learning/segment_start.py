@@ -27,6 +27,7 @@ from hpcdyn.learning.class_partition import predictive_log_likelihood
 from hpcdyn.learning.class_rates import fit_class_rates
 from hpcdyn.learning.likelihood import iter_segments
 from hpcdyn.learning.local_training import StatisticsObjective, balanced, evidence_weights, key_partition
+from hpcdyn.learning.names import COUNT_FAMILIES
 from hpcdyn.learning.statistics import cached_statistics
 from hpcdyn.physics.environments import environment_keys, key_family
 from hpcdyn.physics.replay import replay_segment
@@ -60,7 +61,7 @@ def start_families(system) -> tuple[str, ...]:
     if not isinstance(system, ActiveSystem):
         return ()
     fitting = []
-    for name in ("vn1-occ", "vn1+count3", "vn1+count5", "vn1+count7"):
+    for name in ("vn1-occ", *COUNT_FAMILIES):
         reach_x, reach_y = key_family(name).radius
         if system.shape[1] >= 2 * reach_x + 1 and system.shape[0] >= 2 * reach_y + 1:
             fitting.append(name)

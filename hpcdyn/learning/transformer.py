@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as functional
 
-from hpcdyn.learning.names import ATTENTION_STENCILS, ESTIMATORS, STENCIL_NAMES, Offset, split_stencil
+from hpcdyn.learning.names import ATTENTION_STENCILS, ESTIMATORS, STENCIL_NAMES, Offset, split_stencil, stencil_reach
 from hpcdyn.physics.systems import PARTICLE_SYSTEMS, SYSTEMS, ConfigurationError
 
 
@@ -57,12 +57,6 @@ OFFSET_BIAS_SCALE = 10.0
 # Mode 2: the initial class log-rates span this range around the log of the data's mean rate.
 CLASS_LOG_RATE_SPREAD = (-12.0, 3.0)
 MASKED_CLASS_LOG_RATE_SPREAD = (-5.0, 3.0)
-
-def stencil_reach(stencil: str) -> int:
-    """The largest |dx| or |dy| of a stencil's offsets (its Chebyshev radius)."""
-    attended, side = split_stencil(stencil)
-    return max(max(max(abs(dx), abs(dy)) for dx, dy in ATTENTION_STENCILS[attended]), (side or 1) // 2)
-
 
 def receptive_field(stencil: str, n_layers: int) -> frozenset[Offset]:
     """Offsets whose content can reach a token's rates through n_layers of stencil attention.
