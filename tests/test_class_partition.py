@@ -92,3 +92,51 @@ def test_predicted_rates_follow_the_evidence_and_fall_back_on_the_prior():
     u = predictive_log_likelihood(partition, (counts, exposure), (counts, exposure), floor=1e-9)
     leak = math.exp(-10) / (1 + math.exp(-10))
     assert u == pytest.approx(50 * (10 * math.log(1.0) - 10.0) - 50 * 10 * leak, rel=1e-12)
+
+
+def sparse_pairs(seed: int):
+    """Pairs of four pools seen ~1.5 time units each: rotations (0.1), blocked hops (0), other hops (1),
+    forward hops (a pool of two kinds: 5 for 90 % of its pairs, 25 for the rest)."""
+    rng = np.random.default_rng(seed)
+    truth = np.concatenate([np.full(3000, 0.1), np.zeros(3000), np.ones(1500), np.where(rng.random(1000) < 0.9, 5.0, 25.0)])
+    pools = np.repeat([0, 1, 2, 3], [3000, 3000, 1500, 1000])
+    exposure = rng.exponential(1.5, truth.size)
+    return truth, pools, exposure, rng.poisson(truth * exposure).astype(float)
+
+
+def test_a_pooled_partition_classes_sparse_pairs_by_their_pool_and_finds_the_rates():
+    from hpcdyn.learning.class_partition import pooled_partition
+
+    truth, pools, exposure, counts = sparse_pairs(0)
+    hard = poisson_partition(counts, exposure, 4)
+    pooled = pooled_partition(counts, exposure, pools, 5)
+    rotations = truth == 0.1
+    # the hard partition puts the rotations without an event (~86 %) with the blocked hops
+    assert np.mean(hard.classes[rotations] == hard.classes[truth == 0].min()) > 0.5
+    assert len(pooled.rates) == 5
+    for rate in (0.1, 1.0, 5.0, 25.0):
+        chosen = truth == rate
+        events = counts[chosen].sum()
+        k = int(np.argmin(np.abs(np.log(np.maximum(pooled.rates, 1e-12) / rate))))
+        # the class rate is within 3 standard errors (sqrt(n) / E of the kind's own pairs) of the truth
+        assert abs(pooled.rates[k] - rate) < 3 * math.sqrt(events) / exposure[chosen].sum() + 1e-12, (rate, pooled.rates)
+        if rate in (0.1, 1.0):  # pools of one kind: every pair in its kind's class, however sparse
+            assert np.mean(pooled.classes[chosen] == k) > 0.99
+    assert np.all(pooled.classes[truth == 0] == 0) and pooled.rates[0] == 0.0
+    # the prior is each pair's pool's shares: rotations expect the rotations' class
+    assert np.allclose(np.exp(pooled.log_prior).sum(axis=1), 1.0)
+    assert np.exp(pooled.log_prior[rotations]).max(axis=1).min() > 0.95
+
+
+def test_pruning_a_pooled_partition_drops_a_class_the_held_out_pairs_do_not_support():
+    from hpcdyn.learning.class_partition import pooled_partition
+
+    truth, pools, exposure, counts = sparse_pairs(1)
+    heldout = (np.random.default_rng(2).poisson(truth * exposure).astype(float), exposure)
+    pruned = pooled_partition(counts, exposure, pools, 7, heldout=heldout, floor=1e-6)
+    # five kinds of rate (0, 0.1, 1, 5, 25): seven classes split some kind by noise, and the held-out
+    # pairs do not pay for the split
+    assert len(pruned.rates) == 5, pruned.rates
+    assert np.allclose(pruned.rates, [0.0, 0.1, 1.0, 5.0, 25.0], rtol=0.15)
+    with pytest.raises(ValueError, match="^pools:"):
+        pooled_partition(counts, exposure, pools[:-1], 4)

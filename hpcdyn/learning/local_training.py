@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from hpcdyn.learning.class_partition import Partition, poisson_partition, prune
+from hpcdyn.learning.class_partition import Partition, log_poisson, pooled_partition
 from hpcdyn.learning.statistics import PARTS, SufficientStatistics
 from hpcdyn.physics.environments import decode_keys, make_encoder, patch_configurations
 from hpcdyn.physics.systems import ConfigurationError, System
@@ -94,7 +94,7 @@ class StatisticsObjective:
 
     @torch.no_grad()
     def fit_class_rates(self, model) -> torch.Tensor:
-        """Mode 2: class rates set to n_k / E_k over the training part (a class without events keeps its rate)."""
+        """Mode 2: class rates set to n_k / E_k over the training part (a class without events: see below)."""
         n_classes = model.config.n_classes
         events = torch.zeros(n_classes, dtype=torch.float64, device=self.device)
         exposure = torch.zeros(n_classes, dtype=torch.float64, device=self.device)
@@ -107,6 +107,11 @@ class StatisticsObjective:
         rates = events / exposure.clamp_min(torch.finfo(torch.float64).tiny)
         fitted = events > 0
         model.class_log_rates[fitted] = rates[fitted].log().to(model.class_log_rates.dtype)
+        # a class with exposure and no event (the blocked moves) has the best rate 0: it goes down to the
+        # lowest rate the classes started at, rather than keep a rate it had while other moves sat in it
+        empty = ~fitted & (exposure > 0)
+        lowest = torch.full_like(model.class_log_rates, model.lowest_class_log_rate)
+        model.class_log_rates[empty] = torch.minimum(model.class_log_rates, lowest)[empty]
         return rates
 
     @torch.no_grad()
@@ -159,16 +164,37 @@ def uses_partition(model, config) -> bool:
     return model.config.mode == 2 and config.class_init in ("auto", "partition")
 
 
+def pair_pools(objective: StatisticsObjective, n_moves: int) -> np.ndarray:
+    """The pool of every (key, move) pair, int64 [K * M]: pairs of the same move, the same own state of
+    the moving token and the same key digit at the site the move goes to (the token's own site for a
+    rotation or a spin flip; no digit when the key's stencil does not hold the site)."""
+    patches = decode_keys(objective.encoder, objective.stats.keys).astype(np.int64)
+    own = patches[:, 0]
+    stencil = objective.encoder.offsets[: objective.encoder.n_stencil]
+    columns = []
+    for dx, dy, _ in objective.lattice.move_table[:n_moves]:
+        step = (int(dx), int(dy))
+        target = patches[:, 1 + stencil.index(step)] if step != (0, 0) and step in stencil else np.zeros_like(own)
+        columns.append(target)
+    target = np.stack(columns, axis=1)  # [K, M]
+    move = np.broadcast_to(np.arange(n_moves)[None, :], target.shape)
+    code = (move * objective.encoder.n_own_states + own[:, None]) * (objective.encoder.base + 1) + target
+    _, pools = np.unique(code.reshape(-1), return_inverse=True)
+    return pools.reshape(-1).astype(np.int64)
+
+
 def key_partition(objective: StatisticsObjective, model) -> Partition:
     """The ML partition of the training part's (key, move) pairs into at most the model's classes
-    (masked pairs: -1), without the classes the held-out part does not support (``prune``)."""
+    (masked pairs: -1), each pair's class with its pool's prior (``class_partition.pooled_partition``,
+    pools by ``pair_pools``), without the classes the held-out part does not support."""
     masked = objective.masked_moves(model)
     parts = []
     for name in PARTS:
         exposure, counts = objective.stats.part(name)
         parts.append((counts, np.where(masked, 0.0, np.broadcast_to(exposure[:, None], counts.shape))))
     floor = float(model.class_log_rates.detach().min().exp())  # the rate the model starts its lowest class at
-    return prune(poisson_partition(*parts[0], model.config.n_classes), parts[0], parts[1], floor)
+    pools = pair_pools(objective, model.n_moves)
+    return pooled_partition(*parts[0], pools, model.config.n_classes, heldout=parts[1], floor=floor)
 
 
 def evidence_weights(partition: Partition, counts: np.ndarray, exposure: np.ndarray) -> np.ndarray:
@@ -177,10 +203,9 @@ def evidence_weights(partition: Partition, counts: np.ndarray, exposure: np.ndar
     A pair with few events in little exposure could sit in several classes at almost no cost (no event
     in one time unit: a rotation or a blocked hop alike); weighting the classifier's fit by this margin
     lets the pairs that do show their rate teach it, and the structure it learns decide the others."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_rates = np.log(partition.rates)
-        score = np.where(counts[:, None] > 0, counts[:, None] * log_rates[None, :], 0.0) - exposure[:, None] * partition.rates[None, :]
-    score = np.nan_to_num(score, nan=-np.inf)
+    score = log_poisson(counts, exposure, partition.rates)
+    if partition.log_prior is not None:  # a pooled partition: the pool's prior is part of the evidence
+        score = score + partition.log_prior
     rows = np.arange(len(counts))
     assigned = np.maximum(partition.classes, 0)
     own = score[rows, assigned]
@@ -197,8 +222,14 @@ def balanced(weights: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return np.where(classes >= 0, weights * scale[np.maximum(classes, 0)], 0.0)
 
 
+# Keys per step of the classifier's fit to the partition: full batch below, a random sample above (the
+# fit costs ~155 us per key and step on CPU; 600 full steps over the 29 k keys of a paper-size quorum
+# trajectory would take 45 min).
+CLASSIFIER_KEYS = 4096
+
+
 def fit_classifier(objective: StatisticsObjective, model, targets: np.ndarray, weights: np.ndarray, lr: float,
-                   max_steps: int = 600, check_every: int = 25, patience: int = 6) -> dict:  # fmt: skip
+                   max_steps: int = 600, check_every: int = 25, patience: int = 6, seed: int = 0) -> dict:  # fmt: skip
     """Fit the classifier to a class of every (key, move) by weighted cross-entropy, full batch.
 
     targets, weights: [K, M] (weight 0: no say). The targets are noisy where a pair has little
@@ -206,20 +237,30 @@ def fit_classifier(objective: StatisticsObjective, model, targets: np.ndarray, w
     learns that noise key by key. It learns the structure first, so the fit stops early on the
     held-out part: every ``check_every`` steps the class rates are set in closed form and the
     held-out U scored; the best state is kept, and the fit ends after ``patience`` checks without a
-    better one (or at ``max_steps``)."""
+    better one (or at ``max_steps``). Only keys with a weight take part; above CLASSIFIER_KEYS of them
+    each step takes a uniform sample of that many, its loss scaled up to the whole (unbiased)."""
     parameters = [p for name, p in model.named_parameters() if name != "class_log_rates"]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     target = torch.as_tensor(np.maximum(targets, 0), device=objective.device)
     weight = torch.as_tensor(weights / max(weights.sum(), 1e-300), dtype=torch.float32, device=objective.device)
+    taking = (weight > 0).any(dim=1)  # [K]: keys with something to teach
+    fraction = min(1.0, CLASSIFIER_KEYS / max(int(taking.sum()), 1))
+    generator = torch.Generator().manual_seed(seed * 100_003 + 77_777)
     best_u, best_step, best_state, since_best, step = -math.inf, 0, None, 0, 0
     for step in range(1, max_steps + 1):
         model.train()
         optimizer.zero_grad(set_to_none=True)
         for rows, positions, states, centre in objective.batches:  # gradients accumulate batch by batch:
             # memory holds one batch's graph (about 21 kB per key at once for block5 keys otherwise)
+            chosen = taking[rows]
+            if fraction < 1.0:
+                chosen = chosen & (torch.rand(len(rows), generator=generator, device="cpu") < fraction).to(chosen.device)
+            if not bool(chosen.any()):
+                continue
+            rows, positions, states = rows[chosen], positions[chosen], states[chosen]
             logits = model.class_logits(positions, states)[:, centre]  # [B, M, K]
             cross = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target[rows].flatten(), reduction="none")
-            (weight[rows].flatten() * cross).sum().backward()
+            ((weight[rows].flatten() * cross).sum() / fraction).backward()
         optimizer.step()
         if step % check_every and step != max_steps:
             continue
@@ -254,7 +295,7 @@ def initialise_classes(objective: StatisticsObjective, model, config) -> dict:
         for k, rate in enumerate(partition.rates):
             if rate > 0:  # a class of moves never seen keeps its initial near-zero rate
                 model.class_log_rates[k] = math.log(rate)
-    fitted = fit_classifier(objective, model, partition.classes.reshape(counts.shape), weights, config.lr)
+    fitted = fit_classifier(objective, model, partition.classes.reshape(counts.shape), weights, config.lr, seed=config.seed)
     objective.fit_class_rates(model)
     t_train = max(objective.stats.t_train, 1e-300)
     return {**fitted, "partition_U_per_T": partition.log_likelihood / t_train, "partition_rates": partition.rates.tolist(),
