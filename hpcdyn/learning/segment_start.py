@@ -5,9 +5,10 @@ of the (environment key, move) pairs (DESIGN 1.6).
 
 Started from arbitrary classes, the straight-through epochs sort the moves slowly: on a 50 k-event
 trajectory the rotations' class rate climbs by ~0.01 per epoch from where the blocked hops sit, and
-the held-out optimum comes before it arrives (benchmarks/TRAINING.md, mode2-defaults). The exact
-partition of the (key, move) pairs of a key family gives every pair a class in one pass over the
-statistics (``hpcdyn.learning.class_partition``). The classifier is fitted to those classes on the
+the held-out optimum comes before it arrives (benchmarks/TRAINING.md, mode2-defaults). The
+maximum-likelihood partition of the (key, move) pairs of a key family gives every pair a class in one
+pass over the statistics, each pair with its pool's prior (``class_partition.pooled_partition``: a
+blocked hop in a rare environment is decisive evidence through the blocked hops of its pool). The classifier is fitted to those classes on the
 trajectory's own configurations, the class rates set in closed form, and the trainer then refines
 with the expected-U gradient. The model stays unrestricted; the start's family is read from the data
 (``choose_family``): for particles, the occupancy of the nearest neighbours (what volume exclusion
