@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,24 @@ def test_mode_2_from_the_partition_puts_every_kind_of_move_in_a_class_of_its_own
     assert rates[classes["blocked_hop"]] < 1e-2 * SYSTEM.D
     for kind, rate in (("rotation", SYSTEM.D), ("forward_hop", SYSTEM.v_plus), ("other_hop", SYSTEM.v_other)):
         assert rates[classes[kind]] == pytest.approx(rate, rel=0.1), kind
+
+
+def test_pair_pools_join_the_pairs_of_one_move_own_state_and_target_content(events):
+    """A pair's pool (the prior of the pooled partition) is its move, the moving particle's orientation and
+    the key digit of the site the move goes to: every rotation pair of an orientation in one pool whatever
+    its neighbours, a hop's pairs split by what sits on the target site."""
+    from hpcdyn.learning.local_training import StatisticsObjective, pair_pools
+    from hpcdyn.learning.statistics import trajectory_statistics
+    from hpcdyn.physics.environments import decode_keys
+
+    stats = trajectory_statistics(events, "vn1", 0.1)
+    objective = StatisticsObjective(stats, SYSTEM)
+    pools = pair_pools(objective, SYSTEM.n_moves).reshape(stats.n_keys, SYSTEM.n_moves)
+    patches = decode_keys(objective.encoder, stats.keys).astype(int)
+    stencil = list(objective.encoder.offsets)
+    for move, (dx, dy, _) in enumerate(SYSTEM.move_table):
+        target = patches[:, 1 + stencil.index((int(dx), int(dy)))] if (dx, dy) != (0, 0) else np.zeros(stats.n_keys, int)
+        label = patches[:, 0] * 100 + target
+        # the same (own state, target digit) <=> the same pool, within a move
+        assert len(set(zip(label, pools[:, move]))) == len(set(label)) == len(set(pools[:, move]))
+    assert not set(pools[:, 0]) & set(pools[:, 2])  # different moves never share a pool
