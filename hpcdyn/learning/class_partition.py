@@ -184,55 +184,6 @@ def predictive_log_likelihood(partition: Partition, train: tuple[np.ndarray, np.
     return float(np.where(n > 0, n * np.log(predicted), 0.0).sum() - (e * predicted).sum())
 
 
-def held_out_log_likelihood(partition: Partition, counts: np.ndarray, exposure: np.ndarray, floor: float) -> float:
-    """U of held-out pairs (their events ``counts`` in ``exposure``) under the partition's classes and
-    rates, a rate-0 class scored at ``floor`` (the near-zero rate a model gives the moves never seen)."""
-    rates = np.maximum(partition.rates, floor)
-    inside = partition.classes >= 0
-    chosen = rates[partition.classes[inside]]
-    n, e = np.asarray(counts, np.float64).reshape(-1)[inside], np.asarray(exposure, np.float64).reshape(-1)[inside]
-    return float(np.where(n > 0, n * np.log(chosen), 0.0).sum() - (e * chosen).sum())
-
-
-def prune(partition: Partition, train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-          floor: float) -> Partition:  # fmt: skip
-    """Drop the classes the held-out pairs do not support, one at a time.
-
-    With more classes than the data have rates, the best partition splits a kind of move by the noise
-    of n/E (forward hops at 24.6 and 25.3); a classifier fitted to that split learns noise. A class is
-    dropped, its pairs reassigned to their best remaining class and the rates refitted, when that does
-    not lower the held-out U; the rate-0 class (moves never seen) is kept. Returns the pruned partition."""
-    counts, exposure = (np.asarray(a, np.float64).reshape(-1) for a in train)
-    while len(partition.rates) > 1:
-        current = held_out_log_likelihood(partition, *heldout, floor)
-        candidates = [_without(partition, k, counts, exposure) for k in range(len(partition.rates)) if partition.rates[k] > 0]
-        scored = [(held_out_log_likelihood(c, *heldout, floor), i) for i, c in enumerate(candidates)]
-        if not scored:
-            break
-        best, index = max(scored)
-        if best < current:
-            break
-        partition = candidates[index]
-    return partition
-
-
-def _without(partition: Partition, dropped: int, counts: np.ndarray, exposure: np.ndarray) -> Partition:
-    """The partition with class ``dropped`` removed: its pairs to their best remaining class, rates refitted."""
-    keep = [k for k in range(len(partition.rates)) if k != dropped]
-    rates = partition.rates[keep]
-    classes = partition.classes.copy()
-    moved = classes == dropped
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.where(counts[moved, None] > 0, counts[moved, None] * np.log(rates)[None, :], 0.0) - exposure[moved, None] * rates[None, :]
-    renumber = np.full(len(partition.rates), -1, np.int64)
-    renumber[keep] = np.arange(len(keep))
-    inside = classes >= 0
-    classes[inside] = renumber[classes[inside]]
-    classes[moved] = np.argmax(np.nan_to_num(score, nan=-np.inf), axis=1)
-    classes[inside] = _refine(counts[inside], exposure[inside], classes[inside], len(keep))
-    return _sorted_partition(classes, counts, exposure)
-
-
 def _sorted_partition(classes: np.ndarray, counts: np.ndarray, exposure: np.ndarray) -> Partition:
     """A Partition of these labels: empty classes dropped, the rest numbered by ascending rate."""
     inside = classes >= 0
@@ -253,6 +204,11 @@ EM_ROUNDS = 500
 EM_TOLERANCE = 1e-9  # relative change of the marginal log-likelihood that ends the iteration
 # EM drains a class of the pairs without events towards rate 0 geometrically and never reaches it
 DRAINED = 1e-8
+# A class must earn this many held-out nats to stay. A split of one kind by noise is one extra rate,
+# whose held-out gain is O(1) whatever the data's size: measured on 41 draws of 900 pairs (rates 0, 1,
+# 25, four classes against three), at most 3.3 nats, and below 1.5 in 40 of them; a real kind of move
+# earns hundreds (the rotations' class against the blocked hops' on 50 k events).
+PRUNE_NATS = 5.0
 
 
 def pooled_partition(counts: np.ndarray, exposure: np.ndarray, pools: np.ndarray, n_classes: int,
@@ -333,9 +289,13 @@ def _sorted_mixture(labels, rates, events, class_exposure, log_prior, counts, ex
 
 def prune_pooled(partition: Partition, train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
                  pools: np.ndarray, floor: float) -> Partition:  # fmt: skip
-    """``prune`` for a pooled partition: a class is dropped (its pairs to their best remaining class,
-    the mixture refitted) when the held-out pairs' U at the rates predicted from the training part
-    (``predictive_log_likelihood``) does not fall; the rate-0 class is kept."""
+    """Drop the classes the held-out pairs do not support, one at a time.
+
+    With more classes than the data have rates, the best partition splits a kind of move by the noise
+    of n/E (forward hops at 24.6 and 25.3); a classifier fitted to that split learns noise. A class is
+    dropped (its pairs to their best remaining class, the mixture refitted) unless the held-out pairs'
+    U at the rates predicted from the training part (``predictive_log_likelihood``) falls by more than
+    PRUNE_NATS; the rate-0 class (moves never seen) is kept."""
     counts, exposure = (np.asarray(a, np.float64).reshape(-1) for a in train)
     pools = np.asarray(pools, np.int64).reshape(-1)
     while len(partition.rates) > 1:
@@ -352,7 +312,7 @@ def prune_pooled(partition: Partition, train: tuple[np.ndarray, np.ndarray], hel
         if not scored:
             break
         best, _, candidate = max(scored, key=lambda item: item[0])
-        if best < current:
+        if best < current - PRUNE_NATS:
             break
         partition = candidate
     return partition

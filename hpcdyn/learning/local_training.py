@@ -230,7 +230,7 @@ CLASSIFIER_KEYS = 4096
 
 def fit_classifier(objective: StatisticsObjective, model, targets: np.ndarray, weights: np.ndarray, lr: float,
                    max_steps: int = 600, check_every: int = 25, patience: int = 6, seed: int = 0) -> dict:  # fmt: skip
-    """Fit the classifier to a class of every (key, move) by weighted cross-entropy, full batch.
+    """Fit the classifier to a class of every (key, move) by weighted cross-entropy over the keys.
 
     targets, weights: [K, M] (weight 0: no say). The targets are noisy where a pair has little
     exposure (no event in a short time looks like a blocked move), and a classifier fitted to the end
