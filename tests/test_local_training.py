@@ -236,3 +236,11 @@ def test_pair_pools_join_the_pairs_of_one_move_own_state_and_target_content(even
         # the same (own state, target digit) <=> the same pool, within a move
         assert len(set(zip(label, pools[:, move]))) == len(set(label)) == len(set(pools[:, move]))
     assert not set(pools[:, 0]) & set(pools[:, 2])  # different moves never share a pool
+
+
+def test_a_step_takes_every_key_up_to_a_bound_and_a_sample_beyond():
+    from hpcdyn.learning.local_training import FULL_BATCH_KEYS, SAMPLED_KEYS, batch_keys
+
+    config = TrainingConfig()
+    assert batch_keys(config, FULL_BATCH_KEYS) is None and batch_keys(config, FULL_BATCH_KEYS + 1) == SAMPLED_KEYS
+    assert batch_keys(TrainingConfig(statistics_batch_keys=8), 10) == 8  # asked for: as asked

@@ -84,7 +84,7 @@ def add_parser(commands) -> None:
                             "key family (default: statistics, computed once beside the store and reused)")  # fmt: skip
     local.add_argument("--statistics-steps", type=int, default=50, help="gradient steps per epoch on the statistics")
     local.add_argument("--statistics-batch-keys", type=int, metavar="KEYS",
-                       help="keys per gradient step (default: every key, full batch)")  # fmt: skip
+                       help="keys per gradient step (default: every key up to 16,384, else 4,096 sampled keys a step)")  # fmt: skip
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     hardware.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the encoder (CUDA)")

@@ -86,7 +86,7 @@ class TrainingConfig:
     # statistics_steps gradient steps over keys, whatever the trajectory's length. False: on segments.
     statistics: bool = True
     statistics_steps: int = 50
-    statistics_batch_keys: int | None = None  # keys per step; None: every key (full batch)
+    statistics_batch_keys: int | None = None  # keys per step; None: local_training.batch_keys decides
     # Mode 2's start. On statistics, "auto" (= "partition") starts from the maximum-likelihood partition
     # of the (key, move) pairs (hpcdyn.learning.class_partition), the classifier fitted to it, then
     # follows the expected-U gradient with closed-form class rates refitted every few steps. On
