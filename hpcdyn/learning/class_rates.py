@@ -85,6 +85,14 @@ def fit_class_rates(model, source: EventSource, segment_events: int = 512, devic
     otherwise keep their rate).
     """
     statistics = class_statistics(model, source, segment_events, device)
+    set_class_rates(model, statistics, empty_to_lowest)
+    return statistics
+
+
+@torch.no_grad()
+def set_class_rates(model, statistics: ClassStatistics, empty_to_lowest: bool) -> None:
+    """Class rates n_k / E_k where a class holds events; a class with exposure and no event keeps its
+    rate, or with ``empty_to_lowest`` goes down to the lowest rate the classes started at."""
     rates = statistics.rates().to(model.class_log_rates.device)
     fitted = torch.isfinite(rates)
     model.class_log_rates[fitted] = rates[fitted].log().to(model.class_log_rates.dtype)
@@ -92,4 +100,3 @@ def fit_class_rates(model, source: EventSource, segment_events: int = 512, devic
         empty = ~fitted & (statistics.exposure.to(fitted.device) > 0)
         lowest = torch.full_like(model.class_log_rates, model.lowest_class_log_rate)
         model.class_log_rates[empty] = torch.minimum(model.class_log_rates, lowest)[empty]
-    return statistics

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hpcdyn.learning.class_partition import Partition, log_poisson, pooled_partition
+from hpcdyn.learning.class_rates import ClassStatistics, set_class_rates
 from hpcdyn.learning.statistics import PARTS, SufficientStatistics
 from hpcdyn.physics.environments import decode_keys, make_encoder, patch_configurations
 from hpcdyn.physics.systems import ConfigurationError, System
@@ -104,15 +105,10 @@ class StatisticsObjective:
             safe = classes.clamp_min(0)
             events.index_add_(0, safe[valid], self.counts[0, rows][valid])
             exposure.index_add_(0, safe[valid], self.exposure[0, rows, None].expand_as(classes)[valid])
-        rates = events / exposure.clamp_min(torch.finfo(torch.float64).tiny)
-        fitted = events > 0
-        model.class_log_rates[fitted] = rates[fitted].log().to(model.class_log_rates.dtype)
         # a class with exposure and no event (the blocked moves) has the best rate 0: it goes down to the
         # lowest rate the classes started at, rather than keep a rate it had while other moves sat in it
-        empty = ~fitted & (exposure > 0)
-        lowest = torch.full_like(model.class_log_rates, model.lowest_class_log_rate)
-        model.class_log_rates[empty] = torch.minimum(model.class_log_rates, lowest)[empty]
-        return rates
+        set_class_rates(model, ClassStatistics(events, exposure), empty_to_lowest=True)
+        return events / exposure.clamp_min(torch.finfo(torch.float64).tiny)
 
     @torch.no_grad()
     def key_classes(self, model) -> np.ndarray:
@@ -178,7 +174,7 @@ def pair_pools(objective: StatisticsObjective, n_moves: int) -> np.ndarray:
         columns.append(target)
     target = np.stack(columns, axis=1)  # [K, M]
     move = np.broadcast_to(np.arange(n_moves)[None, :], target.shape)
-    code = (move * objective.encoder.n_own_states + own[:, None]) * (objective.encoder.base + 1) + target
+    code = (move * objective.encoder.n_own_states + own[:, None]) * objective.encoder.base + target
     _, pools = np.unique(code.reshape(-1), return_inverse=True)
     return pools.reshape(-1).astype(np.int64)
 

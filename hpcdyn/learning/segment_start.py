@@ -10,8 +10,8 @@ maximum-likelihood partition of the (key, move) pairs of a key family gives ever
 pass over the statistics, each pair with its pool's prior (``class_partition.pooled_partition``: a
 blocked hop in a rare environment is decisive evidence through the blocked hops of its pool). The
 classifier is fitted to those classes on the trajectory's own configurations, the class rates set in
-closed form, and the trainer then refines with the expected-U gradient. The model stays unrestricted; the start's family is read from the data
-(``choose_family``): for particles, the occupancy of the nearest neighbours (what volume exclusion
+closed form, and the trainer then refines with the expected-U gradient. The model stays unrestricted;
+the start's family is read from the data (``choose_family``): for particles, the occupancy of the nearest neighbours (what volume exclusion
 needs) or the nearest neighbours with the count of a 3 x 3, 5 x 5 or 7 x 7 block (what a density
 rule such as quorum sensing needs), whichever partition scores the held-out part best, the smallest
 within 1e-3 nats per held-out event of the best; an FA chain's, the spins of the nearest neighbours.
