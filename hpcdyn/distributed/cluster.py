@@ -15,6 +15,7 @@ import threading
 from typing import Any, Iterator
 
 from hpcdyn.physics.systems import ConfigurationError
+from hpcdyn.storage.signals import deferred_interrupts
 
 AUTH_MODES = ("disabled", "token")
 PRIVATE_HOST = "127.0.0.1"
@@ -69,7 +70,15 @@ def init_ray(
         return ray
     resolve_auth_mode(auth_mode)
     with _keeping_sigterm_handler():
-        _start_or_join(ray, address, num_cpus, num_gpus, include_dashboard, dashboard_host, log_to_driver)
+        try:
+            # An interrupt inside ray.init would leave its core worker half made: it is held until the
+            # start is complete, then Ray is left cleanly before the interrupt goes on.
+            with deferred_interrupts():
+                _start_or_join(ray, address, num_cpus, num_gpus, include_dashboard, dashboard_host, log_to_driver)
+        except KeyboardInterrupt:
+            if ray.is_initialized():
+                ray.shutdown()
+            raise
     return ray
 
 
@@ -78,20 +87,26 @@ def _keeping_sigterm_handler() -> Iterator[None]:
     """ray.init replaces a driver's SIGTERM handler with one that exits at once (status 15, no message,
     interrupted work not described). Where the program has its own handler (hpcdyn's commands: SIGTERM
     as SIGINT), Ray's is not installed during the start (a signal in those seconds would meet it) and
-    the program's is in place afterwards."""
+    the program's is in place afterwards. Nor is Ray's C++ crash handler in the driver: installed while
+    the core worker is made, it also takes SIGTERM, and a SIGTERM it met left the process to abort
+    (SIGABRT) or hang on its way out; Ray's workers keep theirs."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     if not (main and callable(previous)):
         yield
         return
+    import ray._private.ray_constants as ray_constants  # read when the driver's core worker is made
     import ray._private.utils as ray_utils  # the one place Ray's driver start sets its handler
 
     installer = getattr(ray_utils, "set_sigterm_handler", None)
     if installer is not None:
         ray_utils.set_sigterm_handler = lambda handler: None
+    crash_handler = getattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", False)
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     try:
         yield
     finally:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = crash_handler
         if installer is not None:
             ray_utils.set_sigterm_handler = installer
         signal.signal(signal.SIGTERM, previous)
