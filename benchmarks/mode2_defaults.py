@@ -6,7 +6,7 @@
 Each case is LABEL=STORE:RUN (a run directory of `hpcdyn train`; its best.pt is judged). For every case:
 the class of each true kind of move (the class holding most of its candidate moves over the store's first
 50 k events, and the share it holds), each class rate n_k / E_k over the run's training part with its 99 %
-interval (``hpcdyn.cli.rules.rate_interval``: standard error sqrt(n_k) / E_k), and the verdict: RECOVERED
+interval (``hpcdyn.learning.rate_intervals.rate_interval``: standard error sqrt(n_k) / E_k), and the verdict: RECOVERED
 when every kind holds >= 99 % of its moves in a class of its own, the intervals of the rotations', the
 forward hops' and the other hops' classes cover D, v_plus and v_other, and the blocked hops' class sits
 below 1e-3 D (the events it took are shown). `--write` replaces the `mode2-defaults-record` section of benchmarks/TRAINING.md;
@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from results import write_section  # noqa: E402
 
-from hpcdyn.cli.rules import rate_interval  # noqa: E402
+from hpcdyn.learning.rate_intervals import rate_interval  # noqa: E402
 from hpcdyn.learning.class_rates import class_statistics  # noqa: E402
 from hpcdyn.learning.evaluation import class_table  # noqa: E402
 from hpcdyn.learning.training import TrainingConfig, load_model, split  # noqa: E402

@@ -325,7 +325,7 @@ for every offset on the torus, `relative_bias`) and where they start, and the ro
 - The recipe at lr 3e-3 (the sweeps' rate; `--lr 3e-3`): gap 0.0025, rates 0.0996, 0.988, 24.99, but
   5 % of the blocked hops stay with the other hops, so the fourth class is 1.2e-3 (1.2e-2 D). Mode 1
   at lr 1e-3 (10 epochs, 100 k events) ends at 0.0115 against 0.0051 at 3e-3 in 4 epochs, so the full
-  N_theta study (sweeps/common.py, CLASS_RECIPE) keeps 3e-3 for both modes.
+  N_theta study (sweeps/common.py) kept 3e-3 for both modes.
 - The recipe's Mode 2 model (N_theta 4, lr 1e-3) on the unseen densities 0.3 and 0.5
   (`--part transfer --transfer-run active_mode2_k4_straight_through_e10_lr0.001_rb-8_cfl_x4`): gap
   1e-5 and 6e-5 nats/event. Four classes with the true rates and a classifier that only has to read

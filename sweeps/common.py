@@ -16,14 +16,6 @@ ACTIVE_DATA = {
 
 VALIDATED_TRAINING = {"training.lr": 3e-3, "training.segment_events": 64, "training.epochs": 6, "training.patience": 6}
 
-# Mode 2's classifier on the exact gradient of the expected U after 4 straight-through epochs, class
-# rates in closed form after the last (Mode 1 ignores both). On the 100 k events above with lr 3e-3:
-# N_theta 4 ends at a held-out gap of 0.0025 with every allowed kind of move in its own class (lr 1e-3
-# reaches 0, but Mode 1 trains better at 3e-3: 0.005 in 4 epochs against 0.011 in 10 at 1e-3);
-# with the straight-through gradient alone Mode 2 ends at 0.018-0.032 (benchmarks/TRAINING.md).
-CLASS_RECIPE = {"training.epochs": 10, "training.patience": 10, "training.expected_from_epoch": 4,
-                "training.class_rate_fit": "closed_form_last"}  # fmt: skip
-
 TINY_MODEL = {"model.d_model": 16, "model.n_heads": 2, "model.n_layers": 1, "model.d_ff": 32}
 
 SMOKE_DATA = {**ACTIVE_DATA, "data.t_final": 40.0}  # about 13 k events

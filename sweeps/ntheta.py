@@ -3,19 +3,20 @@
 U/T rises with N_theta up to the number of distinct processes of the dynamics and then flattens:
 N* = 4 for the active model (rotations D, forward hops v_plus, other hops v_other, blocked hops 0),
 5 for quorum (``hpcdyn sweep ntheta --system quorum``: crowded forward hops v_crowded besides).
-Every trial learns from the same trajectory, so the seed spread is the spread of training. The full
-study trains Mode 2 with the expected-U gradient from epoch 4 (``CLASS_RECIPE``), which puts every
-kind of move in a class of its own; the smoke study keeps the plain straight-through gradient.
+Every trial learns from the same trajectory, so the seed spread is the spread of training. Mode 2
+trains with the defaults of ``hpcdyn train --mode 2`` (no recipe option): it starts from the pooled
+maximum-likelihood partition of local environments (hpcdyn.learning.segment_start), which puts every
+kind of move in a class of its own (benchmarks/TRAINING.md, mode2-defaults-record).
 """
 
 from hpcdyn.distributed.sweep import Study
-from sweeps.common import ACTIVE_DATA, CLASS_RECIPE, SMOKE_DATA, SMOKE_TRAINING, TINY_MODEL, VALIDATED_TRAINING
+from sweeps.common import ACTIVE_DATA, SMOKE_DATA, SMOKE_TRAINING, TINY_MODEL, VALIDATED_TRAINING
 
 NAME = "ntheta"
 
 FULL = Study(
     NAME,
-    base={**ACTIVE_DATA, **VALIDATED_TRAINING, **CLASS_RECIPE},
+    base={**ACTIVE_DATA, **VALIDATED_TRAINING},
     grids=(
         {"model.mode": [2], "model.n_classes": list(range(1, 9)), "training.seed": [0, 1, 2]},
         {"model.mode": [1], "training.seed": [0, 1, 2]},

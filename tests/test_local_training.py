@@ -113,6 +113,30 @@ def test_rules_reads_classes_and_a_tree(tmp_path, capsys):
     assert all(line.split()[0].isdigit() for line in text.splitlines()[header + 1 : header + 5])
     assert main(["rules", str(tmp_path / "m1"), "--bins", "3"]) == 0
     assert "level 2" in capsys.readouterr().out
+    _class_evidence_two_ways(tmp_path / "m2", tmp_path / "m1")
+
+
+def _class_evidence_two_ways(mode2, mode1):
+    # The intervals' counts come from the sufficient statistics; replaying every training event through
+    # the same model (the path of a model that is not hard-local) must give the same events and exposure.
+    from hpcdyn.learning.class_rates import class_statistics
+    from hpcdyn.learning.rate_intervals import class_rates_with_intervals
+    from hpcdyn.learning.training import split
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    evidence = class_rates_with_intervals(mode2)
+    model, state = load_model(mode2)
+    training = TrainingConfig.from_dict(state["training_config"])
+    window = split(open_trajectory(state["store"]["path"]), training)[0]
+    replayed = class_statistics(model.double(), window)
+    order = np.argsort(model.class_rates())
+    assert [entry.events for entry in evidence.classes] == replayed.events.numpy()[order].astype(int).tolist()
+    assert sum(entry.events for entry in evidence.classes) == window.n_events  # every event is in one class
+    np.testing.assert_allclose([entry.exposure for entry in evidence.classes], replayed.exposure.numpy()[order], rtol=1e-9)
+    assert all(entry.low <= entry.events / entry.exposure <= entry.high for entry in evidence.classes if entry.events)
+    assert set(evidence.true_rates) == {"D", "v_other", "v_plus"}
+    with pytest.raises(ConfigurationError, match="^run: .*Mode 1"):
+        class_rates_with_intervals(mode1)
 
 
 def test_range_study_and_its_plateau(tmp_path):
@@ -169,7 +193,7 @@ def test_the_quorum_range_study_climbs_a_count_ladder_and_orders_it_by_range():
 def test_rate_intervals_follow_the_poisson_standard_error():
     import math
 
-    from hpcdyn.cli.rules import rate_interval
+    from hpcdyn.learning.rate_intervals import rate_interval
 
     low, high = rate_interval(400, 100.0)  # n/E = 4, standard error sqrt(400)/100 = 0.2
     assert (low, high) == pytest.approx((4 - 2.5758 * 0.2, 4 + 2.5758 * 0.2), rel=1e-4)

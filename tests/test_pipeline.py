@@ -88,6 +88,13 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert len(list(trajectories.glob("*.zarr.statistics/block3-*.zarr"))) == 1
     # the model copy and the ensemble of original and learned dynamics
     assert (out / "models" / "learned" / "best.pt").exists()
+    # its class rates with their intervals: n/E of each class on the training part (every training event
+    # in one class), held against the trajectory's true rates, in report.md's first lines
+    classes = stages["model"]["classes"]
+    assert [entry["rate"] for entry in classes] == pytest.approx(best["class_rates"], rel=1e-5)
+    assert all(entry["low"] <= entry["events"] / entry["exposure"] <= entry["high"] for entry in classes if entry["events"])
+    assert stages["model"]["true_rates"] == {"D": 0.1, "v_other": 1.0, "v_plus": 25.0}
+    assert set(stages["model"]["covered_by"]) == {"D", "v_other", "v_plus"}
     ensemble = xr.open_zarr(stages["ensemble"]["store"])
     assert list(ensemble["model"].values) == ["original", "learned"]
     assert list(ensemble["density"].values) == [0.124, 0.3]
@@ -130,6 +137,7 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     report = (out / "report" / "report.md").read_text()
     assert "learned" in report and "original" in report
     assert f"N* = {n_star}:" in report and f"r* = {r_star} (" in report
+    assert "Class rates with 99 % intervals (n/E on the training part" in report.split("## ")[0]
     assert "v_plus/D = 50 (activity-vp5)" in report
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert {row["model"] for row in summary["results"]} == {"original", "learned", "learned-seed1"}

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from hpcdyn.cli.rules import rate_interval
 from hpcdyn.learning import training as training_module
 from hpcdyn.learning.class_rates import class_statistics
 from hpcdyn.learning.evaluation import class_table
+from hpcdyn.learning.rate_intervals import rate_interval
 from hpcdyn.learning.training import TrainingConfig, load_model, split, train
 from hpcdyn.learning.transformer import TransformerConfig
 from hpcdyn.physics.systems import make_system
@@ -75,6 +75,18 @@ def test_an_epoch_without_a_clear_held_out_gain_is_undone(events, tmp_path, monk
     # undone: the held-out U is the start's, exactly (the start's state, scored again)
     assert first["steps_reverted"] and first["val_U_per_T"] == pytest.approx(first["start_val_U_per_T"], rel=1e-12)
     assert math.isfinite(first["val_U_per_T"])
+
+
+def test_a_run_stops_after_three_undone_epochs_in_a_row(events, tmp_path, monkeypatch):
+    # Steps that never move the model: every epoch after the start is undone, and the run stops after
+    # UNDONE_EPOCHS_TO_STOP of them instead of running on to its patience (here 8); a resumed run too.
+    monkeypatch.setattr(training_module, "_train_epoch", lambda *args: {"train_U_per_T": 0.0, "train_events": 0})
+    result = train(config(epochs=8, patience=8), events, tmp_path / "stops")
+    assert training_module.UNDONE_EPOCHS_TO_STOP == 3
+    assert len(result.metrics) == 3 and result.stopped_early
+    assert all(row["steps_reverted"] for row in result.metrics)
+    resumed = train(config(epochs=10, patience=8), events, tmp_path / "stops", resume=True)
+    assert len(resumed.metrics) == 3 and resumed.stopped_early
 
 
 @pytest.mark.parametrize("system_name, params, t_final, classes, expected", [

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from hpcdyn.cli.options import CommandError, check_existing_path
+from hpcdyn.learning.rate_intervals import class_counts, rate_interval
 
 
 def add_parser(commands) -> None:
@@ -58,18 +58,6 @@ def feature_table(system, encoder, keys: np.ndarray) -> tuple[np.ndarray, list[s
         target = patches[:, 1 + offsets.index((dx, dy))] if (dx, dy) in offsets else np.full(len(keys), -1)
         rows.append(np.column_stack([np.full(len(keys), move), patches[:, 0], move - patches[:, 0], target, sites]))
     return np.stack(rows, axis=1).reshape(len(keys) * n_moves, -1), names
-
-
-def rate_interval(events: int, exposure: float, level: float = 0.99) -> tuple[float, float]:
-    """Interval of a class rate n / E at ``level``: n / E -+ z sqrt(n) / E (the rate's standard error
-    sqrt(n) / E); with no event, [0, -ln(1 - level) / E] (the rates at which seeing none is that unlikely)."""
-    if exposure <= 0:
-        return float("nan"), float("nan")
-    if events == 0:
-        return 0.0, -math.log(1.0 - level) / exposure
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    rate, error = events / exposure, math.sqrt(events) / exposure
-    return max(rate - z * error, 0.0), rate + z * error
 
 
 def tree_rules(tree, names: list[str], labels: list[str]) -> str:
@@ -126,13 +114,12 @@ def _rules(args: argparse.Namespace) -> str:
     if config.mode == 2:
         classes = objective.key_classes(model)  # [K, M]
         rates = model.class_rates()
+        class_events, class_exposure = class_counts(classes, exposure, counts, len(rates))
         labels = []
         lines.append("")
         lines.append("class  rate        events      exposure        events/exposure  99 % interval of n/E")
         for k, rate in enumerate(rates):
-            members = classes == k
-            n_k = int(counts[members].sum())
-            e_k = float((exposure[:, None] * members).sum())
+            n_k, e_k = int(class_events[k]), float(class_exposure[k])
             ml = n_k / e_k if e_k > 0 else float("nan")
             low, high = rate_interval(n_k, e_k)
             lines.append(f"{k:>5}  {rate:<10.4g}  {n_k:<10d}  {e_k:<14.6g}  {ml:<15.4g}  [{low:.4g}, {high:.4g}]")

@@ -391,6 +391,38 @@ def model_stage(best: dict[str, Any], out: Path, name: str = "learned") -> dict[
     return {"run_dir": str(directory), "sha256": file_digest(target), "from_trial": best["trial"]}
 
 
+def class_evidence(run_dir: str | Path) -> dict[str, Any]:
+    """A Mode 2 model's class rates with their 99 % intervals (events and exposure on the training part,
+    ``hpcdyn.learning.rate_intervals``), which class covers each true rate, and whether the lowest is
+    blocked; empty for a Mode 1 model."""
+    from hpcdyn.learning.rate_intervals import class_rates_with_intervals
+    from hpcdyn.learning.training import load_model
+
+    model, _ = load_model(run_dir)
+    if model.config.mode != 2:
+        return {}
+    evidence = class_rates_with_intervals(run_dir)
+    return {"classes": [entry.as_dict() for entry in evidence.classes], "true_rates": evidence.true_rates,
+            "covered_by": evidence.covering(), "blocked": evidence.blocked()}  # fmt: skip
+
+
+def interval_words(model: dict[str, Any]) -> str | None:
+    """The class rates with their intervals and what they cover, in one sentence (None without them)."""
+    if not model.get("classes"):
+        return None
+    rates = "; ".join(f"{entry['rate']:.4g} [{entry['low']:.4g}, {entry['high']:.4g}] ({entry['events']:,} events)"
+                      for entry in model["classes"])  # fmt: skip
+    covered = [f"{name} {model['true_rates'][name]:g} by class {index}" for name, index in model["covered_by"].items()
+               if index is not None]  # fmt: skip
+    missed = [f"{name} {model['true_rates'][name]:g}" for name, index in model["covered_by"].items() if index is None]
+    words = f"Class rates with 99 % intervals (n/E on the training part, standard error sqrt(n)/E): {rates}. "
+    words += ("They cover " + ", ".join(covered)) if covered else "They cover no true rate"
+    words += (f"; NOT covered: {', '.join(missed)}" if missed else "")
+    lowest = min(model["true_rates"].values())
+    return words + (f"; the lowest class is below 1e-3 x {lowest:g} (blocked moves)." if model["blocked"] else
+                    f"; no class lies below 1e-3 x {lowest:g}.")  # fmt: skip
+
+
 def ensemble_stage(preset: PipelinePreset, model_dir: str | tuple[str, ...], store: Path, options: PipelineOptions,
                    **changes: Any) -> dict[str, Any]:  # fmt: skip
     """Original and learned dynamics at the preset's densities; system parameters from the checkpoint.
@@ -529,6 +561,8 @@ def headline(stages: dict[str, Any]) -> list[str]:
              f"(`{sweep['path']}`).",
              f"The learned model ({model}, held-out gap {best['gap_per_event']:.2g} nats/event)"
              + (f" has class rates {rates}." if rates else ".")]  # fmt: skip
+    if (words := interval_words(stages.get("model", {}))) is not None:
+        lines.append(words)
     if "range" in stages:
         found = stages["range"]["r_star"]
         words = "; ".join(f"r* = {name} ({RANGE_WORDS.get(name, name)}) for Mode {mode.split('_')[-1]}"
@@ -617,7 +651,10 @@ def _run_locked(preset: PipelinePreset, out: Path, options: PipelineOptions, log
     sweep = finish("sweep", sweep_stage(preset, out, options))
     log(f"sweep: N* = {sweep['n_star']}; chosen model {sweep['best_trial']['trial']} "
         f"(held-out gap {sweep['best_trial']['gap_per_event']:.3g} nats/event)")  # fmt: skip
-    model = finish("model", model_stage(sweep["best_trial"], out))
+    model = model_stage(sweep["best_trial"], out)
+    model = finish("model", {**model, **class_evidence(model["run_dir"])})
+    if (words := interval_words(model)) is not None:
+        log(f"model: {words}")
     if preset.seed_models:
         log(f"seeds: the chosen model trained again with seeds {list(preset.seed_models)}, each simulated like it")
         finish("seeds", seeds_stage(preset, sweep["n_star"], out, options))
@@ -662,6 +699,8 @@ def result_lines(record: dict[str, Any]) -> list[str]:
     lines.append(f"chosen model: Mode {coordinates.get('mode')}"
                  + (f", N_theta {coordinates.get('n_classes')}, class rates {rates}" if coordinates.get("mode") == 2 else "")
                  + f"; held-out gap {best['gap_per_event']:.2g} nats/event")  # fmt: skip
+    if (words := interval_words(stages.get("model", {}))) is not None:
+        lines.append(words)
     if (spread := seed_spread(stages)) is not None:
         lines.append(spread)
     for verdict in stages.get("report", {}).get("family") or []:

@@ -410,7 +410,7 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
     bar = _progress_bar(config.epochs * training.n_events, len(metrics) * training.n_events, progress)
     stopped_early = False
     for epoch in range(len(metrics), config.epochs):
-        if since_best >= config.patience:
+        if since_best >= config.patience or (partition_start and _undone_in_a_row(metrics) >= UNDONE_EPOCHS_TO_STOP):
             stopped_early = True
             break
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -451,6 +451,12 @@ def _train_locked(config, source, run_dir: Path, resume: bool, report, progress)
 # noise the classifier learned (measured: an epoch that put 23 of 18,800 other hops of a 100 k-event
 # trajectory in the blocked hops' class raised the held-out U by 0.16 nats).
 HELD_OUT_GAIN_NATS = 2.0
+# From the partition's start a run stops once this many epochs in a row were undone: the steps no longer
+# find a gain the held-out data tell from noise, and each further epoch costs a full pass (measured:
+# every epoch after the start was undone on the five trajectories of benchmarks/TRAINING.md's
+# mode2-defaults-record, 1 to 11 of them, and in the quorum N_theta scan; a worse start, the hard
+# partition of an earlier version, had an epoch kept after one undone).
+UNDONE_EPOCHS_TO_STOP = 3
 
 
 def _segment_epoch(model, scored, optimizer, source, windows, config, generator, progress, epoch: int,
@@ -548,6 +554,16 @@ def _set_schedules(model, optimizer, config, epoch, partition_start: bool = Fals
 
 def _closed_form_epoch(config: TrainingConfig, epoch: int) -> bool:
     return config.class_rate_fit == "closed_form" or (config.class_rate_fit == "closed_form_last" and epoch == config.epochs - 1)
+
+
+def _undone_in_a_row(metrics: list[dict[str, Any]]) -> int:
+    """How many of the last epochs had their steps undone (no clear held-out gain from a partition start)."""
+    count = 0
+    for row in reversed(metrics):
+        if not row.get("steps_reverted"):
+            break
+        count += 1
+    return count
 
 
 def _epochs_since_best(metrics: list[dict[str, Any]]) -> int:
