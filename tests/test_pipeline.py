@@ -80,11 +80,14 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     ranged = xr.open_zarr(stages["range"]["results"], consolidated=False)
     assert sorted(ranged["attention_stencil"].values.tolist()) == ["block3", "vn1"]
     assert bool((ranged["status"] == "done").all()) and ranged["n_classes"].values.tolist() == [n_star]
+    assert ranged["seed"].values.tolist() == [0, 1]  # the sweep's seed and the other training seed: r* of each
+    assert set(stages["range"]["r_star_by_seed"]) == {"0", "1"}
+    assert all(found["mode_2"] in ("vn1", "block3") for found in stages["range"]["r_star_by_seed"].values())
     r_star = stages["range"]["r_star"]["mode_2"]
     plateau = stages["range"]["range"]
     assert r_star in ("vn1", "block3") and plateau["stencils"] == ["vn1", "block3"]
     scores = dict(zip(plateau["stencils"], plateau["mean"]["2"] if "2" in plateau["mean"] else plateau["mean"][2]))
-    assert scores["vn1"] == pytest.approx(float(ranged["val_U_per_T"].sel(attention_stencil="vn1").squeeze()))
+    assert scores["vn1"] == pytest.approx(float(ranged["val_U_per_T"].sel(attention_stencil="vn1").mean()))  # over seeds
     assert len(list(trajectories.glob("*.zarr.statistics/block3-*.zarr"))) == 1
     # the model copy and the ensemble of original and learned dynamics
     assert (out / "models" / "learned" / "best.pt").exists()
@@ -108,6 +111,10 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert seeds.sizes["replica"] == 2 and (out / "models" / "learned-seed1" / "best.pt").exists()
     seed_trial = xr.open_zarr(stages["seeds"]["results"], consolidated=False)
     assert seed_trial["seed"].values.tolist() == [1] and bool((seed_trial["status"] == "done").all())
+    # each seed's own plateau around N*: N* - 1 (when there is one), N* and N* + 1 trained
+    near = [n for n in (n_star - 1, n_star, n_star + 1) if n >= 1]
+    assert seed_trial["n_classes"].values.tolist() == near == stages["seeds"]["n_theta_checked"]
+    assert list(stages["seeds"]["n_star_by_seed"]) == ["1"] and stages["seeds"]["n_star_by_seed"]["1"] in near
     assert len(stages["seeds"]["models"]["1"]["class_rates"]) == n_star
     # the snapshots: the same model beside the original on a larger lattice, on its table
     snapshots = xr.open_zarr(stages["snapshots"]["store"])
@@ -138,6 +145,8 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert "learned" in report and "original" in report
     assert f"N* = {n_star}:" in report and f"r* = {r_star} (" in report
     assert "Class rates with 99 % intervals (n/E on the training part" in report.split("## ")[0]
+    assert f"Across training seeds: N* = {n_star} for seed 0 (its scan over every N_theta)" in report
+    assert "; r* (Mode 2) = " in report
     assert "v_plus/D = 50 (activity-vp5)" in report
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert {row["model"] for row in summary["results"]} == {"original", "learned", "learned-seed1"}

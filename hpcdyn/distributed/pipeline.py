@@ -456,23 +456,37 @@ def snapshots_stage(preset: PipelinePreset, model_dir: str, out: Path, options: 
 
 
 def seeds_stage(preset: PipelinePreset, n_star: int | None, out: Path, options: PipelineOptions) -> dict[str, Any]:
-    """The chosen model trained again with other seeds, each simulated like it (DIR/seeds.zarr, no original)."""
+    """The chosen model trained again with other seeds, each simulated like it (DIR/seeds.zarr, no original).
+
+    Each seed also trains N_theta = N* - 1 and N* + 1, so its own plateau is checked around N*
+    (``n_star_by_seed``): the seed spread of N*, at a fraction of a whole scan per seed."""
     from hpcdyn.distributed.sweep import Study
+    from hpcdyn.distributed.sweep_results import find_plateau
     from sweeps import get_study
 
     base = get_study("ntheta", smoke=preset.smoke_sweep).base
-    fixed = {**base, **dict(preset.sweep_overrides), "model.mode": 2, "model.n_classes": n_star if n_star is not None else 4}
-    study = Study("seeds", base=fixed, grids=({"training.seed": list(preset.seed_models)},),
-                  description="the chosen model (Mode 2 at N*) trained with other seeds")  # fmt: skip
+    fixed = {**base, **dict(preset.sweep_overrides), "model.mode": 2}
+    chosen = n_star if n_star is not None else 4
+    near = [n for n in (chosen - 1, chosen, chosen + 1) if n >= 1]
+    study = Study(SEED_STUDY, base=fixed, grids=({"training.seed": list(preset.seed_models), "model.n_classes": near},),
+                  description="the chosen model (Mode 2 at N*) trained with other seeds, and N* - 1, N* + 1 beside it")  # fmt: skip
     prepare_study_data(study, out)
-    outcome, finished = _run_study(study, "seeds", preset.smoke_sweep, out, options)
-    models = {}
+    outcome, finished = _run_study(study, SEED_STUDY, preset.smoke_sweep, out, options)
+    models, n_star_by_seed = {}, {}
     for seed in preset.seed_models:
-        best = best_trial(finished.dataset.sel(seed=[seed]))
+        own = finished.dataset.sel(seed=[seed])
+        best = best_trial(own.sel(n_classes=[chosen]))
         models[str(seed)] = {**model_stage(best, out, f"learned-seed{seed}"), "class_rates": best.get("class_rates", []),
                              "gap_per_event": best["gap_per_event"], "val_U_per_T": best["val_U_per_T"]}  # fmt: skip
+        n_star_by_seed[str(seed)] = find_plateau(own).n_star
     ensemble = ensemble_stage(preset, tuple(model["run_dir"] for model in models.values()), out / "seeds.zarr", options)
-    return {"path": str(outcome.path), "results": str(finished.results_path), "models": models, **ensemble}
+    return {"path": str(outcome.path), "results": str(finished.results_path), "models": models,
+            "n_theta_checked": near, "n_star_by_seed": n_star_by_seed, **ensemble}  # fmt: skip
+
+
+# The seeds' study has its own name: a directory from before it trained N* - 1 and N* + 1 holds a
+# "seeds" study with other trials, which a sweep of the same name would refuse to mix with
+SEED_STUDY = "seed-scan"
 
 
 def large_stage(preset: PipelinePreset, model_dir: str, out: Path, options: PipelineOptions) -> dict[str, Any]:
@@ -493,8 +507,8 @@ def range_study(preset: PipelinePreset, n_star: int | None):
     study = get_study("range", smoke=preset.smoke_sweep)
     if not preset.range_mode1:
         study = dataclasses.replace(study, grids=tuple(grid for grid in study.grids if 1 not in grid.get("model.mode", ())))
-    axes: dict[str, Any] = {"model.attention_stencil": list(preset.range_stencils),
-                            "training.seed": list(dict(preset.sweep_grids).get("training.seed", (0,)))}  # fmt: skip
+    seeds = list(dict.fromkeys([*dict(preset.sweep_grids).get("training.seed", (0,)), *preset.seed_models]))
+    axes: dict[str, Any] = {"model.attention_stencil": list(preset.range_stencils), "training.seed": seeds}
     if n_star is not None:
         axes["model.n_classes"] = [n_star]
     return study.with_overrides(fixed, axes)
@@ -513,9 +527,23 @@ def range_stage(preset: PipelinePreset, n_star: int | None, out: Path, options: 
         "results": str(finished.results_path),
         "figures": [str(path) for path in finished.figures] + list(summary["figures"]),
         "r_star": summary["r_star"],
+        "r_star_by_seed": r_star_by_seed(finished.dataset),
         "range": summary["range"],
         "lines": summary["lines"],
     }
+
+
+def r_star_by_seed(dataset) -> dict[str, dict[str, str | None]]:
+    """r* of each training seed alone (the range study's own r* takes their mean and spread): {seed: {mode_M: r*}}."""
+    from sweeps.range import find_range
+
+    if "seed" not in dataset.dims:
+        return {}
+    found = {}
+    for seed in dataset["seed"].values.tolist():
+        plateau = find_range(dataset.sel(seed=[seed]))
+        found[str(seed)] = {f"mode_{mode}": name for mode, name in plateau.r_star.items()}
+    return found
 
 
 def activity_stage(preset: PipelinePreset, out: Path, options: PipelineOptions, n_star: int | None = None) -> dict[str, Any]:
@@ -568,8 +596,36 @@ def headline(stages: dict[str, Any]) -> list[str]:
         words = "; ".join(f"r* = {name} ({RANGE_WORDS.get(name, name)}) for Mode {mode.split('_')[-1]}"
                           for mode, name in found.items())  # fmt: skip
         lines.append(f"{words}: the held-out U/T does not rise beyond that attention stencil (`{stages['range']['path']}`).")
+    if (choices := choice_spread(stages)) is not None:
+        lines.append(choices)
     spread = seed_spread(stages)
     return lines + ([spread + f" (`{stages['seeds']['store']}`, the band of every learned curve)."] if spread else [])
+
+
+def choice_spread(stages: dict[str, Any]) -> str | None:
+    """N* and r* of every training seed, in one sentence (None without the seeds stage)."""
+    if "seeds" not in stages or "n_star_by_seed" not in stages["seeds"]:
+        return None
+    seeds = stages["seeds"]
+    checked = seeds["n_theta_checked"]
+
+    def bounded(value: int | None) -> str:  # the seeds' scans are local: an end of it is a bound
+        if value is None:
+            return "none"
+        if value == min(checked) and value > 1:
+            return f"<= {value}"
+        return f">= {value}" if value == max(checked) and value != stages["sweep"]["n_star"] else str(value)
+
+    per_seed = ", ".join(f"{bounded(value)} for seed {seed}" for seed, value in seeds["n_star_by_seed"].items())
+    words = (f"Across training seeds: N* = {stages['sweep']['n_star']} for seed "
+             f"{stages['sweep']['best_trial']['coordinates'].get('seed', 0)} (its scan over every N_theta), {per_seed} "
+             f"(each seed's own plateau over N_theta {min(checked)}-{max(checked)})")  # fmt: skip
+    by_seed = stages.get("range", {}).get("r_star_by_seed") or {}
+    if by_seed:
+        for mode in sorted({mode for found in by_seed.values() for mode in found}):
+            names = ", ".join(f"{found.get(mode)} for seed {seed}" for seed, found in by_seed.items())
+            words += f"; r* (Mode {mode.split('_')[-1]}) = {names}"
+    return words + "."
 
 
 def seed_spread(stages: dict[str, Any]) -> str | None:
@@ -701,6 +757,8 @@ def result_lines(record: dict[str, Any]) -> list[str]:
                  + f"; held-out gap {best['gap_per_event']:.2g} nats/event")  # fmt: skip
     if (words := interval_words(stages.get("model", {}))) is not None:
         lines.append(words)
+    if (choices := choice_spread(stages)) is not None:
+        lines.append(choices)
     if (spread := seed_spread(stages)) is not None:
         lines.append(spread)
     for verdict in stages.get("report", {}).get("family") or []:
