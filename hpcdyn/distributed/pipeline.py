@@ -9,10 +9,13 @@ Stages, each resumable, all on one Ray (local, or the cluster at ``address``):
    sufficient statistics are prepared here first, once, before the trials start;
 2. model: the best Mode 2 trial at N* (held-out U/T); its checkpoint is copied to DIR/models/NAME so the
    ensemble keeps a stable, named copy whatever Tune later does with its own checkpoints;
+   its class rates with their 99 % intervals (``hpcdyn.learning.rate_intervals``);
    seeds (when the preset names them): the same model trained again with other training seeds
-   (DIR/models/learned-seedS), simulated at the main densities (DIR/seeds.zarr): the spread of
-   training, a band around every learned curve of the report and a verdict per seed;
-3. range (when the preset names stencils): the ``range`` study at N*, r* (``sweeps.range.find_range``);
+   (DIR/models/learned-seedS), with N_theta = N* - 1 and N* + 1 beside it (each seed's own N*),
+   simulated at the main densities (DIR/seeds.zarr): the spread of training, a band around every
+   learned curve of the report and a verdict per seed;
+3. range (when the preset names stencils): the ``range`` study at N* for the sweep's seed and the
+   other seeds, r* (``sweeps.range.find_range``) and r* of each seed;
 4. ensemble: original and learned dynamics at several densities (``hpcdyn.distributed.ensemble``);
 5. snapshots (when the preset names a lattice): both dynamics on a large lattice, DIR/snapshots.zarr;
    large (when the preset names one, e.g. ``large``): both dynamics beyond the paper's size (L 256),
@@ -139,8 +142,9 @@ QUICK = PipelinePreset(
     # trajectory (L 12, T 40: 13 k events, 5.7 k block3 environments) costs about one N_theta trial
     range_stencils=("vn1", "block3"),
     range_overrides=(("data.L", 12), ("data.t_final", 40.0)),
-    # the spread of training: the chosen model trained again with seeds 1 and 2 (about one N_theta
-    # trial each, run side by side), simulated like it: a band around every learned curve
+    # the spread of training: the chosen model trained again with seeds 1 and 2 (with N_theta N* - 1
+    # and N* + 1: six trials of about one N_theta trial each), simulated like it: a band around every
+    # learned curve, N* of each seed; the range study runs every seed too (r* of each)
     seed_models=(1, 2),
     # the clusters, learned beside original, on 128 x 128 (8 k particles at 0.5)
     snapshot_L=128,
