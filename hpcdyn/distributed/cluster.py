@@ -71,9 +71,11 @@ def init_ray(
     resolve_auth_mode(auth_mode)
     with _keeping_sigterm_handler():
         try:
-            # An interrupt inside ray.init would leave its core worker half made: it is held until the
-            # start is complete, then Ray is left cleanly before the interrupt goes on.
-            with deferred_interrupts():
+            # An interrupt inside a local start would leave its core worker half made: it is held until
+            # the start is complete (seconds), then Ray is left cleanly before the interrupt goes on. Not
+            # when joining: an address where nothing answers keeps ray.init waiting for minutes, and an
+            # interrupt must end that wait as it did.
+            with deferred_interrupts() if not address else contextlib.nullcontext():
                 _start_or_join(ray, address, num_cpus, num_gpus, include_dashboard, dashboard_host, log_to_driver)
         except KeyboardInterrupt:
             if ray.is_initialized():
