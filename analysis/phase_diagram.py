@@ -112,11 +112,15 @@ def plot_learned_vs_original(
     return figure
 
 
-def difference_table(source: Any, reference: str = REFERENCE_MODEL, burn_in: float | None = None) -> pd.DataFrame:
+def difference_table(source: Any, reference: str = REFERENCE_MODEL, burn_in: float | None = None,
+                     training: xr.DataArray | None = None) -> pd.DataFrame:  # fmt: skip
     """Every model against the reference at every density and observable.
 
     Columns: model, density, observable, value, reference_value, difference, standard_error
-    (sqrt(se_model^2 + se_reference^2)) and z = difference / standard_error.
+    (sqrt(se_model^2 + se_reference^2 + training_error^2)), z = difference / standard_error, and
+    z_ensembles (the ensembles' noise alone). ``training``: the covariance [density, observable,
+    observable_other] that the learned rates' own errors add to every model compared
+    (``analysis.rate_uncertainty.training_covariance``); training_error is its diagonal's root (0 without).
     """
     summary = summary_of(source, burn_in)
     models = summary["model"].values.tolist()
@@ -128,7 +132,9 @@ def difference_table(source: Any, reference: str = REFERENCE_MODEL, burn_in: flo
             here, there = summary.sel(model=model, density=density), summary.sel(model=reference, density=density)
             for name in OBSERVABLES:
                 difference = float(here[name] - there[name])
-                error = float(np.hypot(here[f"{name}_se"], there[f"{name}_se"]))
+                ensembles = float(np.hypot(here[f"{name}_se"], there[f"{name}_se"]))
+                added = _training_error(training, density, name)
+                error = float(np.hypot(ensembles, added))
                 rows.append(
                     {
                         "model": str(model),
@@ -138,14 +144,23 @@ def difference_table(source: Any, reference: str = REFERENCE_MODEL, burn_in: flo
                         "reference_value": float(there[name]),
                         "difference": difference,
                         "standard_error": error,
+                        "training_error": added,
                         "z": difference / error if error > 0 else float("nan"),
+                        "z_ensembles": difference / ensembles if ensembles > 0 else float("nan"),
                     }
                 )
     return pd.DataFrame(rows)
 
 
+def _training_error(training: xr.DataArray | None, density: float, name: str) -> float:
+    """The standard error the learned rates' errors add to one observable at one density (0 without)."""
+    if training is None or name not in training["observable"].values:
+        return 0.0
+    return float(np.sqrt(training.sel(density=density, observable=name, observable_other=name)))
+
+
 def joint_differences(source: Any, observables: Sequence[str], reference: str = REFERENCE_MODEL,
-                      burn_in: float | None = None) -> pd.DataFrame:  # fmt: skip
+                      burn_in: float | None = None, training: xr.DataArray | None = None) -> pd.DataFrame:  # fmt: skip
     """Every model against the reference at every density, its ``observables`` judged together.
 
     The observables of one replica are correlated (n_c and <s> = N / n_c nearly perfectly), so their
@@ -155,6 +170,8 @@ def joint_differences(source: Any, observables: Sequence[str], reference: str = 
     T^2 (nu - k + 1) / (k nu) follows F(k, nu - k + 1) with nu = n + n_ref - 2 and k the rank of S
     (directions with no variance left out). ``chi2`` is the chi-square on k degrees of freedom with
     the same p-value, so the chi2's of independent densities add up to one chi-square of the family.
+    With ``training`` (as in ``difference_table``) its covariance is added to the difference's, and the
+    F reference is then approximate (the added part is estimated from other ensembles).
     Columns: model, density, observables (the k kept), t2, dof (k), denominator_dof, p, chi2.
     """
     from scipy.stats import chi2, f
@@ -176,7 +193,8 @@ def joint_differences(source: Any, observables: Sequence[str], reference: str = 
         here = models.index(model)
         for column, density in enumerate(summary["density"].values):
             pair = [(means[at, column], covariance[at, column], int(counts[at, column])) for at in (here, there)]
-            tested = _hotelling(pair, names)
+            added = None if training is None else training.sel(density=density, observable=names, observable_other=names).values
+            tested = _hotelling(pair, names, added)
             if tested is None:
                 continue
             t2, rank, count, kept = tested
@@ -188,9 +206,10 @@ def joint_differences(source: Any, observables: Sequence[str], reference: str = 
     return pd.DataFrame(rows)
 
 
-def _hotelling(pair: list[tuple[np.ndarray, np.ndarray, int]], names: list[str]) -> tuple[float, int, int, list[str]] | None:
-    """(T^2, rank, n + n_ref, observables kept) of (means, covariance, replicas) of a model and its reference;
-    None when there is nothing to judge."""
+def _hotelling(pair: list[tuple[np.ndarray, np.ndarray, int]], names: list[str],
+               added: np.ndarray | None = None) -> tuple[float, int, int, list[str]] | None:  # fmt: skip
+    """(T^2, rank, n + n_ref, observables kept) of (means, covariance, replicas) of a model and its reference,
+    ``added`` a covariance added to the difference's; None when there is nothing to judge."""
     (mean, spread, count), (mean_ref, spread_ref, count_ref) = pair
     finite = np.isfinite(mean) & np.isfinite(mean_ref)
     if min(count, count_ref) < 2 or not finite.any():
@@ -200,7 +219,10 @@ def _hotelling(pair: list[tuple[np.ndarray, np.ndarray, int]], names: list[str])
     if not np.isfinite(pooled).all():
         return None
     # directions with variance (1e-12 of the largest), at most nu of them so that F has a denominator
-    values, vectors = np.linalg.eigh(pooled * (1 / count + 1 / count_ref))
+    spread = pooled * (1 / count + 1 / count_ref)
+    if added is not None:
+        spread = spread + added[np.ix_(finite, finite)]
+    values, vectors = np.linalg.eigh(spread)
     kept = values > max(values.max(), 0) * 1e-12
     kept &= np.cumsum(kept[::-1])[::-1] <= count + count_ref - 2
     rank = int(kept.sum())

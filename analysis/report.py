@@ -47,6 +47,8 @@ from analysis.phase_diagram import (
     plot_snapshots,
     save_figure,
 )
+from analysis.rate_uncertainty import training_covariance
+from hpcdyn.physics.systems import ConfigurationError
 
 # Many cells (observables x densities) are judged as a family: a perfect model shows some |z| > 2 by
 # chance, so the learned dynamics agrees when every |z| < AGREEMENT_Z and the chi-square of the family
@@ -57,6 +59,7 @@ from analysis.phase_diagram import (
 AGREEMENT_Z = 3.0
 FAMILY_P = 0.01
 COMPARED = ("f4", "f4_variance", "n_clusters", "mean_cluster_size")
+COMPARED_WORDS = {"f4": "f4", "f4_variance": "var f4", "n_clusters": "n_c", "mean_cluster_size": "<s>"}
 
 
 def family_verdicts(differences: list[dict[str, Any]], joint: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -83,8 +86,12 @@ def family_verdicts(differences: list[dict[str, Any]], joint: list[dict[str, Any
             statistic, dof, test = float((scores**2).sum()), int(scores.size), "independent"
         p_value = float(chi2.sf(statistic, dof))
         agrees = bool(np.abs(scores).max() < AGREEMENT_Z and p_value >= FAMILY_P)
-        verdicts.append({"model": model, "cells": int(scores.size), "max_abs_z": float(np.abs(scores).max()),
-                         "chi2": float(statistic), "dof": int(dof), "test": test, "p": p_value, "agrees": agrees})  # fmt: skip
+        verdict = {"model": model, "cells": int(scores.size), "max_abs_z": float(np.abs(scores).max()),
+                   "chi2": float(statistic), "dof": int(dof), "test": test, "p": p_value, "agrees": agrees}  # fmt: skip
+        if any(row.get("training_error") for row in differences if row["model"] == model):
+            alone = [row["z_ensembles"] for row in differences if row["model"] == model and row["observable"] in COMPARED]
+            verdict["max_abs_z_ensembles"] = float(np.nanmax(np.abs(np.array(alone, float))))
+        verdicts.append(verdict)
     return verdicts
 
 
@@ -98,7 +105,9 @@ def _family_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"**{verdict['model']} {word} the original dynamics** over {verdict['cells']} cells (f4, var f4, n_c, <s> "
             f"x densities): max |z| = {verdict['max_abs_z']:.2f} (rule: every |z| < {AGREEMENT_Z:g}), "
-            f"{chi_square_words(verdict)}, p = {verdict['p']:.3g} (rule: p >= {FAMILY_P:g})."
+            f"{chi_square_words(verdict)}, p = {verdict['p']:.3g} (rule: p >= {FAMILY_P:g})"
+            + (f"; the z's count the learned rates' own errors beside the ensembles' (max |z| from the ensembles "
+               f"alone {verdict['max_abs_z_ensembles']:.2f})." if "max_abs_z_ensembles" in verdict else ".")
         )
     return lines
 
@@ -129,6 +138,8 @@ def write_report(
     headline: Sequence[str] = (),
     large: str | Path | None = None,
     seeds: str | Path | None = None,
+    rate_shifts: Sequence[dict[str, Any]] = (),
+    shift_errors: float | None = None,
 ) -> dict[str, Any]:
     """Analyse ``store`` (and optionally sweep results and stores at other activities) into ``out``.
 
@@ -136,6 +147,9 @@ def write_report(
     ``run_tasks`` (e.g. ``hpcdyn.distributed.analysis_tasks.RayTasks``) submits the per-chunk
     observables of every store as tasks elsewhere (``analysis.chunk_tasks``), the reductions stay
     here; None: everything with dask threads here.
+    ``rate_shifts``: the original dynamics at shifted class rates (``analysis.rate_uncertainty``, each
+    with its ``store``), by ``shift_errors`` standard errors: the learned rates' own errors are then
+    added to every comparison of the main and seeds stores (their models learned from one trajectory).
     Returns the summary that is also written to summary.json.
     """
     out = Path(out)
@@ -146,6 +160,9 @@ def write_report(
     snapshot_ensemble = None if snapshots is None else open_ensemble(snapshots)
     large_ensemble = None if large is None else open_ensemble(large)
     seeds_ensemble = None if seeds is None else open_ensemble(seeds)
+    shifted = [(entry, open_ensemble(entry["store"])) for entry in rate_shifts]
+    if shifted and shift_errors is None:
+        raise ConfigurationError("shift_errors: give the shift of the rate_shifts' stores, in standard errors")
     if sweep is not None:
         from analysis.sweep_plots import open_sweep
 
@@ -156,7 +173,7 @@ def write_report(
         summary = _write_contents(
             store, ensemble, partial, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks,
             snapshots=(snapshots, snapshot_ensemble), headline=list(headline), large=(large, large_ensemble),
-            seeds=(seeds, seeds_ensemble),
+            seeds=(seeds, seeds_ensemble), shifted=(shifted, shift_errors),
         )
         _move_into_place(partial, out, overwrite)
     except BaseException:
@@ -174,10 +191,11 @@ def _summary(path, ensemble, burn_in, progress, run_tasks) -> xr.Dataset:
 
 def _write_contents(
     store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks=None,
-    snapshots=(None, None), headline=(), large=(None, None), seeds=(None, None),
+    snapshots=(None, None), headline=(), large=(None, None), seeds=(None, None), shifted=((), None),
 ):
     statistics = _summary(store, ensemble, burn_in, progress, run_tasks)
     main_statistics = statistics
+    training, training_record = _training_uncertainty(statistics, shifted, burn_in, progress, run_tasks)
     seeds_store, seeds_ensemble = seeds
     if seeds_ensemble is not None:  # the other training seeds beside the models of the main store
         seeds_statistics = _summary(seeds_store, seeds_ensemble, burn_in, progress, run_tasks)
@@ -191,7 +209,7 @@ def _write_contents(
     models = statistics["model"].values.tolist()
     differences, joint = None, None
     if REFERENCE_MODEL in models and len(models) > 1:
-        differences, joint = difference_table(statistics), _joint(statistics)
+        differences, joint = difference_table(statistics, training=training), _joint(statistics, training)
         differences.to_csv(directory / "differences.csv", index=False)
     activity_family = []
     if activity_ensembles:  # each store summarised once, the main one already is
@@ -235,6 +253,7 @@ def _write_contents(
         "differences": [] if differences is None else _jsonable(differences.to_dict(orient="records")),
         "family": [] if differences is None else _jsonable(family_verdicts(differences.to_dict(orient="records"), joint)),
         "joint_differences": _jsonable(joint or []),
+        "training_uncertainty": training_record,
         "activity_family": _jsonable(activity_family),
         "headline": list(headline),
         "snapshots": None if snapshot_store is None else str(snapshot_store),
@@ -249,9 +268,22 @@ def _write_contents(
     return summary
 
 
-def _joint(statistics: xr.Dataset) -> list[dict[str, Any]]:
+def _joint(statistics: xr.Dataset, training: xr.DataArray | None = None) -> list[dict[str, Any]]:
     """Rows of ``joint_differences`` over the COMPARED observables."""
-    return joint_differences(statistics, COMPARED).to_dict(orient="records")
+    return joint_differences(statistics, COMPARED, training=training).to_dict(orient="records")
+
+
+def _training_uncertainty(statistics, shifted, burn_in, progress, run_tasks) -> tuple[xr.DataArray | None, dict | None]:
+    """The covariance the learned rates' errors add (None without shifted stores), and its record."""
+    entries, shift_errors = shifted
+    if not entries:
+        return None, None
+    summaries = [_summary(entry["store"], data, burn_in, progress, run_tasks) for entry, data in entries]
+    training = training_covariance(statistics, summaries, OBSERVABLES, shift_errors)
+    errors = {name: [float(value) for value in np.sqrt(training.sel(observable=name, observable_other=name).values)]
+              for name in OBSERVABLES}  # fmt: skip
+    return training, {"shift_errors": shift_errors, "shifts": _jsonable([dict(entry) for entry, _ in entries]),
+                      "densities": [float(value) for value in training["density"].values], "errors": errors}  # fmt: skip
 
 
 def _large_summary(store, ensemble: xr.Dataset, statistics: xr.Dataset, differences) -> dict[str, Any]:
@@ -320,7 +352,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
         *_activity_lines(summary.get("activity_family", [])),
         *_table_lines(summary["results"]),
     ]
-    lines += ["", *_agreement_lines(summary["differences"])]
+    lines += ["", *_agreement_lines(summary["differences"], summary.get("training_uncertainty"))]
     lines += _large_lines(summary.get("large"), summary.get("large_family", []))
     if summary["sweep_results"]:
         n_star = summary["sweep_results"]["plateau_n_classes"]
@@ -373,16 +405,18 @@ def _with_error(row: dict[str, Any], name: str) -> str:
     return f"{value:.4g} ± {error:.2g}" if error is not None else f"{value:.4g}"
 
 
-def _agreement_lines(differences: list[dict[str, Any]]) -> list[str]:
+def _agreement_lines(differences: list[dict[str, Any]], training: dict[str, Any] | None = None) -> list[str]:
     if not differences:
         return ["No learned model in the store: nothing to compare with the original dynamics."]
+    added = " + training_error²" if training else ""
     lines = [
         "## Difference from the original, in standard errors",
         "",
-        f"z = (model − original) / √(se_model² + se_original²); a cell agrees when |z| < {AGREEMENT_Z:g} (the family "
-        f"rule above adds a chi-square over all the cells, each density's observables judged together with their "
-        f"correlation; with this many cells some |z| > 2 are expected by chance).",
+        f"z = (model − original) / √(se_model² + se_original²{added}); a cell agrees when |z| < {AGREEMENT_Z:g} (the "
+        f"family rule above adds a chi-square over all the cells, each density's observables judged together with "
+        f"their correlation; with this many cells some |z| > 2 are expected by chance).",
         "",
+        *_training_lines(training),
         "| model | density | f4 | var f4 | n_c | <s> | verdict |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -396,3 +430,24 @@ def _agreement_lines(differences: list[dict[str, Any]]) -> list[str]:
         cells = " | ".join("n/a" if score is None else f"{score:+.1f}" for score in scores)
         lines.append(f"| {model} | {density:g} | {cells} | {verdict} |")
     return lines
+
+
+def _training_lines(training: dict[str, Any] | None) -> list[str]:
+    """How the learned rates' own errors enter the z's: the shifted runs and the error each adds."""
+    if not training:
+        return []
+    shifts = "; ".join(f"class {shift['class_index']} ({', '.join(shift['kinds'])}; {shift['events']:,} events) "
+                       f"x e^{shift['log_shift']:.3g}" for shift in training["shifts"])  # fmt: skip
+    lines = [
+        f"training_error: the standard error that the learned class rates' own errors (n/E from one trajectory, "
+        f"relative 1/√n) add to a learned observable, measured as the response of the original dynamics to each "
+        f"class rate shifted by {training['shift_errors']:g} of its standard errors ({shifts}), over "
+        f"{training['shift_errors']:g} (analysis/rate_uncertainty.py). It applies to the models trained on the "
+        "main trajectory (main and seeds stores); the activity and large stores count the ensembles alone.",
+        "",
+        "| density | " + " | ".join(COMPARED_WORDS[name] for name in COMPARED) + " |",
+        "|---:|" + "---:|" * len(COMPARED),
+    ]
+    for at, density in enumerate(training["densities"]):
+        lines.append(f"| {density:g} | " + " | ".join(f"{training['errors'][name][at]:.2g}" for name in COMPARED) + " |")
+    return lines + [""]

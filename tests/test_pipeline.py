@@ -3,6 +3,7 @@ is consistent, and a rerun reuses what is done instead of redoing it."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import xarray as xr
@@ -44,6 +45,7 @@ TINY = dataclasses.replace(
     large_t_final=3.0,
     large_burn_in=1.0,
     large_snapshot_every=1.0,
+    rate_shift_replicas=3,
 )
 
 
@@ -61,7 +63,8 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     out = tmp_path / "study"
     record = run_pipeline(TINY, out)
     stages = record["stages"]
-    assert list(stages) == ["sweep", "model", "seeds", "range", "ensemble", "snapshots", "large", "activity", "report"]
+    assert list(stages) == ["sweep", "model", "seeds", "range", "ensemble", "rate_shifts", "snapshots", "large", "activity",
+                            "report"]  # fmt: skip
     assert set(record["stage_seconds"]) == set(stages) and all(value > 0 for value in record["stage_seconds"].values())
     # the sweep: Mode 2 with N_theta 1, 2 and Mode 1 (3 trials); the chosen model: the best Mode 2 trial at N*
     results = xr.open_zarr(stages["sweep"]["results"], consolidated=False)
@@ -176,6 +179,47 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert again["range"]["r_star"] == stages["range"]["r_star"]
     assert again["model"]["sha256"] == stages["model"]["sha256"]
     assert again["sweep"]["best_trial"] == best
+    assert [entry["units_run"] for entry in again["rate_shifts"]["shifts"]] == [0] * len(stages["rate_shifts"]["shifts"])
+    _check_rate_shifts(tmp_path, out, stages)
+
+
+def _check_rate_shifts(tmp_path, out, stages):
+    """The rate-shift stage for a model whose classes cover every true rate (the tiny one's rarely do):
+    one original ensemble per class at its rate shifted by 5 standard errors, each with its own seed,
+    and the report's z's counting the error each adds."""
+    from analysis.report import write_report
+    from hpcdyn.distributed.pipeline import PipelineOptions, rate_shift_stage
+    from hpcdyn.storage.ensemble_store import stored_config
+
+    elsewhere = tmp_path / "shifted"
+    elsewhere.mkdir()
+    (elsewhere / "ensemble.zarr").symlink_to(out / "ensemble.zarr")
+    classes = [{"rate": rate, "events": events, "exposure": events / rate, "low": 0.0, "high": 0.0}
+               for rate, events in ((0.1, 400), (1.0, 2_500), (25.0, 10_000))]  # fmt: skip
+    model = {"classes": classes, "true_rates": {"D": 0.1, "v_other": 1.0, "v_plus": 25.0},
+             "covered_by": {"D": 0, "v_other": 1, "v_plus": 2}}  # fmt: skip
+    shifted = rate_shift_stage(TINY, model, elsewhere, PipelineOptions())
+    assert [entry["kinds"] for entry in shifted["shifts"]] == [["D"], ["v_other"], ["v_plus"]]
+    main = stored_config(out / "ensemble.zarr")
+    for index, (entry, (kind, events)) in enumerate(zip(shifted["shifts"], (("D", 400), ("v_other", 2_500), ("v_plus", 10_000)))):
+        config = stored_config(entry["store"])
+        factor = math.exp(5.0 / math.sqrt(events))
+        expected = {**main["system"], kind: main["system"][kind] * factor}
+        assert config["system"] == pytest.approx(expected) and config["densities"] == main["densities"]
+        assert [model["label"] for model in config["models"]] == ["original"] and config["replicas"] == 3
+        assert config["seed"] == TINY.seed + 1 + index
+    summary = write_report(out / "ensemble.zarr", tmp_path / "shifted-report", rate_shifts=shifted["shifts"], shift_errors=5.0)
+    record = summary["training_uncertainty"]
+    assert record["shift_errors"] == 5.0 and len(record["shifts"]) == 3
+    errors = {(row["model"], row["density"]): row for row in summary["results"]}
+    for row in summary["differences"]:
+        at = record["densities"].index(row["density"])
+        assert row["training_error"] == pytest.approx(record["errors"][row["observable"]][at])
+        name, here, there = row["observable"], errors[(row["model"], row["density"])], errors[("original", row["density"])]
+        if here[f"{name}_se"] is not None and there[f"{name}_se"] is not None:
+            ensembles = math.hypot(here[f"{name}_se"], there[f"{name}_se"])
+            assert row["standard_error"] == pytest.approx(math.hypot(ensembles, row["training_error"]))
+    assert "training_error: the standard error that the learned class rates' own errors" in (tmp_path / "shifted-report" / "report.md").read_text()
 
 
 def test_another_preset_in_the_same_directory_is_refused(tmp_path):
