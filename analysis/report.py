@@ -440,10 +440,11 @@ def _training_lines(training: dict[str, Any] | None) -> list[str]:
                        f"x e^{shift['log_shift']:.3g}" for shift in training["shifts"])  # fmt: skip
     lines = [
         f"training_error: the standard error that the learned class rates' own errors (n/E from one trajectory, "
-        f"relative 1/√n) add to a learned observable, measured as the response of the original dynamics to each "
-        f"class rate shifted by {training['shift_errors']:g} of its standard errors ({shifts}), over "
-        f"{training['shift_errors']:g} (analysis/rate_uncertainty.py). It applies to the models trained on the "
-        "main trajectory (main and seeds stores); the activity and large stores count the ensembles alone.",
+        f"relative 1/√n) add to a learned observable (delta method): the original dynamics ran again with each class "
+        f"rate m = {training['shift_errors']:g} of its standard errors up ({shifts}), and each class adds the "
+        f"square of the observable's change over m, less the change's own noise (analysis/rate_uncertainty.py). It "
+        "applies to the models trained on the main trajectory (main and seeds stores); the activity and large "
+        "stores count the ensembles alone.",
         "",
         "| density | " + " | ".join(COMPARED_WORDS[name] for name in COMPARED) + " |",
         "|---:|" + "---:|" * len(COMPARED),

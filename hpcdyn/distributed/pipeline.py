@@ -198,6 +198,9 @@ PRESETS = {
         snapshot_every=2.0,
         burn_in=100.0,
         activity_v_plus=(2.5, 5.0, 10.0, 50.0),
+        # the learned rates' own errors in the comparison, as in the quick preset
+        rate_shift_errors=5.0,
+        rate_shift_replicas=32,
     ),
 }
 
