@@ -705,7 +705,11 @@ RANGE_WORDS = {"vn1": "nearest neighbours", "block3": "the 3 x 3 block", "diamon
 
 
 def report_stage(out: Path, stages: dict[str, Any], activity_stores: list[str], options: PipelineOptions) -> dict[str, Any]:
+    """The report; each store's per-chunk observables as tasks on the pipeline's Ray (the cluster
+    labelling holds the GIL: dask threads here use one core, the tasks every core)."""
     from analysis.report import write_report
+    from hpcdyn.distributed.analysis_tasks import RayTasks
+    from hpcdyn.distributed.cluster import init_ray
 
     snapshots = stages.get("snapshots", {}).get("store")
     large = stages.get("large", {}).get("store")
@@ -714,7 +718,8 @@ def report_stage(out: Path, stages: dict[str, Any], activity_stores: list[str], 
     summary = write_report(out / "ensemble.zarr", out / "report", sweep=stages["sweep"]["path"], activity_stores=activity_stores,
                            snapshots=snapshots, large=large, seeds=seeds, headline=headline(stages), overwrite=True,
                            progress=options.progress, rate_shifts=shifts.get("shifts", ()),
-                           shift_errors=shifts.get("shift_errors"))  # fmt: skip
+                           shift_errors=shifts.get("shift_errors"),
+                           run_tasks=RayTasks(ray=init_ray(options.address, num_cpus=options.num_cpus, log_to_driver=False)))  # fmt: skip
     return {"path": str(out / "report"), "report": str(out / "report" / "report.md"), "figures": summary["figures"],
             "family": summary.get("family"), "activity_family": summary.get("activity_family"),
             "differences": summary.get("differences"), "large_family": summary.get("large_family")}  # fmt: skip

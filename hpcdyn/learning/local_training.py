@@ -224,8 +224,15 @@ def balanced(weights: np.ndarray, classes: np.ndarray) -> np.ndarray:
 CLASSIFIER_KEYS = 4096
 
 
+# Checks without a better held-out U before the fit ends. Traced on 13 fits (active at L 30, N_theta 3-6,
+# seeds 0-2, v_plus 2.5-25; vn1 and block3 at L 12; the quorum count model): the best state was never
+# found after 3 checks without one, and the 4th to 6th cost a sixth of every fit (benchmarks/TRAINING.md).
+CLASSIFIER_PATIENCE = 3
+
+
 def fit_classifier(objective: StatisticsObjective, model, targets: np.ndarray, weights: np.ndarray, lr: float,
-                   max_steps: int = 600, check_every: int = 25, patience: int = 6, seed: int = 0) -> dict:  # fmt: skip
+                   max_steps: int = 600, check_every: int = 25, patience: int = CLASSIFIER_PATIENCE,
+                   seed: int = 0) -> dict:  # fmt: skip
     """Fit the classifier to a class of every (key, move) by weighted cross-entropy over the keys.
 
     targets, weights: [K, M] (weight 0: no say). The targets are noisy where a pair has little
