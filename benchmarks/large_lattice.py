@@ -35,11 +35,12 @@ from hpcdyn.distributed.ensemble import EnsembleConfig, Placement, run_ensemble
 NAMES = {"f4": "f4", "f4_variance": "var f4", "n_clusters": "n_c", "mean_cluster_size": "<s>"}
 
 
-def judge(model, reference) -> dict:
-    """The report's family verdict (``analysis.report.family_verdicts``) of one summary against another."""
+def judge(model, reference, training=None) -> dict:
+    """The report's family verdict (``analysis.report.family_verdicts``) of one summary against another;
+    ``training``: the covariance the learned rates' own errors add (``analysis.rate_uncertainty``)."""
     pair = xr.concat([reference.assign_coords(model=REFERENCE_MODEL), model.assign_coords(model="learned")], dim="model")
-    joint = joint_differences(pair, COMPARED).to_dict(orient="records")
-    return family_verdicts(difference_table(pair).to_dict(orient="records"), joint)[0]
+    joint = joint_differences(pair, COMPARED, training=training).to_dict(orient="records")
+    return family_verdicts(difference_table(pair, training=training).to_dict(orient="records"), joint)[0]
 
 
 def learned_rates_store(record: dict, out: Path, seed: int) -> tuple[Path, dict, float]:

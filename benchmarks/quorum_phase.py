@@ -14,6 +14,10 @@ Stages (the commands are in COMMANDS; their wall times go to runs/quorum/timings
    trained here (about 4 new block5 keys per event; TRAINING.md quorum-local);
 3. ensembles on L 30 at densities 0.05 ... 0.5, 16 replicas, t 100, burn-in 40, snapshots every 0.5: the
    original active and quorum dynamics (compiled simulator) and the two learned models (table engine);
+   the unrestricted transformer (the plain `hpcdyn train --mode 2 --n-classes 5`, not told the range) on
+   the small preset's T 1500 trajectory, on the table its locality certificate comes closest to (asked
+   for: the certificate fails at density 0.5), and the original dynamics once per class with that
+   model's class rate 5 standard errors up (its rates' own errors in its comparison, analysis/rate_uncertainty.py);
 4. observables (f4, var f4, n_c, <s>) per (model, density), z = (learned - original) / sqrt(se^2 + se^2),
    the family rule of analysis.report (every |z| < 3 and chi-square p >= 0.01) for each learned model, and
    the figure benchmarks/figures/quorum_onset.png (active and quorum original, both learned, against density).
@@ -41,6 +45,7 @@ sys.path.insert(0, str(HERE))
 from results import write_section  # noqa: E402
 
 RUNS = ROOT / "runs" / "quorum"
+UNRESTRICTED = "runs/quorum/small1500-mode2"
 FIGURE = HERE / "figures" / "quorum_onset.png"
 DENSITIES = ["0.05", "0.1", "0.2", "0.3", "0.4", "0.5"]
 ENSEMBLE = ["--density", *DENSITIES, "--replicas", "16", "--t-final", "100", "--snapshot-every", "0.5", "--burn-in", "40",
@@ -59,6 +64,12 @@ COMMANDS = [
                                 "--statistics-batch-keys", "4096", "--out", "runs/quorum/mode2-c5"], "runs/quorum/mode2-c5/best.pt"),  # fmt: skip
     ("train vn1 T1000", ["hpcdyn", "train", "runs/quorum/train.zarr", "--attention-stencil", "vn1", *MODEL,
                          "--epochs", "4", "--out", "runs/quorum/mode2-vn1"], "runs/quorum/mode2-vn1/best.pt"),  # fmt: skip
+    ("simulate small T1500", ["hpcdyn", "simulate", "--system", "quorum", "--preset", "small", "--t-final", "1500", "--seed", "2",
+                              "--out", "runs/quorum/small-T1500.zarr", "--no-progress"], "runs/quorum/small-T1500.zarr"),  # fmt: skip
+    ("train unrestricted small T1500", ["hpcdyn", "train", "runs/quorum/small-T1500.zarr", "--mode", "2", "--n-classes", "5",
+                                        "--epochs", "1", "--no-progress", "--out", UNRESTRICTED],
+     f"{UNRESTRICTED}/best.pt"),  # fmt: skip
+    ("locality unrestricted", ["hpcdyn", "locality", UNRESTRICTED], f"{UNRESTRICTED}/locality.json"),
     ("ensemble active original", ["hpcdyn", "ensemble", "--model", "original", "--system", "active", "--L", "30", *ENSEMBLE,
                                   "--seed", "7", "--out", "runs/quorum/ens/active-original.zarr"],
      "runs/quorum/ens/active-original.zarr"),  # fmt: skip
@@ -74,6 +85,9 @@ COMMANDS = [
     ("ensemble quorum learned vn1+count5", ["hpcdyn", "ensemble", "--model", "runs/quorum/small-mode2-c5", "--L", "30", "--engine", "auto",
                                             *ENSEMBLE, "--seed", "13", "--out", "runs/quorum/ens/quorum-c5.zarr"],
      "runs/quorum/ens/quorum-c5.zarr"),  # fmt: skip
+    ("ensemble quorum learned unrestricted", ["hpcdyn", "ensemble", "--model", UNRESTRICTED, "--L", "30", "--engine", "table",
+                                              *ENSEMBLE, "--seed", "19", "--out", "runs/quorum/ens/quorum-unrestricted.zarr"],
+     "runs/quorum/ens/quorum-unrestricted.zarr"),  # fmt: skip
 ]
 STORES = {
     "active original": RUNS / "ens" / "active-original.zarr",
@@ -81,18 +95,54 @@ STORES = {
     "quorum learned (vn1+count5)": RUNS / "ens" / "quorum-c5-paper.zarr",
     "quorum learned (vn1+count5, L 12 trajectory)": RUNS / "ens" / "quorum-c5.zarr",
     "quorum learned (vn1)": RUNS / "ens" / "quorum-vn1.zarr",
+    "quorum learned (unrestricted, L 12 trajectory)": RUNS / "ens" / "quorum-unrestricted.zarr",
 }
 LEARNED = {"quorum learned (vn1+count5)": "ensemble quorum learned vn1+count5 L30",
            "quorum learned (vn1+count5, L 12 trajectory)": "ensemble quorum learned vn1+count5",
-           "quorum learned (vn1)": "ensemble quorum learned vn1"}
+           "quorum learned (vn1)": "ensemble quorum learned vn1",
+           "quorum learned (unrestricted, L 12 trajectory)": "ensemble quorum learned unrestricted"}
 OBSERVABLES = ("f4", "f4_variance", "n_clusters", "mean_cluster_size")
 LABELS = {"f4": "f4", "f4_variance": "var f4", "n_clusters": "n_c", "mean_cluster_size": "<s>"}
 
 
+def unrestricted_evidence() -> dict:
+    """The unrestricted model's classes (events and exposure on its training part, counted by replaying
+    every training event through it: minutes, kept in class_evidence.json beside it), the true rates,
+    and the class whose 99 % interval covers each."""
+    cached = ROOT / UNRESTRICTED / "class_evidence.json"
+    if not cached.exists():
+        from hpcdyn.learning.rate_intervals import class_rates_with_intervals
+
+        evidence = class_rates_with_intervals(ROOT / UNRESTRICTED)
+        cached.write_text(json.dumps({"classes": [entry.as_dict() for entry in evidence.classes],
+                                      "true_rates": evidence.true_rates, "covered_by": evidence.covering()}, indent=1))  # fmt: skip
+    return json.loads(cached.read_text())
+
+
+def shift_commands() -> list[tuple[str, list[str], str]]:
+    """The original quorum dynamics once per class of the unrestricted model, that class's true rates
+    5 of its standard errors up (analysis.rate_uncertainty.rate_shifts), else as the quorum original."""
+    from analysis.rate_uncertainty import rate_shifts
+
+    commands = []
+    for index, shift in enumerate(rate_shifts(unrestricted_evidence())):
+        rates = [item for kind, value in shift.rates.items() for item in (f"--{kind.replace('_', '-')}", f"{value:.17g}")]
+        out = f"runs/quorum/ens/unrestricted-shift-class{shift.class_index}.zarr"
+        commands.append((f"ensemble quorum original, class {shift.class_index} shifted",
+                         ["hpcdyn", "ensemble", "--model", "original", "--system", "quorum", "--L", "30", "--R", "2", "--q", "3",
+                          *rates, *ENSEMBLE, "--seed", str(31 + index), "--out", out], out))  # fmt: skip
+    return commands
+
+
 def run_commands() -> dict:
+    timings = _run(COMMANDS)
+    return _run(shift_commands()) if (ROOT / UNRESTRICTED / "best.pt").exists() else timings
+
+
+def _run(commands) -> dict:
     timings_path = RUNS / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    for name, command, product in COMMANDS:
+    for name, command, product in commands:
         if (ROOT / product).exists():
             continue
         started = time.perf_counter()
@@ -112,18 +162,36 @@ def summaries() -> dict:
     return {name: summarize(str(path)).compute() for name, path in STORES.items() if path.exists()}
 
 
-def z_rows(learned, original, model: str) -> list[dict]:
-    """Rows in difference_table's form (learned and original from separate stores, independent replicas)."""
+def z_rows(learned, original, model: str, training=None) -> list[dict]:
+    """Rows in difference_table's form (learned and original from separate stores, independent replicas);
+    ``training``: the covariance the learned rates' own errors add (its diagonal joins each standard error)."""
     rows = []
     for density in original["density"].values:
         here, there = learned.sel(density=density).isel(model=0), original.sel(density=density).isel(model=0)
         for name in OBSERVABLES:
             difference = float(here[name] - there[name])
-            error = float(np.hypot(here[f"{name}_se"], there[f"{name}_se"]))
+            added = 0.0 if training is None else float(training.sel(density=density, observable=name, observable_other=name))
+            error = float(np.sqrt(here[f"{name}_se"] ** 2 + there[f"{name}_se"] ** 2 + added))
             rows.append({"model": model, "density": float(density), "observable": name, "value": float(here[name]),
                          "reference_value": float(there[name]), "difference": difference, "standard_error": error,
                          "z": difference / error if error > 0 else float("nan")})  # fmt: skip
     return rows
+
+
+UNRESTRICTED_NAME = "quorum learned (unrestricted, L 12 trajectory)"
+
+
+def unrestricted_training(stats: dict):
+    """The covariance the unrestricted model's class-rate errors add to its observables, from the shifted stores."""
+    import dask
+
+    from analysis.observables import OBSERVABLES as ALL
+    from analysis.observables import summarize
+    from analysis.rate_uncertainty import SHIFT_IN_ERRORS, training_covariance
+
+    dask.config.set(scheduler="synchronous")
+    shifted = [summarize(str(ROOT / product)).compute() for _, _, product in shift_commands()]
+    return training_covariance(stats["quorum original"], shifted, list(ALL), SHIFT_IN_ERRORS)
 
 
 def figure(stats: dict, path: Path) -> None:
@@ -135,7 +203,8 @@ def figure(stats: dict, path: Path) -> None:
     styles = {"active original": dict(color="tab:blue", marker="o"), "quorum original": dict(color="tab:red", marker="s"),
               "quorum learned (vn1+count5)": dict(color="tab:orange", marker="D", linestyle="--"),
               "quorum learned (vn1+count5, L 12 trajectory)": dict(color="tab:purple", marker="v", linestyle="-."),
-              "quorum learned (vn1)": dict(color="tab:green", marker="^", linestyle=":")}  # fmt: skip
+              "quorum learned (vn1)": dict(color="tab:green", marker="^", linestyle=":"),
+              UNRESTRICTED_NAME: dict(color="tab:brown", marker="x", linestyle="--")}  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     for axis, name in zip(axes, OBSERVABLES):
         for label, summary in stats.items():
@@ -155,7 +224,7 @@ def figure(stats: dict, path: Path) -> None:
 
 SHORT = {"active original": "active", "quorum original": "quorum", "quorum learned (vn1+count5)": "learned vn1+count5",
          "quorum learned (vn1+count5, L 12 trajectory)": "learned vn1+count5 (L 12)",
-         "quorum learned (vn1)": "learned vn1"}
+         "quorum learned (vn1)": "learned vn1", UNRESTRICTED_NAME: "learned unrestricted (L 12)"}
 
 
 def observable_table(stats: dict) -> list[str]:
@@ -192,9 +261,15 @@ def main() -> None:
 
     stats = summaries()
     judged = [name for name in LEARNED if name in stats and "quorum original" in stats]
-    rows = [row for name in judged for row in z_rows(stats[name], stats["quorum original"], name)]
+    training = {UNRESTRICTED_NAME: unrestricted_training(stats)} if UNRESTRICTED_NAME in judged else {}
+    rows = [row for name in judged for row in z_rows(stats[name], stats["quorum original"], name, training.get(name))]
     # the family rule with Hotelling's T^2 per density (the observables of a replica are correlated)
-    verdicts = [{**judge(stats[name].isel(model=0), stats["quorum original"].isel(model=0)), "model": name} for name in judged]
+    original = stats["quorum original"].isel(model=0) if judged else None
+    verdicts = [{**judge(stats[name].isel(model=0), original, training.get(name)), "model": name} for name in judged]
+    for verdict in verdicts:  # the unrestricted model judged by the ensembles' noise alone too
+        if verdict["model"] in training:
+            alone = judge(stats[verdict["model"]].isel(model=0), original)
+            verdict["ensembles_alone"] = {key: alone[key] for key in ("max_abs_z", "chi2", "dof", "p", "agrees")}
     report = {"verdicts": verdicts, "rows": rows}
     print(json.dumps(report, indent=1, default=float))
     if args.write:
@@ -253,6 +328,32 @@ def unseen_keys(run: str, store: str, configurations: int = 8) -> list[dict]:
     return rows
 
 
+def _unrestricted_lines() -> list[str]:
+    """The unrestricted transformer: its classes, the table it runs on and why, the shifted ensembles."""
+    store = RUNS / "ens" / "quorum-unrestricted.zarr"
+    if not store.exists():
+        return []
+    evidence = unrestricted_evidence()
+    learned = zarr.open_group(str(store), mode="r").attrs["config"]["models"][0]
+    certificate = learned.get("certificate", {})
+    worst = {family: max(values) for family, values in certificate.get("families", {}).items()}
+    classes = "; ".join(f"{entry['rate']:.4g} [{entry['low']:.4g}, {entry['high']:.4g}] ({entry['events']:,} events)"
+                        for entry in evidence["classes"])  # fmt: skip
+    shifts = ", ".join(f"class {command[0].split('class ')[1].split(' ')[0]}" for command in shift_commands())
+    return [
+        f"Unrestricted (the paper's transformer, 2 layers, d_model 64, not told the range; `{' '.join(dict((name, command) for name, command, _ in COMMANDS)['train unrestricted small T1500'])}`, "
+        "TRAINING.md quorum-count): its classes on the training part (n/E, 99 % interval): " + classes + ". Its "
+        f"locality certificate fails at density 0.5 for every key family (the share of moves whose class differs "
+        f"between the configuration and the key's patch alone, worst of the densities 0.125, 0.3, 0.5: "
+        + ", ".join(f"{family} {value:.2g}" for family, value in sorted(worst.items(), key=lambda item: item[1]))
+        + f"; tolerance {certificate.get('tolerance', 1e-4):g}), so it runs on the table asked for (`--engine table`: "
+        f"the family that comes closest, {learned.get('key_family')}; its rates at density 0.5 differ from the network's "
+        "on that share of moves, recorded in the store). Its class rates' own errors enter its z's through the original "
+        f"dynamics run once per class with the rate 5 standard errors up ({shifts}; 16 replicas each).",
+        "",
+    ]
+
+
 def _peaks(stats: dict, name: str) -> str:
     data = stats[name].isel(model=0)
     densities = data["density"].values
@@ -296,6 +397,7 @@ def section(stats, rows, verdicts) -> str:
         f"{vn1['gap_per_event']:.4f} nats/event, class rates " + ", ".join(f"{r:.4g}" for r in vn1["class_rates"]) +
         " (the forward hops split into two mixtures of v_crowded 5 and v+ 25, which a vn1 key cannot tell apart).",
         "",
+        *_unrestricted_lines(),
         "Ensembles: L 30, densities " + ", ".join(DENSITIES) + ", 16 replicas, t 100, burn-in 40, snapshots every 0.5; "
         "the original dynamics on the compiled simulator, the learned models on their environment tables "
         "(`--engine auto`; a hard-local model's rates depend on its key alone, so the L 12 model runs at L 30).",
@@ -323,9 +425,13 @@ def section(stats, rows, verdicts) -> str:
         lines += [f"z = ({name} - quorum original) / sqrt(se^2 + se^2):", "",
                   *z_table([row for row in rows if row["model"] == name]), ""]
         word = "AGREES with" if verdict["agrees"] else "DIFFERS from"
+        alone = verdict.get("ensembles_alone")
         lines += [f"**Family verdict: {name} {word} the original dynamics** over {verdict['cells']} cells: max |z| = "
                   f"{verdict['max_abs_z']:.2f} (rule < 3), chi-square {verdict['chi2']:.1f} on {verdict['dof']} "
-                  f"({verdict['test']}: the observables of a density judged together), p = {verdict['p']:.3g} (rule >= 0.01).", ""]
+                  f"({verdict['test']}: the observables of a density judged together), p = {verdict['p']:.3g} (rule >= 0.01)"
+                  + (f"; the z's count its class rates' own errors (the shifted original ensembles); by the ensembles' "
+                     f"noise alone max |z| {alone['max_abs_z']:.2f}, p = {alone['p']:.3g} ("
+                     f"{'agrees' if alone['agrees'] else 'differs'})." if alone else "."), ""]  # fmt: skip
     lines += ["Commands (from the repository root, each under `nice -n 5`):", "", "```"]
     lines += [" ".join(command) for _, command, _ in COMMANDS]
     lines += ["```"]

@@ -224,7 +224,7 @@ def balanced(weights: np.ndarray, classes: np.ndarray) -> np.ndarray:
 CLASSIFIER_KEYS = 4096
 
 
-# Checks without a better held-out U before the fit ends. Traced on 13 fits (active at L 30, N_theta 3-6,
+# Checks without a better held-out U before the fit ends. Traced on 11 fits (active at L 30, N_theta 3-6,
 # seeds 0-2, v_plus 2.5-25; vn1 and block3 at L 12; the quorum count model): the best state was never
 # found after 3 checks without one, and the 4th to 6th cost a sixth of every fit (benchmarks/TRAINING.md).
 CLASSIFIER_PATIENCE = 3
