@@ -108,3 +108,26 @@ def test_a_hard_local_model_takes_a_smaller_family_that_its_certificate_passes(t
     assert choose_engine("auto", config, tmp_path / "best.pt", "b" * 64)["key_family"] == "diamond2"  # another checkpoint's
     write_certificate_json(certificate_passing_at("diamond2", "a" * 64), tmp_path)
     assert choose_engine("auto", config, tmp_path / "best.pt", "a" * 64)["key_family"] == "diamond2"
+
+
+def test_a_table_family_can_be_asked_for_with_the_table_engine_only(tmp_path):
+    run = save_run(tmp_path / "run", unrestricted(), SYSTEM)
+    config, checkpoint = unrestricted(), run / "best.pt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asked = choose_engine("table", config, checkpoint, "0" * 64, "block3")
+    assert (asked["engine"], asked["key_family"]) == ("table", "block3") and "--table-family block3" in asked["reason"]
+    assert "no locality certificate" in asked["reason"] and any("engine:" in str(warning.message) for warning in caught)
+    with pytest.raises(ConfigurationError, match="^table_family: .*--engine table"):
+        choose_engine("auto", config, checkpoint, "0" * 64, "block3")
+    with pytest.raises(ConfigurationError, match="^key family: must be one of"):
+        choose_engine("table", config, checkpoint, "0" * 64, "block4")
+    with pytest.raises(ConfigurationError, match="^table_family: .*--engine table"):
+        EnsembleConfig(models=(str(run),), densities=(0.125,), replicas=1, t_final=1.0, snapshot_every=0.5, table_family="vn1")
+    # the family the certificate passes is named as passing, its figures recorded
+    from hpcdyn.learning.locality import file_sha256
+
+    sha = file_sha256(checkpoint)
+    write_certificate_json(certificate_passing_at("vn1", sha), run)
+    certified = choose_engine("table", config, checkpoint, sha, "vn1")
+    assert "its locality certificate passes there" in certified["reason"] and "certificate" in certified

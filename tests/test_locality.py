@@ -1,6 +1,7 @@
 """The locality certificate: exact for hard-local models by construction, failing for unrestricted ones,
 written beside the checkpoint, and refusing bad input by name."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -160,3 +161,20 @@ def test_the_command_refuses_an_unknown_family_and_a_store_of_another_system_by_
     error = capsys.readouterr().err
     assert "store: " in error and "'fa' system" in error and "trained on 'active'" in error
     assert not (run / "locality.json").exists()
+
+
+def test_a_count_family_fails_for_a_model_that_reads_where_the_counted_particles_sit(tmp_path):
+    """A count key holds how many particles its block has, not where: a table keeps one patch per key.
+    A hard-local block3 model reads where they sit. On configurations whose particles all point one way
+    (orientation 0, what a count patch's occupied sites stand for) every token's own vn1+count3 patch is
+    its whole block, so a certificate that evaluated each token's own patch passed this model; the
+    table would not hold it, and the certificate, one patch per key as the table, fails it. A
+    vn1+count3 model passes at its own family."""
+    aligned = [dataclasses.replace(sample, states=np.zeros_like(sample.states)) for sample in random_samples()]
+    reading = certify(save_run(tmp_path / "block3", local_config("block3", 1)), aligned, ("vn1+count3", "block3"))
+    rows = {row.family: row for row in reading.families}
+    assert rows["block3"].passes and not rows["vn1+count3"].passes
+    assert max(sample.percentiles["p99"] for sample in rows["vn1+count3"].samples) > 0.01
+    assert all(sample.distinct_keys < sample.tokens for sample in rows["vn1+count3"].samples)  # keys shared by patches
+    counting = certify(save_run(tmp_path / "count", local_config("vn1+count3", 1)), random_samples(), ("vn1+count3",))
+    assert counting.passes and counting.family == "vn1+count3"

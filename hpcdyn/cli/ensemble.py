@@ -64,6 +64,8 @@ def add_parser(commands) -> None:
                              "events/s, any --L), 'network' (one network call per event, training L only) or 'auto' "
                              "(default): the table for a hard-local model or one whose `hpcdyn locality` certificate "
                              "passes, else the network; the choice is recorded in the store")  # fmt: skip
+    parser.add_argument("--table-family", help="with --engine table: the table's key family (e.g. vn1+count5); default: "
+                        "the family the model's locality certificate passes, or comes closest to; its figures are recorded")  # fmt: skip
     parser.add_argument("--replicas-per-unit", type=positive_int, help="replicas per unit of work and lock-step batch (default: automatic)")
     parser.add_argument("--force", action="store_true",
                         help="run even when the expected events, snapshot volume or memory look absurd for this machine")  # fmt: skip
@@ -113,6 +115,7 @@ def _ensemble(args: argparse.Namespace) -> dict[str, Any]:
         replicas_per_unit=args.replicas_per_unit,
         reject_overlaps=not args.keep_overlaps,
         engine=args.engine,
+        table_family=args.table_family,
     )
     check_output_path(args.out)
     placement = Placement(

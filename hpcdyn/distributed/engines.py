@@ -33,10 +33,15 @@ ENGINES = ("auto", "network", "table")
 FALLBACK_FAMILY = "vn1"  # a table asked for without any certified family: the nearest neighbours
 
 
-def choose_engine(requested: str, model_config: Any, checkpoint: Path, sha256: str) -> dict[str, Any]:
-    """The engine of one checkpoint, its key family and why, as recorded in the ensemble's attrs."""
+def choose_engine(requested: str, model_config: Any, checkpoint: Path, sha256: str, family: str | None = None) -> dict[str, Any]:
+    """The engine of one checkpoint, its key family and why, as recorded in the ensemble's attrs.
+
+    ``family``: the table's key family, asked for (only with ``requested`` table); else the one the
+    certificate passes, or comes closest to."""
     if requested not in ENGINES:
         raise ConfigurationError(f"engine: must be one of {ENGINES}, got {requested!r}")
+    if family is not None:
+        return _asked_family(requested, family, model_config, checkpoint, sha256)
     if requested == "network":
         return {"engine": "network", "reason": "asked for (--engine network)"}
     certificate = _certificate(checkpoint, sha256)
@@ -52,6 +57,31 @@ def choose_engine(requested: str, model_config: Any, checkpoint: Path, sha256: s
     warnings.warn(f"engine: {checkpoint} runs on a {family} table although {why}; its rates may differ from the network's",
                   stacklevel=2)  # fmt: skip
     recorded = {"engine": "table", "key_family": family, "reason": f"asked for (--engine table) although {why}"}
+    if certificate is not None:
+        recorded["certificate"] = _figures(certificate)
+    return recorded
+
+
+def _asked_family(requested: str, family: str, model_config: Any, checkpoint: Path, sha256: str) -> dict[str, Any]:
+    """A table in the family asked for; its certificate's figures recorded (a warning where it fails there)."""
+    from hpcdyn.physics.environments import key_family
+
+    if requested != "table":
+        raise ConfigurationError(f"table_family: a key family is for the table engine; add --engine table (got --engine {requested})")
+    key_family(family)  # a known family, or an error listing them
+    if model_config.key_family == family:
+        return _hard_local(family, None)
+    certificate = _certificate(checkpoint, sha256)
+    rows = {row.family: row for row in certificate.families} if certificate is not None else {}
+    recorded = {"engine": "table", "key_family": family}
+    if family in rows and rows[family].passes:
+        recorded["reason"] = f"asked for (--table-family {family}); its locality certificate passes there"
+    else:
+        why = "no locality certificate" if certificate is None else (
+            f"its locality certificate has no figure for {family}" if family not in rows else f"its locality certificate fails at {family}")
+        warnings.warn(f"engine: {checkpoint} runs on a {family} table although {why}; its rates may differ from the network's",
+                      stacklevel=3)  # fmt: skip
+        recorded["reason"] = f"asked for (--table-family {family}) although {why}"
     if certificate is not None:
         recorded["certificate"] = _figures(certificate)
     return recorded

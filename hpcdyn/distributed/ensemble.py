@@ -85,6 +85,7 @@ class EnsembleConfig:
     replicas_per_unit: int | None = None
     reject_overlaps: bool = True
     engine: str = "auto"  # learned models: auto, network or table (hpcdyn.distributed.engines)
+    table_family: str | None = None  # the table's key family, asked for (engine table); None: chosen
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -106,6 +107,8 @@ class EnsembleConfig:
             f"must be a time in [0, t_final = {self.t_final}], got {self.burn_in!r}",
         )
         require(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
+        require(self.table_family is None or self.engine == "table", "table_family",
+                f"a key family is for the table engine; add --engine table (got --engine {self.engine})")
         require(self.system is None or self.system in PARTICLE_SYSTEMS, "system",
                 f"ensembles run the particle systems {PARTICLE_SYSTEMS}, got {self.system!r}")  # fmt: skip
         block = self.replicas_per_unit
@@ -134,7 +137,7 @@ def checkpoint_path(source: str) -> Path:
     return path / "best.pt" if path.is_dir() else path
 
 
-def _describe_model(source: str, labels: set[str], engine: str = "auto") -> dict[str, Any]:
+def _describe_model(source: str, labels: set[str], engine: str = "auto", family: str | None = None) -> dict[str, Any]:
     """Identity of one model; a checkpoint is loaded to prove it is usable."""
     if source == ORIGINAL:
         return {"label": ORIGINAL, "kind": ORIGINAL}
@@ -163,7 +166,7 @@ def _describe_model(source: str, labels: set[str], engine: str = "auto") -> dict
         "sha256": sha256,
         "model_config": model_config.as_dict(),
         "trained_on": state["store"],
-        **choose_engine(engine, model_config, path, sha256),
+        **choose_engine(engine, model_config, path, sha256, family),
     }
 
 
@@ -204,7 +207,7 @@ def resolve(config: EnsembleConfig, out: Path | None = None, force: bool = False
     Unless ``force``, the work must fit this machine (``check_work_size``; the disk at ``out``)."""
     models: list[dict[str, Any]] = []
     for source in config.models:
-        models.append(_describe_model(source, {model["label"] for model in models}, config.engine))
+        models.append(_describe_model(source, {model["label"] for model in models}, config.engine, config.table_family))
     name = _system_name(config, models)
     paper = PRESETS[name]["paper"]
     for field in ("R", "q", "v_crowded"):

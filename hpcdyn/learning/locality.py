@@ -8,7 +8,9 @@
 An environment table gives each token the log-rates of its key's patch (own state and stencil
 contents) placed alone, centred, on an empty lattice of the training size (what
 ``hpcdyn.simulation.environment_table.PatchEvaluator`` does; occupancy-only keys stand for
-orientation 0). The certificate measures, for every token of real configurations, how far those
+orientation 0). A key of a count family holds how many particles its block has, not where: the
+table evaluates one patch per key (the first it meets), and so does the certificate (the first in
+the sample), so a model that reads where they sit fails it. The certificate measures, for every token of real configurations, how far those
 log-rates are from the network's in the full configuration: |delta log-rate| (max and percentiles,
 per move type) and, for Mode 2, the fraction of candidate moves whose class differs.
 
@@ -34,7 +36,9 @@ import torch
 from hpcdyn.learning.checkpoint import load_checkpoint
 from hpcdyn.learning.names import COUNT_FAMILIES, DEFAULT_FAMILIES
 from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
-from hpcdyn.physics.environments import EnvironmentEncoder, check_fits, make_encoder, patch_configurations, patches
+from hpcdyn.physics.environments import (
+    EnvironmentEncoder, check_fits, keys_of_patches, make_encoder, patch_configurations, patches,
+)  # fmt: skip
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.physics.replay import advance
 from hpcdyn.physics.systems import ActiveSystem, ConfigurationError, FASystem, System, make_system
@@ -223,15 +227,19 @@ def compare(model, system: System, sample: Sample, encoder: EnvironmentEncoder, 
     """One family on one sample; ``full`` is ``evaluate_full``'s result for the sample."""
     full_log_rates, full_classes = full
     digits = patches(encoder, system, sample.positions, sample.states).reshape(-1, encoder.patch_width)
-    distinct, inverse = np.unique(digits, axis=0, return_inverse=True)  # each distinct key evaluated once
-    alone_log_rates, alone_classes = evaluate_patches(model, encoder, system, distinct, device)
+    # One patch per KEY, as a table keeps (its first sighting): a count family's key holds the number of
+    # particles in its block, not where they sit, so tokens of one key may show different patches; a
+    # model that reads where they sit is then judged against the one patch its table would evaluate.
+    keys, checks = keys_of_patches(encoder, digits)
+    _, first, inverse = np.unique(np.stack([keys, checks], axis=1), axis=0, return_index=True, return_inverse=True)
+    alone_log_rates, alone_classes = evaluate_patches(model, encoder, system, digits[first], device)
     inverse = inverse.reshape(-1)
     difference = log_rate_difference(alone_log_rates[inverse], full_log_rates.reshape(-1, model.n_moves))
     disagreement = None
     if alone_classes is not None:
         disagreement = float(np.mean(alone_classes[inverse] != full_classes.reshape(-1, model.n_moves)))
     return SampleResult(
-        label=sample.label, density=sample.density, tokens=int(digits.shape[0]), distinct_keys=int(len(distinct)),
+        label=sample.label, density=sample.density, tokens=int(digits.shape[0]), distinct_keys=int(len(first)),
         max=float(difference.max()), percentiles={f"p{q}": _percentile(difference, q) for q in PERCENTILES},
         by_move_type=by_move_type(system, sample, difference), class_disagreement=disagreement,
     )  # fmt: skip
