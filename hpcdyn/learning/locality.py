@@ -10,9 +10,10 @@ contents) placed alone, centred, on an empty lattice of the training size (what
 ``hpcdyn.simulation.environment_table.PatchEvaluator`` does; occupancy-only keys stand for
 orientation 0). A key of a count family holds how many particles its block has, not where: the
 table evaluates one patch per key (the first it meets), and so does the certificate (the first in
-the sample), so a model that reads where they sit fails it. The certificate measures, for every token of real configurations, how far those
-log-rates are from the network's in the full configuration: |delta log-rate| (max and percentiles,
-per move type) and, for Mode 2, the fraction of candidate moves whose class differs.
+the sample), so a model that reads where they sit fails it. The certificate measures, for every
+token of real configurations, how far those log-rates are from the network's in the full
+configuration: |delta log-rate| (max and percentiles, per move type) and, for Mode 2, the fraction
+of candidate moves whose class differs.
 
 A family passes when, at every sample (density), Mode 2's class disagreement is at most the
 tolerance (default 1e-4) or Mode 1's 99th percentile of |delta log-rate| is (default 0.01). The
