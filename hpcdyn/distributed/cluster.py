@@ -68,6 +68,12 @@ def init_ray(
     ray = import_ray()
     if ray.is_initialized():
         return ray
+    if address and address != "auto":
+        # ray.init at a HOST:PORT where nothing listens retries for minutes with Ray's own messages
+        # (naming other addresses); a TCP probe refuses it in seconds, naming --address
+        from hpcdyn.distributed.analysis_tasks import check_reachable
+
+        check_reachable(address)
     resolve_auth_mode(auth_mode)
     with _keeping_sigterm_handler():
         try:

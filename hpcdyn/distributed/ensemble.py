@@ -38,6 +38,7 @@ import numpy as np
 
 import hpcdyn
 from hpcdyn.distributed.engines import ENGINES, TableUnits, choose_engine
+from hpcdyn.physics.environments import FAMILIES
 from hpcdyn.simulation.batched import replica_streams, simulate_batched, snapshot_grid
 from hpcdyn.simulation.compiled import CompiledSimulator
 from hpcdyn.simulation.work_size import (
@@ -109,6 +110,8 @@ class EnsembleConfig:
         require(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
         require(self.table_family is None or self.engine == "table", "table_family",
                 f"a key family is for the table engine; add --engine table (got --engine {self.engine})")
+        require(self.table_family is None or self.table_family in FAMILIES, "table_family",
+                f"must be a key family ({', '.join(FAMILIES)}), got {self.table_family!r}")
         require(self.system is None or self.system in PARTICLE_SYSTEMS, "system",
                 f"ensembles run the particle systems {PARTICLE_SYSTEMS}, got {self.system!r}")  # fmt: skip
         block = self.replicas_per_unit

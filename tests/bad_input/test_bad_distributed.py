@@ -52,6 +52,8 @@ ENSEMBLE_OPTIONS = [
     (["--D", "-1"], "D:"),
     (["--model", "runs/none"], "model:"),
     (["--model", "original"], "model:"),  # twice
+    (["--table-family", "vn1"], "table_family:"),  # without --engine table
+    (["--engine", "table", "--table-family", "block4"], "table_family:"),
 ]
 
 

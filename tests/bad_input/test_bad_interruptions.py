@@ -221,3 +221,16 @@ def test_a_second_driver_on_the_same_output_is_refused_before_ray_starts(tmp_pat
     with output_lock(target, field.rstrip(":")):
         message = assert_refused(run_cli([*command, *places[locked]], capsys), field)
     assert "another hpcdyn process" in message
+
+
+def test_joining_an_address_where_nothing_listens_is_refused_not_waited_on():
+    """ray.init at a HOST:PORT where nothing listens retried for minutes (Ray's messages naming other
+    addresses); init_ray probes first and refuses in one line naming --address, Ray not started."""
+    import ray
+
+    from hpcdyn.distributed.cluster import init_ray
+    from hpcdyn.physics.systems import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"^address: no Ray cluster answers at --address 127\.0\.0\.1:1"):
+        init_ray("127.0.0.1:1")
+    assert not ray.is_initialized()
