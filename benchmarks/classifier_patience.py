@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 CHECK_EVERY = 25
 TRACE = r'''
 import json, sys, torch
+from pathlib import Path
 torch.set_num_threads(1)
 import hpcdyn.learning.local_training as training
 checks = []
@@ -42,7 +44,6 @@ try:
     main(["train", *sys.argv[2:]])
 except SystemExit:
     pass
-Path = __import__("pathlib").Path
 Path(sys.argv[1]).write_text(json.dumps(checks[:checks.index(None)]))
 '''
 
@@ -69,7 +70,7 @@ def trace(case: str, directory: Path) -> tuple[str, list[float]]:
                  "--no-progress", "--out", str(directory / name)]  # fmt: skip
     output = directory / f"{name}.json"
     subprocess.run([sys.executable, "-c", TRACE, str(output), *arguments], check=True, stdout=subprocess.DEVNULL,
-                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     return name, json.loads(output.read_text())
 
 

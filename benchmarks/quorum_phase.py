@@ -330,6 +330,8 @@ def unseen_keys(run: str, store: str, configurations: int = 8) -> list[dict]:
 
 def _unrestricted_lines() -> list[str]:
     """The unrestricted transformer: its classes, the table it runs on and why, the shifted ensembles."""
+    from analysis.rate_uncertainty import rate_shifts
+
     store = RUNS / "ens" / "quorum-unrestricted.zarr"
     if not store.exists():
         return []
@@ -339,7 +341,7 @@ def _unrestricted_lines() -> list[str]:
     worst = {family: max(values) for family, values in certificate.get("families", {}).items()}
     classes = "; ".join(f"{entry['rate']:.4g} [{entry['low']:.4g}, {entry['high']:.4g}] ({entry['events']:,} events)"
                         for entry in evidence["classes"])  # fmt: skip
-    shifts = ", ".join(f"class {command[0].split('class ')[1].split(' ')[0]}" for command in shift_commands())
+    shifts = ", ".join(f"class {shift.class_index}" for shift in rate_shifts(evidence))
     return [
         f"Unrestricted (the paper's transformer, 2 layers, d_model 64, not told the range; `{' '.join(dict((name, command) for name, command, _ in COMMANDS)['train unrestricted small T1500'])}`, "
         "TRAINING.md quorum-count): its classes on the training part (n/E, 99 % interval): " + classes + ". Its "
