@@ -178,3 +178,67 @@ def test_a_count_family_fails_for_a_model_that_reads_where_the_counted_particles
     assert all(sample.distinct_keys < sample.tokens for sample in rows["vn1+count3"].samples)  # keys shared by patches
     counting = certify(save_run(tmp_path / "count", local_config("vn1+count3", 1)), random_samples(), ("vn1+count3",))
     assert counting.passes and counting.family == "vn1+count3"
+
+
+def trained_on(run, store):
+    """Point a saved run's checkpoint at the trajectory it was (nominally) trained on."""
+    from hpcdyn.learning.checkpoint import store_identity
+
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["store"], state["training_config"] = store_identity(store), {"validation_fraction": 0.1}
+    save_checkpoint(state, run / "best.pt")
+    return run
+
+
+def test_the_certificate_reports_the_criterion_on_the_keys_the_training_part_showed(tmp_path):
+    """Configurations of the training part have only keys it showed (so the statistics' keys and the
+    certificate's are the same encoding); crowds a density-1/8 trajectory never had have mostly new
+    block3 keys, and the criterion is taken on the others alone. Read back as written."""
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    trajectory = open_trajectory(simulate_to_store(SYSTEM, 5.0, seed=2, out=tmp_path / "train.zarr"))
+    config = TransformerConfig(lattice_size=8, d_model=16, n_heads=4, n_layers=1, d_ff=16, mode=2, n_classes=3)
+    run = trained_on(save_run(tmp_path / "run", config), trajectory)
+    own = samples_from_store(trajectory, 4)  # before events 0, n/4, n/2, 3n/4: all in the training 90 %
+    crowded = random_samples(densities=(0.5,))[0]
+    certificate = certify(run, [own, crowded], ("vn1-occ", "block3"), training_store=trajectory)
+    for row in certificate.families:
+        training, dense = row.samples
+        assert training.seen == {"unseen_tokens": 0.0, "moves": training.tokens * SYSTEM.n_moves,
+                                 "p99": training.percentiles["p99"], "class_disagreement": training.class_disagreement}
+        seen_tokens = round((1 - dense.seen["unseen_tokens"]) * dense.tokens)
+        assert dense.seen["moves"] == seen_tokens * SYSTEM.n_moves
+    block3 = certificate.families[1].samples[1]
+    assert block3.seen["unseen_tokens"] > 0.5 and block3.seen["p99"] <= block3.max
+    write_certificate(certificate, run)
+    assert read_certificate(run) == certificate
+    assert certify(run, [own], ("vn1",)).families[0].samples[0].seen is None  # not asked: not computed
+
+
+def test_on_seen_keys_takes_the_criterion_over_the_tokens_with_a_seen_key():
+    from hpcdyn.learning.locality import on_seen_keys
+
+    seen = np.array([True, False, True])
+    difference = np.array([[0.0, 0.5], [9.0, 9.0], [0.25, 0.0]])
+    differs = np.array([[False, True], [True, True], [False, False]])
+    assert on_seen_keys(seen, difference, differs) == {"unseen_tokens": pytest.approx(1 / 3), "moves": 4, "p99": 0.5,
+                                                      "class_disagreement": 0.25}  # fmt: skip
+    assert on_seen_keys(np.zeros(3, bool), difference, None) == {"unseen_tokens": 1.0, "moves": 0, "p99": None,
+                                                                 "class_disagreement": None}  # fmt: skip
+
+
+def test_the_command_finds_the_training_store_and_refuses_another_by_name(tmp_path, capsys):
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    store = simulate_to_store(SYSTEM, 3.0, seed=2, out=tmp_path / "train.zarr")
+    other = simulate_to_store(SYSTEM, 3.0, seed=3, out=tmp_path / "other.zarr")
+    run = trained_on(save_run(tmp_path / "run", local_config("vn1", 1, mode=1)), open_trajectory(store))
+    assert main(["locality", str(run), "--store", str(store), "--family", "vn1", "--configurations", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["training_store"] == str(store)
+    assert printed["families"]["vn1"]["on_seen_keys"][str(store)]["unseen_tokens"] == 0.0
+    assert main(["locality", str(run), "--store", str(store), "--family", "vn1", "--no-training-keys"]) == 0
+    assert json.loads(capsys.readouterr().out)["training_store"] is None
+    assert main(["locality", str(run), "--store", str(store), "--family", "vn1", "--training-store", str(other)]) == 2
+    error = capsys.readouterr().err
+    assert "training-store: " in error and "not the trajectory the model was trained on" in error

@@ -48,6 +48,12 @@ def add_parser(commands) -> None:
     parser.add_argument("--spacing", type=positive_float, default=SPACING,
                         help=f"time between fresh configurations (default {SPACING:g})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh configurations")
+    parser.add_argument("--training-store", metavar="STORE",
+                        help="the trajectory the model was trained on (default: the checkpoint's, where it still is): "
+                             "each density also reports the share of tokens whose key its training part never "
+                             "showed, and the criterion on the others")  # fmt: skip
+    parser.add_argument("--no-training-keys", action="store_true",
+                        help="skip that comparison (it computes each family's keys over the training trajectory)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.set_defaults(handler=_locality)
 
@@ -66,12 +72,14 @@ def _locality(args: argparse.Namespace) -> dict[str, Any]:
     samples = [_store_sample(store, system, args.configurations) for store in args.store]
     if args.density is not None or not args.store:
         samples += _fresh_samples(system, args)
-    certificate = certify(args.run, samples, families, args.tolerance, args.device)
+    training_store = None if args.no_training_keys else _training_store(args.run, args.training_store)
+    certificate = certify(args.run, samples, families, args.tolerance, args.device, training_store)
     json_path, figure_path = write_certificate(certificate, certificate_directory(args.run))
     return {
         "family": certificate.family,
         "passes": certificate.passes,
         "receptive_family": certificate.receptive_family,
+        "training_store": None if training_store is None else str(training_store.path),
         "criterion": certificate.criterion,
         "tolerance": certificate.tolerance,
         "families": {row.family: _summary(row, certificate.mode) for row in certificate.families},
@@ -85,7 +93,38 @@ def _summary(row, mode: int) -> dict[str, Any]:
              "max": max(sample.max for sample in row.samples)}  # fmt: skip
     if mode == 2:
         worst["max_class_disagreement"] = max(sample.class_disagreement for sample in row.samples)
+    if all(sample.seen is not None for sample in row.samples):
+        criterion = "class_disagreement" if mode == 2 else "p99"
+        worst["on_seen_keys"] = {sample.label: {"unseen_tokens": sample.seen["unseen_tokens"],
+                                                criterion: sample.seen[criterion], "moves": sample.seen["moves"]}
+                                 for sample in row.samples}  # fmt: skip
     return worst
+
+
+def _training_store(run: str, given: str | None):
+    """The model's training trajectory: --training-store (it must be the one the checkpoint names, by
+    fingerprint), else the checkpoint's own where it still is, else None (the comparison is skipped)."""
+    from pathlib import Path
+
+    from hpcdyn.cli.options import CommandError
+    from hpcdyn.learning.checkpoint import load_checkpoint, store_identity
+    from hpcdyn.learning.locality import checkpoint_file
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    recorded = load_checkpoint(checkpoint_file(run)).get("store", {})
+    path = given or recorded.get("path")
+    if path is None or (given is None and not Path(path).exists()):
+        return None
+    check_existing_path(path, "training-store", "the trajectory store the model was trained on")
+    store = open_trajectory(path)
+    fingerprint = store_identity(store)["fingerprint"]
+    if recorded.get("fingerprint") not in (None, fingerprint):
+        if given is None:  # the checkpoint's path holds another trajectory now: skipped, not refused
+            return None
+        raise CommandError(f"training-store: {path} is not the trajectory the model was trained on (fingerprint "
+                           f"{fingerprint}, the checkpoint names {recorded['fingerprint']}); give that store or "
+                           "--no-training-keys")  # fmt: skip
+    return store
 
 
 def _configurations(args: argparse.Namespace, n_tokens: int, n_moves: int) -> int:

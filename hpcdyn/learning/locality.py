@@ -15,6 +15,11 @@ token of real configurations, how far those log-rates are from the network's in 
 configuration: |delta log-rate| (max and percentiles, per move type) and, for Mode 2, the fraction
 of candidate moves whose class differs.
 
+Where the training store is at hand (``training_keys``), each sample also says which of its tokens
+have a key (in the family) that the training part never showed, and the criterion on the others
+alone: a model placed far from its training density meets crowds it never learned, and there a
+disagreement is the network's guess against the table's, not a range the data taught it.
+
 A family passes when, at every sample (density), Mode 2's class disagreement is at most the
 tolerance (default 1e-4) or Mode 1's 99th percentile of |delta log-rate| is (default 0.01). The
 smallest passing family, by number of possible keys (the table's size), is the answer; a hard-local
@@ -84,6 +89,10 @@ class SampleResult:
     percentiles: dict[str, float]  # "p50", "p90", "p99" of |delta log-rate| over every candidate move
     by_move_type: dict[str, dict[str, float]]  # type name -> {"max", "p99", "moves"}
     class_disagreement: float | None  # Mode 2: fraction of candidate moves whose class differs
+    # on the tokens whose key the training part showed (None: the training's keys were not given):
+    # {"unseen_tokens": share of tokens with a key it never showed, "moves": candidate moves on the
+    # others, "p99": their 99th percentile of |delta log-rate|, "class_disagreement": Mode 2's on them}
+    seen: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +233,10 @@ def log_rate_difference(one: np.ndarray, other: np.ndarray) -> np.ndarray:
         return np.where(one == other, 0.0, np.abs(one - other))
 
 
-def compare(model, system: System, sample: Sample, encoder: EnvironmentEncoder, full, device: str = "cpu") -> SampleResult:
-    """One family on one sample; ``full`` is ``evaluate_full``'s result for the sample."""
+def compare(model, system: System, sample: Sample, encoder: EnvironmentEncoder, full, device: str = "cpu",
+            seen_keys: np.ndarray | None = None) -> SampleResult:  # fmt: skip
+    """One family on one sample; ``full`` is ``evaluate_full``'s result for the sample; ``seen_keys``:
+    the family's keys the training part showed (``training_keys``), or None."""
     full_log_rates, full_classes = full
     digits = patches(encoder, system, sample.positions, sample.states).reshape(-1, encoder.patch_width)
     # One patch per KEY, as a table keeps (its first sighting): a count family's key holds the number of
@@ -236,14 +247,27 @@ def compare(model, system: System, sample: Sample, encoder: EnvironmentEncoder, 
     alone_log_rates, alone_classes = evaluate_patches(model, encoder, system, digits[first], device)
     inverse = inverse.reshape(-1)
     difference = log_rate_difference(alone_log_rates[inverse], full_log_rates.reshape(-1, model.n_moves))
-    disagreement = None
+    differs = None
     if alone_classes is not None:
-        disagreement = float(np.mean(alone_classes[inverse] != full_classes.reshape(-1, model.n_moves)))
+        differs = alone_classes[inverse] != full_classes.reshape(-1, model.n_moves)  # [tokens, moves]
     return SampleResult(
         label=sample.label, density=sample.density, tokens=int(digits.shape[0]), distinct_keys=int(len(first)),
         max=float(difference.max()), percentiles={f"p{q}": _percentile(difference, q) for q in PERCENTILES},
-        by_move_type=by_move_type(system, sample, difference), class_disagreement=disagreement,
+        by_move_type=by_move_type(system, sample, difference),
+        class_disagreement=None if differs is None else float(differs.mean()),
+        seen=None if seen_keys is None else on_seen_keys(np.isin(keys, seen_keys), difference, differs),
     )  # fmt: skip
+
+
+def on_seen_keys(seen: np.ndarray, difference: np.ndarray, differs: np.ndarray | None) -> dict[str, Any]:
+    """The criterion on the tokens whose key the training part showed (seen: bool [tokens])."""
+    moves = difference[seen]
+    return {
+        "unseen_tokens": float(1.0 - seen.mean()) if seen.size else 0.0,
+        "moves": int(moves.size),
+        "p99": _percentile(moves, 99) if moves.size else None,
+        "class_disagreement": float(differs[seen].mean()) if differs is not None and moves.size else None,
+    }
 
 
 def by_move_type(system: System, sample: Sample, difference: np.ndarray) -> dict[str, dict[str, float]]:
@@ -270,6 +294,8 @@ def _finite(sample: dict[str, Any]) -> dict[str, Any]:
     """A stored sample result with JSON nulls (written for infinities) read back as inf."""
     restore = lambda value: math.inf if value is None else value  # noqa: E731
     sample = dict(sample)
+    if sample.get("seen") and sample["seen"]["moves"]:
+        sample["seen"] = {**sample["seen"], "p99": restore(sample["seen"]["p99"])}
     sample["max"] = restore(sample["max"])
     sample["percentiles"] = {key: restore(value) for key, value in sample["percentiles"].items()}
     sample["by_move_type"] = {
@@ -299,18 +325,37 @@ def check_families(families: Sequence[str], system: System) -> list[EnvironmentE
     return encoders
 
 
+def training_keys(source, family: str, training_config: dict[str, Any]) -> np.ndarray:
+    """The keys of ``family`` that the training part of ``source`` showed (exposure > 0), int64 ascending:
+    its sufficient statistics, read from beside the store when computed before, else computed (and
+    kept there when the store's folder can be written)."""
+    from hpcdyn.learning.statistics import cached_statistics, trajectory_statistics
+
+    split = (training_config.get("validation_fraction", 0.1), training_config.get("max_train_events"))
+    try:
+        stats, _ = cached_statistics(source, family, *split)
+    except OSError:  # a read-only folder: computed, not kept
+        stats = trajectory_statistics(source, family, *split)
+    exposure, _ = stats.part("train")
+    return stats.keys[exposure > 0]
+
+
 def certify(
     run_or_checkpoint: str | Path,
     samples: Sequence[Sample],
     families: Sequence[str] | None = None,
     tolerance: float | None = None,
     device: str = "cpu",
+    training_store=None,
 ) -> Certificate:
     """Measure, per key family and sample, how far a table's log-rates are from the network's in full context.
 
     tolerance: Mode 2's largest class disagreement (default 1e-4) or Mode 1's largest 99th percentile
     of |delta log-rate| (default 0.01) at which a family passes; it must pass at every sample.
-    families: default ``default_families(system)``.
+    families: default ``default_families(system)``. training_store: the trajectory the model was
+    trained on (an open store); with it each sample also reports the criterion on the tokens whose key
+    its training part showed (``SampleResult.seen``). The verdict stays on every token: a table
+    serves all of them.
     """
     path = checkpoint_file(run_or_checkpoint)
     model, system = load_certified_model(path, device)
@@ -324,9 +369,11 @@ def certify(
     for sample in samples:
         check_sample(sample, system)
     full = [evaluate_full(model, sample, device) for sample in samples]
+    training_config = load_checkpoint(path).get("training_config", {}) if training_store is not None else {}
     results = []
     for encoder in encoders:
-        rows = tuple(compare(model, system, sample, encoder, values, device) for sample, values in zip(samples, full))
+        seen = None if training_store is None else training_keys(training_store, encoder.name, training_config)
+        rows = tuple(compare(model, system, sample, encoder, values, device, seen) for sample, values in zip(samples, full))
         passes = all(sample_passes(row, mode, tolerance) for row in rows)
         results.append(FamilyResult(encoder.name, int(min(encoder.key_space, 2**63)), passes, rows))
     passing = [result for result in results if result.passes]
@@ -386,6 +433,11 @@ def plot_certificate(certificate: Certificate, path: Path) -> None:
         if certificate.mode == 2:
             axis.plot(densities, [max(sample.class_disagreement, floor) for sample in family.samples], "rs:",
                       label="class disagreement")  # fmt: skip
+        seen = [sample for sample in family.samples if sample.seen is not None and sample.seen["moves"]]
+        if seen:  # the criterion on the tokens whose key the training part showed
+            name = "class_disagreement" if certificate.mode == 2 else "p99"
+            axis.plot([sample.density for sample in seen], [max(sample.seen[name], floor) for sample in seen], "gD",
+                      mfc="none", label=f"{name.replace('_', ' ')}, keys seen in training")  # fmt: skip
         axis.axhline(certificate.tolerance, color="grey", lw=0.8, ls="--")
         axis.set_yscale("log")
         axis.set_title(f"{family.family}: {'passes' if family.passes else 'fails'}", fontsize=9)
