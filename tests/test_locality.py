@@ -180,12 +180,13 @@ def test_a_count_family_fails_for_a_model_that_reads_where_the_counted_particles
     assert counting.passes and counting.family == "vn1+count3"
 
 
-def trained_on(run, store):
+def trained_on(run, store, metrics=()):
     """Point a saved run's checkpoint at the trajectory it was (nominally) trained on."""
     from hpcdyn.learning.checkpoint import store_identity
 
     state = torch.load(run / "best.pt", weights_only=True)
     state["store"], state["training_config"] = store_identity(store), {"validation_fraction": 0.1}
+    state["metrics"] = list(metrics)
     save_checkpoint(state, run / "best.pt")
     return run
 
@@ -242,3 +243,32 @@ def test_the_command_finds_the_training_store_and_refuses_another_by_name(tmp_pa
     assert main(["locality", str(run), "--store", str(store), "--family", "vn1", "--training-store", str(other)]) == 2
     error = capsys.readouterr().err
     assert "training-store: " in error and "not the trajectory the model was trained on" in error
+
+
+def test_a_table_is_scored_on_the_held_out_events_as_the_network_is(tmp_path):
+    """A hard-local vn1 model's table at vn1 (and at block3, which covers it) is the model: its held-out U
+    from the statistics (sum n log(rate) - E rate over keys and moves) equals the network's path
+    log-likelihood over the held-out events (float32 rates: 1e-6 per event); at vn1-occ, which drops
+    the neighbours' orientations that random weights read, the table scores otherwise."""
+    from hpcdyn.learning.likelihood import path_log_likelihood
+    from hpcdyn.learning.locality import load_certified_model
+    from hpcdyn.learning.training import TrainingConfig, split, true_validation
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    trajectory = open_trajectory(simulate_to_store(SYSTEM, 100.0, seed=2, out=tmp_path / "train.zarr"))
+    config = local_config("vn1", 1, mode=1)
+    run = save_run(tmp_path / "run", config)
+    model, _ = load_certified_model(run / "best.pt")
+    training = TrainingConfig(model=config, segment_events=64)
+    network = path_log_likelihood(split(trajectory, training)[1], model)
+    truth = true_validation(trajectory, training)
+    metrics = [{"val_U_per_T": network.per_time, "val_U_per_event": network.per_event, "true_val_U_per_T": truth.per_time}]
+    certificate = certify(trained_on(run, trajectory, metrics), random_samples(configurations=2),
+                          ("vn1-occ", "vn1", "block3"), training_store=trajectory)  # fmt: skip
+    rows = {row.family: row.heldout for row in certificate.families}
+    assert rows["vn1"]["events"] == network.n_events > 100
+    for covering in ("vn1", "block3"):
+        assert abs(rows[covering]["table_minus_network_per_event"]) < 1e-6, rows[covering]
+        assert rows[covering]["network_gap_per_event"] == pytest.approx((truth.log_likelihood - network.log_likelihood) / network.n_events)
+    assert abs(rows["vn1-occ"]["table_minus_network_per_event"]) > 1e-3
+    assert certificate.heldout_family == "vn1" and read_certificate(write_certificate(certificate, run)[0]) == certificate

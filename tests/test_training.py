@@ -252,3 +252,27 @@ def test_the_classifier_switches_to_the_expected_gradient_at_the_chosen_epoch(tm
     first, second, third = seen[: epochs[0]], seen[epochs[0] + 1 : epochs[1]], seen[epochs[1] + 1 : epochs[2]]
     assert first and not any(first) and second and all(second) and third and all(third)
     assert len(result.metrics) == 3 and all(math.isfinite(m["val_U_per_T"]) for m in result.metrics)
+
+
+def test_the_held_out_U_under_the_true_rates_is_kept_beside_the_store_and_read_back(tmp_path, monkeypatch):
+    """Every run on a store scores the same held-out window under the store's own rates: computed once,
+    kept beside the store (named by its fingerprint and the window's first event), read back to the bit;
+    an unreadable file is computed again."""
+    from hpcdyn.storage.trajectory_store import open_trajectory
+
+    source = open_trajectory(simulate_to_store(SYSTEM, 40.0, seed=1, out=tmp_path / "t.zarr"))
+    config = quick(epochs=1)
+    first = training_module.true_validation(source, config)
+    kept = list((tmp_path / "t.zarr.statistics").glob("true-heldout-*.json"))
+    start = training_module.split(source, config)[1].start
+    assert len(kept) == 1 and kept[0].name.endswith(f"-e{start}-s512.json") and math.isfinite(first.log_likelihood)
+    computing = training_module.path_log_likelihood
+    monkeypatch.setattr(training_module, "path_log_likelihood", lambda *args, **kwargs: pytest.fail("computed again"))
+    assert training_module.true_validation(source, config) == first
+    assert set(json.loads(kept[0].read_text())) == {"log_likelihood", "t_final", "n_events", "tail"}  # written again
+    monkeypatch.setattr(training_module, "path_log_likelihood", computing)  # the run scores its model with it
+    run = train(config, source, tmp_path / "run")
+    assert run.metrics[0]["true_val_U_per_T"] == first.per_time
+    kept[0].write_text("{not json")
+    assert training_module.true_validation(source, config) == first
+    assert set(json.loads(kept[0].read_text())) == {"log_likelihood", "t_final", "n_events", "tail"}  # written again

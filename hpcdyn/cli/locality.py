@@ -79,6 +79,7 @@ def _locality(args: argparse.Namespace) -> dict[str, Any]:
         "family": certificate.family,
         "passes": certificate.passes,
         "receptive_family": certificate.receptive_family,
+        "heldout_family": certificate.heldout_family,
         "training_store": None if training_store is None else str(training_store.path),
         "criterion": certificate.criterion,
         "tolerance": certificate.tolerance,
@@ -93,6 +94,8 @@ def _summary(row, mode: int) -> dict[str, Any]:
              "max": max(sample.max for sample in row.samples)}  # fmt: skip
     if mode == 2:
         worst["max_class_disagreement"] = max(sample.class_disagreement for sample in row.samples)
+    if row.heldout is not None:
+        worst["heldout_table_minus_network_per_event"] = row.heldout["table_minus_network_per_event"]
     if all(sample.seen is not None for sample in row.samples):
         criterion = "class_disagreement" if mode == 2 else "p99"
         worst["on_seen_keys"] = {sample.label: {"unseen_tokens": sample.seen["unseen_tokens"],

@@ -312,17 +312,21 @@ def _run_study(study, name: str, smoke: bool, out: Path, options: PipelineOption
 
 
 def prepare_study_data(study, out: Path) -> list[str]:
-    """Simulate each training trajectory of a study and compute its sufficient statistics, here, once.
+    """Simulate each training trajectory of a study and compute its sufficient statistics and its
+    held-out U under the generating rates, here, once.
 
-    A trial does both itself when they are missing, but the trials that start together then wait for
-    the one that simulates and for the one that computes the statistics (each holding a core while it
-    waits); done here first, every trial finds them ready. Returns the stores' paths."""
+    A trial does these itself when they are missing, but the trials that start together then wait
+    for the one that simulates and for the one that computes the statistics (each holding a core while
+    it waits), and each would score the held-out events under the true rates again (2-4 s a trial on
+    the quick preset); done here first, every trial finds them ready. Returns the stores' paths."""
     from hpcdyn.distributed.sweep import check_study, prepare_trajectory, trial_setup
     from hpcdyn.learning.statistics import cached_statistics
+    from hpcdyn.learning.training import true_validation
     from hpcdyn.storage.trajectory_store import open_trajectory
 
     directory = out / "sweeps" / "trajectories"
     stores: dict[Path, set] = {}
+    held_out: dict[tuple, Any] = {}  # one training config per store and held-out window
     for point in check_study(study, out / "sweeps"):
         setup = trial_setup(point)
         store = prepare_trajectory(setup.system, setup.t_final, setup.data_seed, directory)
@@ -332,9 +336,13 @@ def prepare_study_data(study, out: Path) -> list[str]:
             stores.setdefault(store, set()).add((family, training.validation_fraction, training.max_train_events))
         else:
             stores.setdefault(store, set())
+        window = (store, training.validation_fraction, training.max_train_events, training.segment_events)
+        held_out.setdefault(window, training)
     for store, needs in stores.items():
         for family, fraction, max_events in sorted(needs, key=repr):
             cached_statistics(open_trajectory(store), family, fraction, max_events)
+    for (store, *_), training in held_out.items():
+        true_validation(open_trajectory(store), training)
     return [str(store) for store in stores]
 
 

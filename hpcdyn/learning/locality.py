@@ -43,7 +43,7 @@ from hpcdyn.learning.checkpoint import load_checkpoint
 from hpcdyn.learning.names import COUNT_FAMILIES, DEFAULT_FAMILIES
 from hpcdyn.learning.transformer import TransformerConfig, TransformerRates
 from hpcdyn.physics.environments import (
-    EnvironmentEncoder, check_fits, keys_of_patches, make_encoder, patch_configurations, patches,
+    EnvironmentEncoder, check_fits, decode_keys, keys_of_patches, make_encoder, patch_configurations, patches,
 )  # fmt: skip
 from hpcdyn.physics.rates import true_rate_model
 from hpcdyn.physics.replay import advance
@@ -56,6 +56,9 @@ FIGURE_FILE = "locality.png"
 DEFAULT_TOLERANCE = {1: 0.01, 2: 1e-4}  # Mode 1: 99th percentile |delta log-rate|; Mode 2: class disagreement
 CRITERIA = {1: "log_rate_p99", 2: "class_disagreement"}
 PERCENTILES = (50, 90, 99)
+# a family's table may lose this many nats per held-out event to the network and still hold what the
+# data taught it (the tie margin of the Mode 2 start's family choice, segment_start.choose_family)
+HELDOUT_TOLERANCE = 1e-3
 PATCHES_PER_CALL = 4096
 SITES_PER_CALL = 1 << 22  # lattice sites of the patches evaluated in one call (fa patches fill the lattice)
 
@@ -101,6 +104,9 @@ class FamilyResult:
     key_space: int  # number of possible keys: the size a table of this family may reach
     passes: bool
     samples: tuple[SampleResult, ...]
+    # the family's table scored on the training trajectory's held-out part beside the network
+    # (``heldout_scores``; None: the training store was not given)
+    heldout: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +121,9 @@ class Certificate:
     receptive_family: str | None  # a hard-local model's covering family (exact by construction); else None
     families: tuple[FamilyResult, ...]
     family: str | None  # the smallest passing family; None: none passes
+    # the smallest family whose table loses at most HELDOUT_TOLERANCE nats per held-out event to the
+    # network on the training trajectory (what the data say the model reads); None: none, or not scored
+    heldout_family: str | None = None
 
     @property
     def passes(self) -> bool:
@@ -129,9 +138,10 @@ class Certificate:
             raise ConfigurationError(f"locality: format {values.get('format')!r}, this version reads {FORMAT!r}")
         fields = {key: values[key] for key in ("checkpoint", "checkpoint_sha256", "mode", "criterion", "tolerance",
                                                "receptive_family", "family")}  # fmt: skip
+        fields["heldout_family"] = values.get("heldout_family")  # absent from certificates written before it
         families = tuple(
             FamilyResult(row["family"], row["key_space"], row["passes"],
-                         tuple(SampleResult(**_finite(sample)) for sample in row["samples"]))  # fmt: skip
+                         tuple(SampleResult(**_finite(sample)) for sample in row["samples"]), row.get("heldout"))  # fmt: skip
             for row in values["families"]
         )
         return cls(families=families, **fields)
@@ -325,19 +335,51 @@ def check_families(families: Sequence[str], system: System) -> list[EnvironmentE
     return encoders
 
 
-def training_keys(source, family: str, training_config: dict[str, Any]) -> np.ndarray:
-    """The keys of ``family`` that the training part of ``source`` showed (exposure > 0), int64 ascending:
-    its sufficient statistics, read from beside the store when computed before, else computed (and
-    kept there when the store's folder can be written)."""
+def training_statistics(source, family: str, training_config: dict[str, Any]):
+    """The sufficient statistics of ``family`` on ``source`` split as the run was: read from beside the
+    store when computed before, else computed (and kept there when the store's folder can be written)."""
     from hpcdyn.learning.statistics import cached_statistics, trajectory_statistics
 
     split = (training_config.get("validation_fraction", 0.1), training_config.get("max_train_events"))
     try:
-        stats, _ = cached_statistics(source, family, *split)
+        return cached_statistics(source, family, *split)[0]
     except OSError:  # a read-only folder: computed, not kept
-        stats = trajectory_statistics(source, family, *split)
+        return trajectory_statistics(source, family, *split)
+
+
+def training_keys(stats) -> np.ndarray:
+    """The keys the training part showed (exposure > 0), int64 ascending."""
     exposure, _ = stats.part("train")
     return stats.keys[exposure > 0]
+
+
+def heldout_scores(model, encoder: EnvironmentEncoder, system: System, stats, metrics: list[dict[str, Any]],
+                   device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """The family's table (each key's patch alone, the patch decoded from the key) scored on the held-out
+    part of the training trajectory: U from its statistics, sum n log(rate) - E rate over (key, move),
+    against the network's own held-out U and the generating rates' from the run's best epoch, in nats
+    per held-out event. A table that loses nothing to the network here holds what the data taught it,
+    whatever the network does with context the key leaves out; a table that misses what the rule reads
+    loses what that reading earned (a Mode 1 test that the rates' own imprecision does not fail)."""
+    exposure, counts = stats.part("heldout")
+    present = exposure > 0
+    log_rates, _ = evaluate_patches(model, encoder, system, decode_keys(encoder, stats.keys[present]), device)
+    counts, exposure = counts[present], exposure[present]
+    with np.errstate(invalid="ignore", over="ignore"):
+        events = np.where(counts > 0, counts * log_rates, 0.0).sum()
+        escape = (exposure[:, None] * np.where(np.isfinite(log_rates), np.exp(log_rates), 0.0)).sum()
+    table_u = float(events - escape)
+    best = max(metrics, key=lambda row: row["val_U_per_T"])
+    n_events, t_heldout = stats.n_events[1], stats.t_heldout
+    network_u, true_u = best["val_U_per_T"] * t_heldout, best.get("true_val_U_per_T", math.nan) * t_heldout
+    recorded = best.get("val_U_per_event")
+    if recorded is not None and not math.isclose(network_u / max(n_events, 1), recorded, rel_tol=1e-6, abs_tol=1e-9):
+        raise ConfigurationError(f"statistics: their held-out part ({n_events} events, T {t_heldout:g}) is not the run's "
+                                 f"(U per event {recorded} recorded, {network_u / max(n_events, 1)} here)")  # fmt: skip
+    per_event = lambda value: value / max(n_events, 1)  # noqa: E731
+    return {"events": int(n_events), "table_U_per_event": per_event(table_u), "network_U_per_event": per_event(network_u),
+            "table_gap_per_event": per_event(true_u - table_u), "network_gap_per_event": per_event(true_u - network_u),
+            "table_minus_network_per_event": per_event(table_u - network_u)}  # fmt: skip
 
 
 def certify(
@@ -369,17 +411,25 @@ def certify(
     for sample in samples:
         check_sample(sample, system)
     full = [evaluate_full(model, sample, device) for sample in samples]
-    training_config = load_checkpoint(path).get("training_config", {}) if training_store is not None else {}
+    state = load_checkpoint(path) if training_store is not None else {}
     results = []
     for encoder in encoders:
-        seen = None if training_store is None else training_keys(training_store, encoder.name, training_config)
+        stats = None if training_store is None else training_statistics(training_store, encoder.name,
+                                                                         state.get("training_config", {}))  # fmt: skip
+        seen = None if stats is None else training_keys(stats)
         rows = tuple(compare(model, system, sample, encoder, values, device, seen) for sample, values in zip(samples, full))
         passes = all(sample_passes(row, mode, tolerance) for row in rows)
-        results.append(FamilyResult(encoder.name, int(min(encoder.key_space, 2**63)), passes, rows))
+        heldout = None
+        if stats is not None and state.get("metrics"):
+            heldout = heldout_scores(model, encoder, system, stats, state["metrics"], device)
+        results.append(FamilyResult(encoder.name, int(min(encoder.key_space, 2**63)), passes, rows, heldout))
     passing = [result for result in results if result.passes]
     smallest = min(passing, key=lambda result: result.key_space).family if passing else None
+    holding = [result for result in results
+               if result.heldout is not None and result.heldout["table_minus_network_per_event"] >= -HELDOUT_TOLERANCE]  # fmt: skip
+    heldout_family = min(holding, key=lambda result: result.key_space).family if holding else None
     return Certificate(str(path.absolute()), file_sha256(path), mode, CRITERIA[mode], float(tolerance),
-                       model.config.key_family, tuple(results), smallest)  # fmt: skip
+                       model.config.key_family, tuple(results), smallest, heldout_family)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- beside the checkpoint
@@ -440,15 +490,19 @@ def plot_certificate(certificate: Certificate, path: Path) -> None:
                       mfc="none", label=f"{name.replace('_', ' ')}, keys seen in training")  # fmt: skip
         axis.axhline(certificate.tolerance, color="grey", lw=0.8, ls="--")
         axis.set_yscale("log")
-        axis.set_title(f"{family.family}: {'passes' if family.passes else 'fails'}", fontsize=9)
+        heldout = "" if family.heldout is None else f"\nheld out: table - network {family.heldout['table_minus_network_per_event']:+.2g} nats/event"
+        axis.set_title(f"{family.family}: {'passes' if family.passes else 'fails'}{heldout}", fontsize=9)
         axis.set_xlabel("density")
     for axis in axes.flat[count:]:
         axis.set_visible(False)
     axes[0, 0].set_ylabel(f"|Δ log-rate| (zeros at {floor:g})")
     axes[0, 0].legend(fontsize=7)
-    figure.suptitle(f"locality of {Path(certificate.checkpoint).parent.name}: mode {certificate.mode}, "
-                    f"{certificate.criterion} <= {certificate.tolerance:g}; smallest passing: {certificate.family}",
-                    fontsize=9)  # fmt: skip
+    title = (f"locality of {Path(certificate.checkpoint).parent.name}: mode {certificate.mode}, "
+             f"{certificate.criterion} <= {certificate.tolerance:g}; smallest passing: {certificate.family}")
+    if any(family.heldout is not None for family in certificate.families):
+        title += (f"\non the training's held-out events, the smallest table within {HELDOUT_TOLERANCE:g} nats/event "
+                  f"of the network: {certificate.heldout_family}")  # fmt: skip
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     figure.savefig(temporary, dpi=110)

@@ -27,6 +27,7 @@ import torch
 
 from hpcdyn.learning.checkpoint import load_checkpoint, save_checkpoint, store_identity
 from hpcdyn.storage.integrity import StoreError
+from hpcdyn.storage.side_files import heldout_path, read_heldout, write_heldout
 from hpcdyn.storage.output_lock import output_lock
 from hpcdyn.learning.class_rates import fit_class_rates
 from hpcdyn.storage.events import EventSource, EventWindow
@@ -525,12 +526,21 @@ def compiled_model(model: TransformerRates, config: TrainingConfig):
 
 
 def _true_validation(source, validation, config) -> LikelihoodResult | None:
-    """U/T of the held-out events under the store's own rates; impossible events are refused."""
+    """U/T of the held-out events under the store's own rates; impossible events are refused. The same
+    for every run on the store's held-out window, so kept beside a store (``side_files``) and read back."""
     try:
         model = true_rate_model(source.system)
     except TypeError:
         return None
-    result = path_log_likelihood(validation, model, segment_events=max(config.segment_events, 512), device=config.device)
+    segment_events = max(config.segment_events, 512)
+    kept = _heldout_file(source, validation, segment_events)
+    values = read_heldout(kept) if kept is not None else None
+    if values is not None:
+        result = LikelihoodResult(**values)
+    else:
+        result = path_log_likelihood(validation, model, segment_events=segment_events, device=config.device)
+        if kept is not None and math.isfinite(result.log_likelihood):
+            write_heldout(kept, dataclasses.asdict(result))
     if not math.isfinite(result.log_likelihood):
         where = getattr(source, "path", "trajectory")
         raise StoreError(
@@ -538,6 +548,21 @@ def _true_validation(source, validation, config) -> LikelihoodResult | None:
             f"(U = {result.log_likelihood}); the params do not match the events (edited?) or the events are damaged"
         )
     return result
+
+
+def _heldout_file(source, validation, segment_events: int) -> Path | None:
+    """Where a store keeps its held-out U (None for an in-memory trajectory)."""
+    path = getattr(source, "path", None)
+    if path is None or not isinstance(validation, EventWindow) or validation.stop != source.n_events:
+        return None
+    return heldout_path(path, store_identity(source)["fingerprint"], validation.start, segment_events)
+
+
+def true_validation(source, config: TrainingConfig) -> LikelihoodResult | None:
+    """The held-out U under the store's own rates for a run of ``config`` (kept beside the store): a
+    study computes it once before its trials start, as it does the statistics."""
+    config = resolve_defaults(config, source)
+    return _true_validation(source, split(source, config)[1], config)
 
 
 def _set_schedules(model, optimizer, config, epoch, partition_start: bool = False) -> None:

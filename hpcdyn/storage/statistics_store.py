@@ -21,14 +21,10 @@ import numpy as np
 import zarr
 
 from hpcdyn.physics.systems import ConfigurationError
+from hpcdyn.storage.side_files import statistics_directory
 
 SCHEMA = "hpcdyn.statistics/1"
 ARRAYS = ("keys", "exposure", "counts")
-
-
-def statistics_directory(store_path: str | Path) -> Path:
-    store_path = Path(store_path).absolute()
-    return store_path.with_name(store_path.name + ".statistics")
 
 
 def statistics_path(store_path: str | Path, family: str, fingerprint: str, validation_fraction: float,
