@@ -51,9 +51,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--training-store", metavar="STORE",
                         help="the trajectory the model was trained on (default: the checkpoint's, where it still is): "
                              "each density also reports the share of tokens whose key its training part never "
-                             "showed, and the criterion on the others")  # fmt: skip
+                             "showed, and the criterion on the others; each family's table is scored on its held-out "
+                             "events beside the network")  # fmt: skip
     parser.add_argument("--no-training-keys", action="store_true",
-                        help="skip that comparison (it computes each family's keys over the training trajectory)")
+                        help="skip those comparisons (they compute each family's statistics over the training "
+                             "trajectory and evaluate the network on every held-out key's patch)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.set_defaults(handler=_locality)
 

@@ -18,7 +18,11 @@ of candidate moves whose class differs.
 Where the training store is at hand (``training_keys``), each sample also says which of its tokens
 have a key (in the family) that the training part never showed, and the criterion on the others
 alone: a model placed far from its training density meets crowds it never learned, and there a
-disagreement is the network's guess against the table's, not a range the data taught it.
+disagreement is the network's guess against the table's, not a range the data taught it. With the
+store, each family's table is also scored on the training's held-out events beside the network
+(``heldout_scores``): ``Certificate.heldout_family`` is the smallest table that loses at most
+HELDOUT_TOLERANCE nats per event to it, what the data say the model reads (a Mode 1 model's scatter
+within a key fails the rate tolerance for every family without costing its table anything there).
 
 A family passes when, at every sample (density), Mode 2's class disagreement is at most the
 tolerance (default 1e-4) or Mode 1's 99th percentile of |delta log-rate| is (default 0.01). The
