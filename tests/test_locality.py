@@ -257,6 +257,7 @@ def test_a_table_is_scored_on_the_held_out_events_as_the_network_is(tmp_path):
 
     trajectory = open_trajectory(simulate_to_store(SYSTEM, 100.0, seed=2, out=tmp_path / "train.zarr"))
     config = local_config("vn1", 1, mode=1)
+    torch.manual_seed(0)  # the model's initial weights, before save_run perturbs them
     run = save_run(tmp_path / "run", config)
     model, _ = load_certified_model(run / "best.pt")
     training = TrainingConfig(model=config, segment_events=64)
@@ -270,5 +271,7 @@ def test_a_table_is_scored_on_the_held_out_events_as_the_network_is(tmp_path):
     for covering in ("vn1", "block3"):
         assert abs(rows[covering]["table_minus_network_per_event"]) < 1e-6, rows[covering]
         assert rows[covering]["network_gap_per_event"] == pytest.approx((truth.log_likelihood - network.log_likelihood) / network.n_events)
-    assert abs(rows["vn1-occ"]["table_minus_network_per_event"]) > 1e-3
-    assert certificate.heldout_family == "vn1" and read_certificate(write_certificate(certificate, run)[0]) == certificate
+    occupancy = rows["vn1-occ"]["table_minus_network_per_event"]
+    assert abs(occupancy) > 1e-3  # random weights: the table may score above the network or below it
+    assert certificate.heldout_family == ("vn1-occ" if occupancy >= -1e-3 else "vn1")  # the smallest within 1e-3
+    assert read_certificate(write_certificate(certificate, run)[0]) == certificate
