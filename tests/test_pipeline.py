@@ -79,6 +79,10 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     # the trajectory and its statistics were prepared once, before the trials: one statistics store
     trajectories = out / "sweeps" / "trajectories"
     assert len(list((trajectories).glob("*.zarr.statistics/vn1-*.zarr"))) == 3  # ntheta, range, activity
+    # and so was the held-out U under the generating rates, one per trajectory, as every trial reports it
+    kept = [json.loads(path.read_text()) for path in trajectories.glob("*.zarr.statistics/true-heldout-*.json")]
+    assert len(kept) == 3
+    assert best["true_val_U_per_T"] in [values["log_likelihood"] / values["t_final"] for values in kept]
     # the range study: Mode 2 at N* over vn1 and block3 on its own (smaller) trajectory, r* one of them
     ranged = xr.open_zarr(stages["range"]["results"], consolidated=False)
     assert sorted(ranged["attention_stencil"].values.tolist()) == ["block3", "vn1"]
