@@ -3,6 +3,7 @@ written beside the checkpoint, and refusing bad input by name."""
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -275,3 +276,15 @@ def test_a_table_is_scored_on_the_held_out_events_as_the_network_is(tmp_path):
     assert abs(occupancy) > 1e-3  # random weights: the table may score above the network or below it
     assert certificate.heldout_family == ("vn1-occ" if occupancy >= -1e-3 else "vn1")  # the smallest within 1e-3
     assert read_certificate(write_certificate(certificate, run)[0]) == certificate
+
+
+def test_a_table_that_makes_a_held_out_event_impossible_reads_back_as_minus_infinity(tmp_path):
+    """Its held-out U is -inf, which JSON writes as null: read back with its sign."""
+    run = save_run(tmp_path / "run", local_config("vn1", 1, mode=1))
+    certificate = certify(run, random_samples(configurations=2), ("vn1",))
+    scores = {"events": 10, "table_U_per_event": -math.inf, "network_U_per_event": 0.5, "table_gap_per_event": math.inf,
+              "network_gap_per_event": 0.01, "table_minus_network_per_event": -math.inf}  # fmt: skip
+    family = dataclasses.replace(certificate.families[0], heldout=scores)
+    certificate = dataclasses.replace(certificate, families=(family,))
+    write_certificate(certificate, run)
+    assert read_certificate(run).families[0].heldout == scores

@@ -145,7 +145,7 @@ class Certificate:
         fields["heldout_family"] = values.get("heldout_family")  # absent from certificates written before it
         families = tuple(
             FamilyResult(row["family"], row["key_space"], row["passes"],
-                         tuple(SampleResult(**_finite(sample)) for sample in row["samples"]), row.get("heldout"))  # fmt: skip
+                         tuple(SampleResult(**_finite(sample)) for sample in row["samples"]), _heldout(row.get("heldout")))  # fmt: skip
             for row in values["families"]
         )
         return cls(families=families, **fields)
@@ -318,6 +318,14 @@ def _finite(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
+def _heldout(scores: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Held-out scores read back: a table that gives a held-out event rate 0 scores -inf (written null)."""
+    if scores is None:
+        return None
+    signs = {"table_U_per_event": -1, "table_minus_network_per_event": -1, "table_gap_per_event": 1}
+    return {key: signs.get(key, 1) * math.inf if value is None else value for key, value in scores.items()}
+
+
 def sample_passes(result: SampleResult, mode: int, tolerance: float) -> bool:
     if mode == 2:
         return result.class_disagreement is not None and result.class_disagreement <= tolerance
@@ -400,8 +408,9 @@ def certify(
     of |delta log-rate| (default 0.01) at which a family passes; it must pass at every sample.
     families: default ``default_families(system)``. training_store: the trajectory the model was
     trained on (an open store); with it each sample also reports the criterion on the tokens whose key
-    its training part showed (``SampleResult.seen``). The verdict stays on every token: a table
-    serves all of them.
+    its training part showed (``SampleResult.seen``), and each family's table is scored on its
+    held-out events (``FamilyResult.heldout``, ``Certificate.heldout_family``). The verdict stays on
+    every token: a table serves all of them.
     """
     path = checkpoint_file(run_or_checkpoint)
     model, system = load_certified_model(path, device)
