@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hpcdyn.cli.options import check_device, check_existing_path, non_negative_float, positive_float, positive_int
+from hpcdyn.cli.options import (
+    add_progress, check_device, check_existing_path, non_negative_float, positive_float, positive_int, show_progress,
+)  # fmt: skip
 
 # Fresh configurations: the original dynamics run this long from a random configuration (time units,
 # thousands of events per particle at the paper's rates), then one configuration every SPACING.
@@ -57,6 +59,7 @@ def add_parser(commands) -> None:
                         help="skip those comparisons (they compute each family's statistics over the training "
                              "trajectory and evaluate the network on every held-out key's patch)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_progress(parser)
     parser.set_defaults(handler=_locality)
 
 
@@ -75,7 +78,7 @@ def _locality(args: argparse.Namespace) -> dict[str, Any]:
     if args.density is not None or not args.store:
         samples += _fresh_samples(system, args)
     training_store = None if args.no_training_keys else _training_store(args.run, args.training_store)
-    certificate = certify(args.run, samples, families, args.tolerance, args.device, training_store)
+    certificate = certify(args.run, samples, families, args.tolerance, args.device, training_store, show_progress(args))
     json_path, figure_path = write_certificate(certificate, certificate_directory(args.run))
     return {
         "family": certificate.family,

@@ -401,6 +401,7 @@ def certify(
     tolerance: float | None = None,
     device: str = "cpu",
     training_store=None,
+    progress: bool = False,
 ) -> Certificate:
     """Measure, per key family and sample, how far a table's log-rates are from the network's in full context.
 
@@ -410,7 +411,7 @@ def certify(
     trained on (an open store); with it each sample also reports the criterion on the tokens whose key
     its training part showed (``SampleResult.seen``), and each family's table is scored on its
     held-out events (``FamilyResult.heldout``, ``Certificate.heldout_family``). The verdict stays on
-    every token: a table serves all of them.
+    every token: a table serves all of them. progress: a bar over the families on stderr.
     """
     path = checkpoint_file(run_or_checkpoint)
     model, system = load_certified_model(path, device)
@@ -426,7 +427,7 @@ def certify(
     full = [evaluate_full(model, sample, device) for sample in samples]
     state = load_checkpoint(path) if training_store is not None else {}
     results = []
-    for encoder in encoders:
+    for encoder in _families_bar(encoders, progress):
         stats = None if training_store is None else training_statistics(training_store, encoder.name,
                                                                          state.get("training_config", {}))  # fmt: skip
         seen = None if stats is None else training_keys(stats)
@@ -443,6 +444,12 @@ def certify(
     heldout_family = min(holding, key=lambda result: result.key_space).family if holding else None
     return Certificate(str(path.absolute()), file_sha256(path), mode, CRITERIA[mode], float(tolerance),
                        model.config.key_family, tuple(results), smallest, heldout_family)  # fmt: skip
+
+
+def _families_bar(encoders: list[EnvironmentEncoder], enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(encoders, desc="locality", unit="family", disable=not enabled)
 
 
 # ----------------------------------------------------------------------------- beside the checkpoint
