@@ -167,7 +167,11 @@ def file_sha256(path: Path) -> str:
 
 def load_certified_model(path: Path, device: str = "cpu") -> tuple[TransformerRates, System]:
     """The model of a checkpoint and the system it was trained on (training lattice and parameters)."""
-    state = load_checkpoint(path)
+    return model_of_checkpoint(load_checkpoint(path), path, device)
+
+
+def model_of_checkpoint(state: dict[str, Any], path: Path, device: str = "cpu") -> tuple[TransformerRates, System]:
+    """``load_certified_model`` on a checkpoint's state already read."""
     config = TransformerConfig.from_dict(state["model_config"])
     model = TransformerRates(config)
     try:
@@ -414,7 +418,8 @@ def certify(
     every token: a table serves all of them. progress: a bar over the families on stderr.
     """
     path = checkpoint_file(run_or_checkpoint)
-    model, system = load_certified_model(path, device)
+    state = load_checkpoint(path)  # once: the model, and with a training store its split and metrics
+    model, system = model_of_checkpoint(state, path, device)
     mode = model.config.mode
     tolerance = DEFAULT_TOLERANCE[mode] if tolerance is None else tolerance
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
@@ -425,7 +430,6 @@ def certify(
     for sample in samples:
         check_sample(sample, system)
     full = [evaluate_full(model, sample, device) for sample in samples]
-    state = load_checkpoint(path) if training_store is not None else {}
     results = []
     for encoder in _families_bar(encoders, progress):
         stats = None if training_store is None else training_statistics(training_store, encoder.name,
