@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from analysis.observables import setting
-from hpcdyn.distributed.pipeline import PRESETS, _check_same_preset, pipeline_summary, run_pipeline
+from hpcdyn.distributed.pipeline import PRESETS, _check_same_preset, check_pipeline_directory, pipeline_summary, run_pipeline
 from hpcdyn.physics.systems import ConfigurationError
 
 TINY = dataclasses.replace(
@@ -176,6 +176,7 @@ def test_tiny_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path, ray_se
     assert printed["snapshots"] == stages["snapshots"]["store"] and printed["family"] == summary["family"]
     assert printed["large"] == stages["large"]["store"] and printed["seeds"] == stages["seeds"]["store"]
 
+    check_pipeline_directory(out)  # every entry the stages wrote is a pipeline's: the command resumes here
     again = run_pipeline(TINY, out)["stages"]
     assert again["ensemble"]["units_run"] == 0 and again["ensemble"]["units_skipped"] == stages["ensemble"]["units"]
     assert again["snapshots"]["units_run"] == 0 and again["large"]["units_run"] == 0 and again["seeds"]["units_run"] == 0

@@ -240,8 +240,8 @@ def get_preset(name: str) -> PipelinePreset:
 
 
 # what a pipeline directory may hold besides hidden temporary files
-PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "seeds.zarr", "snapshots.zarr", "large.zarr", "activity",
-                    "report")
+PIPELINE_ENTRIES = (RECORD, "sweeps", "models", "ensemble.zarr", "seeds.zarr", "rate_shifts", "snapshots.zarr", "large.zarr",
+                    "activity", "report")
 
 
 def _read_record(out: Path) -> dict[str, Any]:
