@@ -82,10 +82,11 @@ def test_a_count_family_is_refused_for_spins():
         TransformerConfig(system="fa", lattice_size=10, rotary=False, attention_stencil="vn1+count3")
 
 
-@pytest.mark.parametrize("mode", [1, 2])
-def test_a_count_model_depends_on_its_key_alone(mode):
+@pytest.mark.parametrize("mode, padded", [(1, False), (1, True), (2, False), (2, True)])
+def test_a_count_model_depends_on_its_key_alone(mode, padded):
     """Each token's log-rates in a full configuration equal those of its key's canonical patch placed
-    alone (another placement of the counted particles, orientation 0), on the training lattice and a larger one."""
+    alone (another placement of the counted particles, orientation 0), on the training lattice and a
+    larger one; padded, with filler tokens opposite the centre (outside the 5 x 5 block)."""
     model = count_model(QUORUM, mode)
     assert model.config.key_family == "vn1+count5"
     encoder = make_encoder(model.config.key_family, QUORUM)
@@ -96,7 +97,8 @@ def test_a_count_model_depends_on_its_key_alone(mode):
         for side in (12, 17):
             lattice = make_system("quorum", {"L": side, "N": 1})
             alone = torch.zeros_like(full)
-            for rows, where, what, centre in patch_configurations(encoder, lattice, decode_keys(encoder, keys.reshape(-1))):
+            batches = patch_configurations(encoder, lattice, decode_keys(encoder, keys.reshape(-1)), padded=padded)
+            for rows, where, what, centre in batches:
                 alone[torch.as_tensor(rows)] = model(torch.as_tensor(where), torch.as_tensor(what), lattice_size=side)[:, centre]
             torch.testing.assert_close(alone, full, rtol=0, atol=1e-9)
         # the count matters: a particle added two sites away (outside vn1, inside the block) changes the
@@ -158,3 +160,35 @@ def test_a_count_larger_than_any_trained_acts_as_the_largest_seen():
     model.zero_grad()
     loss.backward()
     assert model.embed_count.weight.grad[3:].abs().max() == 0 and model.embed_count.weight.grad[:3].abs().max() > 0
+
+
+@pytest.mark.parametrize("stencil, side, room", [("vn1", 12, True), ("vn1", 4, True), ("vn1+count5", 12, True),
+                                                 ("vn1+count5", 5, False)])  # fmt: skip
+def test_padded_batches_fill_with_far_tokens_where_the_lattice_leaves_room(stencil, side, room):
+    """Padded, every patch of the family goes in one batch (a network call), filled to its largest token
+    count with tokens on the site opposite the centre, and the centre's log-rates are those of the
+    equal-count batches. Where that site is one of the key's (a 5 x 5 block on a 5 x 5 lattice), the
+    batches stay of equal count."""
+    lattice = make_system("active", {"L": side, "N": 1})
+    model = count_model(lattice, 2, stencil=stencil)
+    encoder = make_encoder(model.config.key_family, lattice)
+    rows = all_patches(encoder)
+    rows = rows[:: max(1, len(rows) // 2000)]  # ~2,000 patches spread over the key space
+    log_rates = {}
+    with torch.no_grad():
+        for padded in (False, True):
+            batches = list(patch_configurations(encoder, lattice, rows, batch_size=1 << 20, padded=padded))
+            out = torch.zeros(len(rows), lattice.n_moves, dtype=torch.float64)
+            for index, where, what, centre in batches:
+                assert centre == 0 and (where[:, 0] == [side // 2, side // 2]).all()
+                out[torch.as_tensor(index)] = model(torch.as_tensor(where), torch.as_tensor(what))[:, centre]
+            assert sorted(np.concatenate([index for index, *_ in batches]).tolist()) == list(range(len(rows)))
+            log_rates[padded] = out
+            if padded and room:
+                assert len(batches) == 1
+                _, where, what, _ = batches[0]
+                far = (where == [0, 0]).all(-1)  # the site opposite (side // 2, side // 2)
+                assert far.any() and (what[far] == 0).all()
+    unpadded = list(patch_configurations(encoder, lattice, rows, batch_size=1 << 20))
+    assert len(unpadded) > 1 and (room or len(list(patch_configurations(encoder, lattice, rows, padded=True))) == len(unpadded))
+    torch.testing.assert_close(log_rates[True], log_rates[False], rtol=0, atol=1e-12)

@@ -34,11 +34,12 @@ class StatisticsObjective:
         self.stats, self.lattice, self.device = stats, lattice, device
         self.encoder = make_encoder(stats.family, lattice)
         patch_rows = decode_keys(self.encoder, stats.keys)
-        # (rows, positions, states, centre) per batch of patches with the same number of tokens
+        # (rows, positions, states, centre) per batch of patches, filled to one token count: a call per
+        # batch rather than per count (a small model's step costs per call)
         self.batches = [
             (torch.as_tensor(rows, device=device), torch.as_tensor(positions, device=device),
              torch.as_tensor(states, device=device), centre)  # fmt: skip
-            for rows, positions, states, centre in patch_configurations(self.encoder, lattice, patch_rows)
+            for rows, positions, states, centre in patch_configurations(self.encoder, lattice, patch_rows, padded=True)
         ]
         self.exposure = torch.as_tensor(stats.exposure, dtype=torch.float64, device=device)  # [2, K]
         self.counts = torch.as_tensor(stats.counts, dtype=torch.float64, device=device)  # [2, K, M]

@@ -415,7 +415,7 @@ def token_patch(grid, stencil_sites, first, n_sites, own_state, digit_of_content
 
 
 def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_rows: np.ndarray, batch_size: int = 4096,
-                         sites_per_call: int = 1 << 22) -> Iterator[tuple]:
+                         sites_per_call: int = 1 << 22, padded: bool = False) -> Iterator[tuple]:
     """(rows, positions [B, T, 2], states [B, T], centre token) per batch of patches of equal token count.
 
     Each patch is placed alone, centred at (Lx // 2, Ly // 2) of an empty lattice; active: the centre
@@ -423,6 +423,12 @@ def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_r
     every site a token, spin 0 outside the stencil. Batches hold at most ``batch_size`` patches and,
     for fa (whose patches fill the lattice), about ``sites_per_call`` lattice sites. The environment
     table's evaluator and the locality certificate both place patches here, so they cannot drift apart.
+
+    padded (active): batches of ``batch_size`` patches whatever their token counts (fewer, larger network
+    calls: a small model's cost is per call), each patch filled up to its batch's largest count with
+    tokens of state 0 on the site opposite the centre. That site lies outside the key's offsets, so a
+    model whose rates depend on those offsets alone (a hard-local one, whose key family this is) gives
+    the centre the same rates; where the lattice is too small for such a site, equal-count batches.
     """
     ly, lx = lattice.shape
     centre = np.array([lx // 2, ly // 2])
@@ -448,6 +454,10 @@ def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_r
     sites = sites[list(range(stencil)) + outside]
     occupied = contents > 0
     counts = occupied.sum(1)
+    far = (centre + [lx // 2, ly // 2]) % [lx, ly]
+    if padded and not ((sites == far).all(1).any() or (centre == far).all()):
+        yield from _padded_patches(patch_rows, contents, occupied, sites, centre, far, batch_size)
+        return
     for count in np.unique(counts):
         group = np.flatnonzero(counts == count)
         for start in range(0, len(group), batch_size):
@@ -456,3 +466,18 @@ def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_r
             positions = np.concatenate([np.broadcast_to(centre, (len(rows), 1, 2)), sites[site_index]], axis=1)
             neighbour_states = np.take_along_axis(contents[rows], site_index, 1) - 1
             yield rows, positions, np.concatenate([patch_rows[rows, :1], neighbour_states], axis=1), 0
+
+
+def _padded_patches(patch_rows, contents, occupied, sites, centre, far, batch_size: int) -> Iterator[tuple]:
+    """Batches of patches in order of token count, each filled to its largest count with tokens on ``far``."""
+    counts = occupied.sum(1)
+    order = np.argsort(counts, kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = int(counts[rows].max())
+        columns = np.argsort(~occupied[rows], axis=1, kind="stable")[:, :width]  # each patch's particles first
+        present = np.take_along_axis(occupied[rows], columns, 1)
+        positions = np.concatenate([np.broadcast_to(centre, (len(rows), 1, 2)),
+                                    np.where(present[..., None], sites[columns], far)], axis=1)  # fmt: skip
+        neighbour_states = np.where(present, np.take_along_axis(contents[rows], columns, 1) - 1, 0)
+        yield rows, positions, np.concatenate([patch_rows[rows, :1], neighbour_states], axis=1), 0
