@@ -1,6 +1,7 @@
 """Training a hard-local model on sufficient statistics through train() (hpcdyn.learning.local_training)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -69,6 +70,26 @@ def test_mode_1_and_mini_batches(events, tmp_path):
     assert result.metrics[-1]["val_U_per_T"] > result.metrics[0]["val_U_per_T"] - 1.0
 
 
+def test_the_classifier_fit_takes_its_own_lr_or_the_lr(events, tmp_path, monkeypatch):
+    from hpcdyn.learning import local_training
+
+    taken = []
+    fit = local_training.fit_classifier
+
+    def recording(objective, model, targets, weights, lr, **options):
+        taken.append(lr)
+        return fit(objective, model, targets, weights, lr, **options)
+
+    monkeypatch.setattr(local_training, "fit_classifier", recording)
+    for name, options in (("default", {}), ("own", {"classifier_lr": 5e-2})):
+        result = train(local_config(epochs=1, **options), events, tmp_path / name)
+        assert result.metrics[0]["class_init_steps"] >= 1  # the start ran its fit
+    assert taken == [2e-2, 5e-2]
+    for bad in (0.0, -1e-3, math.inf, True):
+        with pytest.raises(ConfigurationError, match="^classifier_lr:"):
+            TrainingConfig(classifier_lr=bad)
+
+
 def test_bad_statistics_options_refused():
     with pytest.raises(ConfigurationError, match="^statistics_steps:"):
         TrainingConfig(statistics_steps=0)
@@ -82,9 +103,11 @@ def test_cli_trains_from_statistics_and_refuses_mode_2_recipes_on_mode_1(tmp_pat
     store = simulate_to_store(SYSTEM, 8.0, seed=2, out=tmp_path / "run.zarr")
     common = ["train", str(store), "--attention-stencil", "vn1", "--d-model", "16", "--n-heads", "2", "--n-layers", "1",
               "--d-ff", "16", "--epochs", "1", "--statistics-steps", "5", "--segment-events", "32"]  # fmt: skip
-    assert main([*common, "--mode", "2", "--out", str(tmp_path / "out")]) == 0
+    assert main([*common, "--mode", "2", "--classifier-lr", "0.03", "--out", str(tmp_path / "out")]) == 0
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["trained_on"] == "statistics:vn1"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["config"]
+    assert (config["lr"], config["classifier_lr"]) == (3e-3, 0.03)
     assert list((tmp_path / "run.zarr.statistics").glob("vn1-*.zarr"))  # kept beside the store
     capsys.readouterr()
     for option in (["--class-rate-fit", "closed_form"], ["--expected-from-epoch", "1"], ["--class-init", "partition"]):

@@ -78,6 +78,9 @@ def add_parser(commands) -> None:
                                    "statistics the model's own key family; an unrestricted model starts from the nearest "
                                    "neighbours' and refines (expected-U gradient, class rates in closed form after every "
                                    "epoch); there auto means none when --expected-from-epoch or --class-rate-fit is given")  # fmt: skip
+    optimisation.add_argument("--classifier-lr", type=float, default=None,
+                              help="Mode 2: learning rate of the classifier's fit to the partition at the start "
+                                   "(default: --lr); the fit stops on the held-out part")  # fmt: skip
     local = parser.add_argument_group("hard-local model (--attention-stencil)")
     local.add_argument("--no-statistics", dest="statistics", action="store_false",
                        help="train on segments of events instead of the exact sufficient statistics of the model's "
@@ -165,6 +168,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         statistics=args.statistics,
         statistics_steps=args.statistics_steps,
         class_init=args.class_init,
+        classifier_lr=args.classifier_lr,
         statistics_batch_keys=args.statistics_batch_keys,
     )
     result = train(config, trajectory, args.out, resume=args.resume, progress=show_progress(args))

@@ -299,7 +299,7 @@ def initialise_classes(objective: StatisticsObjective, model, config) -> dict:
         for k, rate in enumerate(partition.rates):
             if rate > 0:  # a class of moves never seen keeps its initial near-zero rate
                 model.class_log_rates[k] = math.log(rate)
-    fitted = fit_classifier(objective, model, partition.classes.reshape(counts.shape), weights, config.lr, seed=config.seed)
+    fitted = fit_classifier(objective, model, partition.classes.reshape(counts.shape), weights, config.start_lr, seed=config.seed)
     objective.fit_class_rates(model)
     t_train = max(objective.stats.t_train, 1e-300)
     return {**fitted, "partition_U_per_T": partition.log_likelihood / t_train, "partition_rates": partition.rates.tolist(),

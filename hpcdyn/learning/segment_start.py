@@ -172,7 +172,7 @@ def _fit(model, train_set, check_set, config) -> tuple[int, float]:
     """Weighted cross-entropy on batches of configurations; stops when the held-out configurations' loss
     no longer falls (checked every CHECK_EVERY steps, PATIENCE checks), keeping the best state."""
     parameters = [p for name, p in model.named_parameters() if name != "class_log_rates" and p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    optimizer = torch.optim.Adam(parameters, lr=config.start_lr)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + 99_991)
     positions, states, target, weight = train_set
     n_configurations = len(positions)

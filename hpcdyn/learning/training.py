@@ -96,6 +96,10 @@ class TrainingConfig:
     # in closed form after every epoch, and an epoch undone when it lowers the held-out U; "auto" takes it
     # unless expected_from_epoch or class_rate_fit ask for a from-scratch recipe. "none": from scratch.
     class_init: str = "auto"
+    # Mode 2's start: the learning rate of the classifier's fit to the partition; None: lr. The fit stops
+    # on the held-out part, so a larger rate only reaches its best state sooner where the fit tolerates it
+    # (the quick preset's small models: benchmarks/TRAINING.md, classifier-lr)
+    classifier_lr: float | None = None
 
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, message: str) -> None:
@@ -128,8 +132,16 @@ class TrainingConfig:
         require(self.statistics_batch_keys is None or (isinstance(self.statistics_batch_keys, int) and self.statistics_batch_keys >= 1),
                 "statistics_batch_keys", f"must be None or an integer >= 1, got {self.statistics_batch_keys!r}")  # fmt: skip
         require(self.class_init in CLASS_INITS, "class_init", f"must be one of {CLASS_INITS}, got {self.class_init!r}")
+        require(self.classifier_lr is None or (isinstance(self.classifier_lr, (int, float)) and not isinstance(self.classifier_lr, bool)
+                                               and math.isfinite(self.classifier_lr) and self.classifier_lr > 0),
+                "classifier_lr", f"must be None (the lr) or a finite learning rate > 0, got {self.classifier_lr!r}")  # fmt: skip
         start, end = self.gumbel_temperature
         require(0 < end <= start, "gumbel_temperature", f"must be (start, end) with 0 < end <= start, got {self.gumbel_temperature!r}")
+
+    @property
+    def start_lr(self) -> float:
+        """The learning rate of Mode 2's classifier fit to the partition (``classifier_lr``, else ``lr``)."""
+        return self.lr if self.classifier_lr is None else float(self.classifier_lr)
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
