@@ -61,13 +61,15 @@ def stop(checks: list[float], patience: int) -> tuple[float, int, int]:
     return best, (best_at + 1) * CHECK_EVERY, len(checks) * CHECK_EVERY
 
 
-def trace(case: str, directory: Path) -> tuple[str, list[float]]:
+def trace(case: str, directory: Path, extra: tuple[str, ...] = ()) -> tuple[str, list[float]]:
+    """The held-out U at every check of one case's fit (``extra``: more `hpcdyn train` options); the run
+    is left in ``directory``/NAME."""
     name, _, spec = case.partition("=")
     store, stencil, n_classes, seed = spec.rsplit(":", 3)
     model = ["--d-model", "32", "--n-heads", "4", "--d-ff", "64"] if "count" in stencil else ["--d-model", "16", "--n-heads", "2", "--d-ff", "32"]
     arguments = [store, "--mode", "2", "--n-classes", n_classes, "--attention-stencil", stencil, "--seed", seed, "--no-rotary",
                  "--n-layers", "1", *model, "--statistics-steps", "50", "--lr", "3e-3", "--epochs", "1", "--patience", "1",
-                 "--no-progress", "--out", str(directory / name)]  # fmt: skip
+                 "--no-progress", *extra, "--out", str(directory / name)]  # fmt: skip
     output = directory / f"{name}.json"
     subprocess.run([sys.executable, "-c", TRACE, str(output), *arguments], check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
