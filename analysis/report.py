@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from analysis.chunk_tasks import Submit, summarize_on_workers
+from analysis.chunk_tasks import OnWorkers, Submit, summarize_on_workers
 from analysis.observables import (
     OBSERVABLES,
     REFERENCE_MODEL,
@@ -189,16 +189,42 @@ def _summary(path, ensemble, burn_in, progress, run_tasks) -> xr.Dataset:
     return summarize_on_workers(path, run_tasks, burn_in, ensemble=ensemble, progress=progress)
 
 
+class _Summaries:
+    """The stores' summaries. With ``run_tasks`` every store's per-chunk tasks are submitted first, all
+    of them (``start``): the workers go on to the next store's chunks while a store's reductions and
+    figures are made here, instead of waiting for each store in turn."""
+
+    def __init__(self, run_tasks, progress: bool):
+        self.run_tasks, self.progress, self.started = run_tasks, progress, {}
+
+    def start(self, path, ensemble: xr.Dataset | None, burn_in: float) -> None:
+        if self.run_tasks is not None and ensemble is not None:
+            self.started[(str(path), burn_in)] = summarize(ensemble, burn_in, per_chunk=OnWorkers(path, self.run_tasks))
+
+    def get(self, path, ensemble: xr.Dataset, burn_in: float) -> xr.Dataset:
+        lazy = self.started.pop((str(path), burn_in), None)
+        if lazy is None:
+            return _summary(path, ensemble, burn_in, self.progress, self.run_tasks)
+        return compute(lazy, progress=self.progress)
+
+
 def _write_contents(
     store, ensemble, directory, burn_in, sweep, activity_stores, activity_ensembles, progress, run_tasks=None,
     snapshots=(None, None), headline=(), large=(None, None), seeds=(None, None), shifted=((), None),
 ):
-    statistics = _summary(store, ensemble, burn_in, progress, run_tasks)
-    main_statistics = statistics
-    training, training_record = _training_uncertainty(statistics, shifted, burn_in, progress, run_tasks)
     seeds_store, seeds_ensemble = seeds
+    large_store, large_ensemble = large
+    summaries = _Summaries(run_tasks, progress)  # in the order they are used below
+    for path, data in [(store, ensemble), *[(entry["store"], data) for entry, data in shifted[0]], seeds,
+                       *zip(activity_stores, activity_ensembles)]:  # fmt: skip
+        summaries.start(path, data, burn_in)
+    if large_ensemble is not None:
+        summaries.start(large_store, large_ensemble, resolve_burn_in(large_ensemble, None))
+    statistics = summaries.get(store, ensemble, burn_in)
+    main_statistics = statistics
+    training, training_record = _training_uncertainty(statistics, shifted, burn_in, summaries)
     if seeds_ensemble is not None:  # the other training seeds beside the models of the main store
-        seeds_statistics = _summary(seeds_store, seeds_ensemble, burn_in, progress, run_tasks)
+        seeds_statistics = summaries.get(seeds_store, seeds_ensemble, burn_in)
         statistics = xr.concat([statistics, seeds_statistics], dim="model")
     figures = save_figure(plot_learned_vs_original(statistics), directory / "learned_vs_original")
     snapshot_store, snapshot_ensemble = snapshots
@@ -214,7 +240,7 @@ def _write_contents(
     activity_family = []
     if activity_ensembles:  # each store summarised once, the main one already is
         stores = [main_statistics] + [
-            _summary(path, data, burn_in, progress, run_tasks) for path, data in zip(activity_stores, activity_ensembles)
+            summaries.get(path, data, burn_in) for path, data in zip(activity_stores, activity_ensembles)
         ]
         learned = stores if all(len(learned_models(data)) == 1 for data in stores) else None
         figure = plot_activity_maps(stores, learned=learned, burn_in=burn_in)
@@ -225,10 +251,9 @@ def _write_contents(
                 activity = _store_activity(data)
                 verdicts = family_verdicts(rows, _joint(summary_of_store))
                 activity_family += [{**verdict, "store": str(path), "activity": activity} for verdict in verdicts]
-    large_store, large_ensemble = large
     large_statistics, large_differences, large_joint = None, None, None
     if large_ensemble is not None:  # beyond the paper's size: judged like the main ensemble, at its own burn-in
-        large_statistics = _summary(large_store, large_ensemble, resolve_burn_in(large_ensemble, None), progress, run_tasks)
+        large_statistics = summaries.get(large_store, large_ensemble, resolve_burn_in(large_ensemble, None))
         figures += save_figure(plot_learned_vs_original(large_statistics), directory / "large_learned_vs_original")
         figures += save_figure(plot_snapshot_grid(large_ensemble), directory / "large_snapshots")
         if REFERENCE_MODEL in large_statistics["model"].values.tolist() and len(learned_models(large_statistics)):
@@ -273,13 +298,13 @@ def _joint(statistics: xr.Dataset, training: xr.DataArray | None = None) -> list
     return joint_differences(statistics, COMPARED, training=training).to_dict(orient="records")
 
 
-def _training_uncertainty(statistics, shifted, burn_in, progress, run_tasks) -> tuple[xr.DataArray | None, dict | None]:
+def _training_uncertainty(statistics, shifted, burn_in, summaries: _Summaries) -> tuple[xr.DataArray | None, dict | None]:
     """The covariance the learned rates' errors add (None without shifted stores), and its record."""
     entries, shift_errors = shifted
     if not entries:
         return None, None
-    summaries = [_summary(entry["store"], data, burn_in, progress, run_tasks) for entry, data in entries]
-    training = training_covariance(statistics, summaries, OBSERVABLES, shift_errors)
+    shifted_statistics = [summaries.get(entry["store"], data, burn_in) for entry, data in entries]
+    training = training_covariance(statistics, shifted_statistics, OBSERVABLES, shift_errors)
     errors = {name: [float(value) for value in np.sqrt(training.sel(observable=name, observable_other=name).values)]
               for name in OBSERVABLES}  # fmt: skip
     return training, {"shift_errors": shift_errors, "shifts": _jsonable([dict(entry) for entry, _ in entries]),
