@@ -416,7 +416,8 @@ def token_patch(grid, stencil_sites, first, n_sites, own_state, digit_of_content
 
 def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_rows: np.ndarray, batch_size: int = 4096,
                          sites_per_call: int = 1 << 22, padded: bool = False) -> Iterator[tuple]:
-    """(rows, positions [B, T, 2], states [B, T], centre token) per batch of patches of equal token count.
+    """(rows, positions [B, T, 2], states [B, T], centre token) per batch of patches of equal token count
+    (or, ``padded``, filled to one).
 
     Each patch is placed alone, centred at (Lx // 2, Ly // 2) of an empty lattice; active: the centre
     particle first, then the stencil's particles (an occupancy digit stands for orientation 0); fa:
@@ -456,7 +457,7 @@ def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_r
     counts = occupied.sum(1)
     far = (centre + [lx // 2, ly // 2]) % [lx, ly]
     if padded and not ((sites == far).all(1).any() or (centre == far).all()):
-        yield from _padded_patches(patch_rows, contents, occupied, sites, centre, far, batch_size)
+        yield from _padded_patches(patch_rows, contents, occupied, counts, sites, centre, far, batch_size)
         return
     for count in np.unique(counts):
         group = np.flatnonzero(counts == count)
@@ -468,9 +469,8 @@ def patch_configurations(encoder: "EnvironmentEncoder", lattice: System, patch_r
             yield rows, positions, np.concatenate([patch_rows[rows, :1], neighbour_states], axis=1), 0
 
 
-def _padded_patches(patch_rows, contents, occupied, sites, centre, far, batch_size: int) -> Iterator[tuple]:
+def _padded_patches(patch_rows, contents, occupied, counts, sites, centre, far, batch_size: int) -> Iterator[tuple]:
     """Batches of patches in order of token count, each filled to its largest count with tokens on ``far``."""
-    counts = occupied.sum(1)
     order = np.argsort(counts, kind="stable")
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
