@@ -133,7 +133,11 @@ def snapshot_dataset(ensemble: xr.Dataset, per_chunk: PerChunk | None = None) ->
     """
     check_ensemble(ensemble)
     occupancy = ensemble["occupancy"].chunk({"y": -1, "x": -1})  # also makes a numpy-backed array lazy
-    occupancy = occupancy.drop_vars([name for name in occupancy.coords if set(occupancy[name].dims) & {"y", "x"}])
+    # Left out: coordinates along y and x, and the store's per-density n_particles, a coordinate of the
+    # name of a column: the Dataset below would compare the two, computing every column of the store
+    # there and then (in the report, one store after another instead of all of them at once)
+    occupancy = occupancy.drop_vars([name for name in occupancy.coords
+                                     if set(occupancy[name].dims) & {"y", "x"} or name in SNAPSHOT_OBSERVABLES])  # fmt: skip
     columns = xr.apply_ufunc(
         _columns,
         occupancy,

@@ -233,8 +233,11 @@ class CountingCallback(Callback):
         self.computations += 1
 
 
-def test_nothing_computes_until_asked_and_chunks_do_not_matter():
+@pytest.mark.parametrize("per_density_count", [False, True])
+def test_nothing_computes_until_asked_and_chunks_do_not_matter(per_density_count):
     ensemble = hand_built_ensemble(side=6)
+    if per_density_count:  # as a store has: the particles each density places, a coordinate named like a column
+        ensemble = ensemble.assign_coords(n_particles=("density", [36]))
     counter = CountingCallback()
     with counter:
         lazy = summarize(ensemble.chunk({"replica": 1, "time": 2, "y": 3, "x": 2}))
