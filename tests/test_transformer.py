@@ -522,3 +522,47 @@ def test_only_a_hard_local_model_runs_on_another_lattice():
     log_rates = local(positions, states, lattice_size=8)
     other = make_system("active", {"L": 8, "N": ACTIVE.N})  # the exclusion mask follows the lattice too
     assert torch.equal(torch.isneginf(log_rates), ActiveRates(other).move_types(positions, states) == ActiveRates.BLOCKED_HOP)
+
+
+# ----------------------------------------------------------------------------- one token alone
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"n_layers": 2},  # rotary, the relative bias over the torus, the sink
+        {"n_layers": 2, "relative_bias": False, "attention_sink": False},
+        {"attention_stencil": "vn1", "rotary": False, "n_layers": 1},
+        {"attention_stencil": "block3", "rotary": False, "n_layers": 2, "exclusion_mask": True},
+        {"attention_stencil": "vn1+count3", "rotary": False, "n_layers": 1, "exclusion_mask": True},
+    ],
+)
+@pytest.mark.parametrize("mode", [1, 2])
+def test_one_token_alone_has_the_rates_classes_and_gradients_of_the_whole_forward(extra, mode):
+    """``token=t`` (training on statistics: the centre of each patch) skips the last layer's other
+    tokens; what it returns, and the gradients of it, equal the whole forward's token t in float64."""
+    config = TransformerConfig(lattice_size=6, d_model=8, n_heads=2, d_ff=16, mode=mode, n_classes=3, **extra)
+    model = perturbed(TransformerRates(config).double())
+    positions, states = configurations(ACTIVE, 4)
+    with torch.no_grad():
+        full = model(positions, states)
+        assert torch.isfinite(full).any() and (not config.exclusion_mask or torch.isinf(full).any())
+        for token in range(ACTIVE.N):
+            torch.testing.assert_close(model(positions, states, token=token), full[:, token : token + 1], rtol=1e-12, atol=1e-12)
+            if mode == 2:
+                whole = model.move_classes(positions, states)[:, token : token + 1]
+                assert torch.equal(model.move_classes(positions, states, token=token), whole)
+    token = 3
+    if mode == 2:
+        model.expected_gradient = True  # the event and exposure log-rates apart, as on statistics
+    parts = [model.split_log_rates(positions, states)[index][:, token] for index in range(2)]
+    alone = [model.split_log_rates(positions, states, token=token)[index][:, 0] for index in range(2)]
+    for whole, one in zip(parts, alone):
+        weights = torch.linspace(-1.0, 1.0, whole.numel(), dtype=whole.dtype).view_as(whole)
+        score_whole = torch.where(torch.isfinite(whole), whole * weights, 0.0).sum()
+        score_one = torch.where(torch.isfinite(one), one * weights, 0.0).sum()
+        grads_whole = torch.autograd.grad(score_whole, list(model.parameters()), allow_unused=True)
+        grads_one = torch.autograd.grad(score_one, list(model.parameters()), allow_unused=True)
+        for (name, _), a, b in zip(model.named_parameters(), grads_whole, grads_one):
+            if a is None:
+                assert b is None or not b.any(), name
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)

@@ -58,9 +58,9 @@ class StatisticsObjective:
         """(event, exposure) log-rates of the centre token of each patch of a batch, [B, M] each."""
         _, positions, states, centre = batch
         if getattr(model, "scores_events_apart", False):
-            event, exposure = model.split_log_rates(positions, states)
-            return event[:, centre], exposure[:, centre]
-        log_rates = model(positions, states)[:, centre]
+            event, exposure = model.split_log_rates(positions, states, token=centre)
+            return event[:, 0], exposure[:, 0]
+        log_rates = model(positions, states, token=centre)[:, 0]
         return log_rates, log_rates
 
     def batch_log_likelihood(self, model, batch, part: str | int = "train") -> torch.Tensor:
@@ -87,7 +87,7 @@ class StatisticsObjective:
         with torch.no_grad():
             for batch in self.batches:
                 rows = batch[0]
-                log_rates = model(batch[1], batch[2])[:, batch[3]].double()
+                log_rates = model(batch[1], batch[2], token=batch[3])[:, 0].double()
                 for index in range(2):
                     counts = self.counts[index, rows]
                     taken = torch.where(counts > 0, counts * log_rates, torch.zeros_like(log_rates)).sum()
@@ -101,7 +101,7 @@ class StatisticsObjective:
         events = torch.zeros(n_classes, dtype=torch.float64, device=self.device)
         exposure = torch.zeros(n_classes, dtype=torch.float64, device=self.device)
         for rows, positions, states, centre in self.batches:
-            classes = model.move_classes(positions, states)[:, centre]  # [B, M], -1 masked
+            classes = model.move_classes(positions, states, token=centre)[:, 0]  # [B, M], -1 masked
             valid = classes >= 0
             safe = classes.clamp_min(0)
             events.index_add_(0, safe[valid], self.counts[0, rows][valid])
@@ -116,7 +116,7 @@ class StatisticsObjective:
         """Mode 2: the class of every (key, move), int64 [K, M] (-1 masked)."""
         out = np.zeros((self.stats.n_keys, model.n_moves), np.int64)
         for rows, positions, states, centre in self.batches:
-            out[rows.cpu().numpy()] = model.move_classes(positions, states)[:, centre].cpu().numpy()
+            out[rows.cpu().numpy()] = model.move_classes(positions, states, token=centre)[:, 0].cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -125,14 +125,14 @@ class StatisticsObjective:
         out = np.zeros((self.stats.n_keys, model.n_moves), bool)
         if model.config.exclusion_mask:
             for rows, positions, states, centre in self.batches:
-                out[rows.cpu().numpy()] = (model.move_classes(positions, states)[:, centre] < 0).cpu().numpy()
+                out[rows.cpu().numpy()] = (model.move_classes(positions, states, token=centre)[:, 0] < 0).cpu().numpy()
         return out
 
     @torch.no_grad()
     def key_log_rates_all(self, model) -> np.ndarray:
         out = np.zeros((self.stats.n_keys, model.n_moves))
         for rows, positions, states, centre in self.batches:
-            out[rows.cpu().numpy()] = model(positions, states)[:, centre].double().cpu().numpy()
+            out[rows.cpu().numpy()] = model(positions, states, token=centre)[:, 0].double().cpu().numpy()
         return out
 
 
@@ -262,7 +262,7 @@ def fit_classifier(objective: StatisticsObjective, model, targets: np.ndarray, w
             if not bool(chosen.any()):
                 continue
             rows, positions, states = rows[chosen], positions[chosen], states[chosen]
-            logits = model.class_logits(positions, states)[:, centre]  # [B, M, K]
+            logits = model.class_logits(positions, states, token=centre)[:, 0]  # [B, M, K]
             cross = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target[rows].flatten(), reduction="none")
             ((weight[rows].flatten() * cross).sum() / fraction).backward()
         optimizer.step()

@@ -224,9 +224,9 @@ def evaluate_patches(model, encoder: EnvironmentEncoder, lattice: System, patch_
         positions = torch.as_tensor(positions, device=device)
         states = torch.as_tensor(states, device=device)
         with torch.inference_mode():
-            log_rates[rows] = model(positions, states)[:, centre].double().cpu().numpy()
+            log_rates[rows] = model(positions, states, token=centre)[:, 0].double().cpu().numpy()
             if classes is not None:
-                classes[rows] = model.move_classes(positions, states)[:, centre].cpu().numpy()
+                classes[rows] = model.move_classes(positions, states, token=centre)[:, 0].cpu().numpy()
     return log_rates, classes
 
 

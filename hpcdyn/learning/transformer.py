@@ -310,13 +310,22 @@ class SelfAttention(torch.nn.Module):
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
+        query: int | None = None,
     ) -> torch.Tensor:
         """h [batch, tokens, d_model]; mask: score mask [batch, heads, tokens, tokens (+1 sink)] or None;
-        index: the score-table entry of every (query, key) pair [batch, tokens, keys] (offset values only)."""
+        index: the score-table entry of every (query, key) pair [batch, tokens, keys] (offset values only);
+        query: only this token asks (output [batch, 1, d_model]), every token still answers."""
         batch, tokens, width = h.shape
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
+        query_rotation = rotation
+        if query is not None:
+            asking = slice(query, query + 1)
+            q = q[:, :, asking]
+            query_rotation = None if rotation is None else tuple(part[..., asking, :] for part in rotation)
+            mask = None if mask is None else mask[:, :, asking]
+            index = None if index is None else index[:, asking]
         if rotation is not None:
-            q, k = rotate(q, rotation), rotate(k, rotation)
+            q, k = rotate(q, query_rotation), rotate(k, rotation)
         scale = 1.0 / math.sqrt(q.shape[-1])
         if mask is not None:
             mask = mask.to(q.dtype)
@@ -327,7 +336,7 @@ class SelfAttention(torch.nn.Module):
         else:
             attended = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         attended = attended[..., : width // self.n_heads]  # the sink channel's padding, when added
-        return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+        return self.out(attended.transpose(1, 2).reshape(batch, q.shape[2], width))
 
     def _with_offset_values(self, q, k, v, scale: float, mask, index) -> torch.Tensor:
         """Attention written out: the weights summed per table entry read the entries' learned values."""
@@ -372,8 +381,11 @@ class Block(torch.nn.Module):
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
+        query: int | None = None,
     ) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), rotation, mask, index)
+        """query: the output of this token alone, [batch, 1, d_model] (see ``TransformerRates.encode``)."""
+        attended = self.attention(self.attention_norm(h), rotation, mask, index, query)
+        h = (h if query is None else h[:, query : query + 1]) + attended
         return h + self.feed_forward(self.feed_forward_norm(h))
 
 
@@ -490,7 +502,13 @@ class TransformerRates(torch.nn.Module):
         *,
         lattice_size: int | None = None,
         masks: AttentionMasks | None = None,
+        token: int | None = None,
     ) -> torch.Tensor:
+        """Features [batch, tokens, d_model]; with ``token``, of that token alone, [batch, 1, d_model].
+
+        The last layer's other tokens feed nothing that a token's rates read: training on statistics
+        wants the centre of every patch only, and skips them (in a one-layer model, the whole layer
+        but the keys and values)."""
         size = self.lattice_size_for(lattice_size)
         h = self.embed_state(states)
         if not self.config.hard_local:
@@ -502,22 +520,25 @@ class TransformerRates(torch.nn.Module):
         index = None
         if self.config.relative_bias and (masks is None or self.config.offset_values):
             index = self.attention_index(positions, size)
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             if masks is not None:
                 mask = masks.layer(layer)
             else:
                 mask = None if index is None else block.attention.score_mask(index)
-            h = block(h, rotation, mask, index if self.config.offset_values else None)
+            h = block(h, rotation, mask, index if self.config.offset_values else None, token if layer == last else None)
         if self.config.count_side is not None:
             steps = self.embed_count.weight.cumsum(0)  # [side^2, width]: count c -> step_0 + ... + step_c
-            h = h + steps[self.block_counts(positions, size)]
+            h = h + steps[self.block_counts(positions, size, token)]
             h = h + self.count_mix(h)
         return self.final_norm(h)
 
-    def block_counts(self, positions: torch.Tensor, lattice_size: int) -> torch.Tensor:
-        """Other tokens within the counted block of each token (Chebyshev distance <= side // 2), long [batch, tokens]."""
+    def block_counts(self, positions: torch.Tensor, lattice_size: int, token: int | None = None) -> torch.Tensor:
+        """Other tokens within the counted block of each token (Chebyshev distance <= side // 2), long
+        [batch, tokens]; with ``token``, of that token alone, [batch, 1]."""
         half = self.config.count_side // 2
-        delta = (positions[..., None, :, :] - positions[..., :, None, :]) % lattice_size  # [B, T, T, 2]
+        centres = positions if token is None else positions[..., token : token + 1, :]
+        delta = (positions[..., None, :, :] - centres[..., :, None, :]) % lattice_size  # [B, T or 1, T, 2]
         near = torch.minimum(delta, lattice_size - delta).amax(-1) <= half
         return near.sum(-1) - 1  # the token itself excluded
 
@@ -580,27 +601,29 @@ class TransformerRates(torch.nn.Module):
             storage = [table[:, index] for table in tables]  # [heads, batch, tokens, keys]
         return AttentionMasks(self, size, tables, storage)
 
-    def class_logits(self, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    # ``token`` below: the moves of that token alone (the token axis of length 1), see ``encode``.
+    def class_logits(self, positions: torch.Tensor, states: torch.Tensor, *, token: int | None = None) -> torch.Tensor:
         """Mode 2: the classifier's logits of every move, [batch, n_tokens, n_moves, n_classes]."""
-        return self._class_logits(self.encode(positions.long(), states.long()))
+        return self._class_logits(self.encode(positions.long(), states.long(), token=token))
 
     def class_probabilities(self, positions: torch.Tensor, states: torch.Tensor, *,
-                            lattice_size: int | None = None) -> torch.Tensor:  # fmt: skip
+                            lattice_size: int | None = None, token: int | None = None) -> torch.Tensor:  # fmt: skip
         """Mode 2: softmax over classes of every move, [batch, n_tokens, n_moves, n_classes]."""
-        h = self.encode(positions.long(), states.long(), lattice_size=lattice_size)
+        h = self.encode(positions.long(), states.long(), lattice_size=lattice_size, token=token)
         return self._class_logits(h).float().softmax(-1)
 
-    def classes(self, positions: torch.Tensor, states: torch.Tensor, *, lattice_size: int | None = None) -> torch.Tensor:
+    def classes(self, positions: torch.Tensor, states: torch.Tensor, *, lattice_size: int | None = None,
+                token: int | None = None) -> torch.Tensor:  # fmt: skip
         """Mode 2: the class of every move (the hard choice), long [batch, n_tokens, n_moves]."""
-        return self.class_probabilities(positions, states, lattice_size=lattice_size).argmax(-1)
+        return self.class_probabilities(positions, states, lattice_size=lattice_size, token=token).argmax(-1)
 
     def move_classes(self, positions: torch.Tensor, states: torch.Tensor, *,
-                     lattice_size: int | None = None) -> torch.Tensor:  # fmt: skip
+                     lattice_size: int | None = None, token: int | None = None) -> torch.Tensor:  # fmt: skip
         """Mode 2: the class of every move, -1 where the exclusion mask forbids it [batch, n_tokens, n_moves]."""
         positions, states = positions.long(), states.long()
-        classes = self.classes(positions, states, lattice_size=lattice_size)
+        classes = self.classes(positions, states, lattice_size=lattice_size, token=token)
         if self.config.exclusion_mask:
-            classes = classes.masked_fill(self._blocked(positions, states, lattice_size), -1)
+            classes = classes.masked_fill(self._blocked(positions, states, lattice_size, token), -1)
         return classes
 
     def forward(
@@ -610,24 +633,26 @@ class TransformerRates(torch.nn.Module):
         *,
         lattice_size: int | None = None,
         masks: AttentionMasks | None = None,
+        token: int | None = None,
     ) -> torch.Tensor:
         """Log-rates [batch, n_tokens, n_moves]. lattice_size: a hard-local model's lattice, if not the
-        training one; masks: from ``attention_masks`` for these positions (lock-step simulation)."""
+        training one; masks: from ``attention_masks`` for these positions (lock-step simulation);
+        token: that token's alone, [batch, 1, n_moves] (``encode``)."""
         positions, states = positions.long(), states.long()
         if masks is not None:
             lattice_size = masks.lattice_size
-        h = self.encode(positions, states, lattice_size=lattice_size, masks=masks)
+        h = self.encode(positions, states, lattice_size=lattice_size, masks=masks, token=token)
         if self.config.mode == 1:
             log_rates = self.head(h)
         else:
             log_rates = self._class_log_rates(h)
-        return self._masked(log_rates, positions, states, lattice_size)
+        return self._masked(log_rates, positions, states, lattice_size, token)
 
     def _masked(self, log_rates: torch.Tensor, positions: torch.Tensor, states: torch.Tensor,
-                lattice_size: int | None = None) -> torch.Tensor:  # fmt: skip
+                lattice_size: int | None = None, token: int | None = None) -> torch.Tensor:  # fmt: skip
         """-inf for the moves the exclusion mask forbids, when it is on."""
         if self.config.exclusion_mask:
-            log_rates = log_rates.masked_fill(self._blocked(positions, states, lattice_size), -math.inf)
+            log_rates = log_rates.masked_fill(self._blocked(positions, states, lattice_size, token), -math.inf)
         return log_rates
 
     def _class_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -653,7 +678,8 @@ class TransformerRates(torch.nn.Module):
         """Whether ``split_log_rates`` differs from ``forward`` now: Mode 2, training, expected gradient."""
         return self.training and self.config.mode == 2 and self.expected_gradient
 
-    def split_log_rates(self, positions: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_log_rates(self, positions: torch.Tensor, states: torch.Tensor, *,
+                        token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Log-rates to score the moves taken and the exposure of all moves: (event, exposure).
 
         Both equal ``forward``. While training Mode 2 with ``expected_gradient`` they differ in their
@@ -665,22 +691,24 @@ class TransformerRates(torch.nn.Module):
         pushes a move towards the largest or the smallest rate, by the sign of n - E lambda.
         """
         if not self.scores_events_apart:
-            log_rates = self(positions, states)
+            log_rates = self(positions, states, token=token)
             return log_rates, log_rates
         positions, states = positions.long(), states.long()
-        weights = self._straight_through(self._class_logits(self.encode(positions, states)))
+        weights = self._straight_through(self._class_logits(self.encode(positions, states, token=token)))
         rates = self.class_log_rates.to(weights.dtype)
         top = rates.detach().max()
         event = (weights * rates).sum(-1)
         exposure = (weights * (rates - top).exp()).sum(-1).log() + top
-        return self._masked(event, positions, states), self._masked(exposure, positions, states)
+        return self._masked(event, positions, states, token=token), self._masked(exposure, positions, states, token=token)
 
-    def _blocked(self, positions: torch.Tensor, states: torch.Tensor, lattice_size: int | None = None) -> torch.Tensor:
+    def _blocked(self, positions: torch.Tensor, states: torch.Tensor, lattice_size: int | None = None,
+                 token: int | None = None) -> torch.Tensor:  # fmt: skip
         from hpcdyn.physics.rates import ActiveRates
 
         system = SYSTEMS["active"](L=self.lattice_size_for(lattice_size), N=states.shape[-1])
         types = ActiveRates(system).move_types(positions, states)
-        return types == ActiveRates.BLOCKED_HOP
+        blocked = types == ActiveRates.BLOCKED_HOP
+        return blocked if token is None else blocked[:, token : token + 1]
 
     def class_rates(self) -> list[float]:
         """Mode 2: the learned rate of each class."""
