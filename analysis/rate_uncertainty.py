@@ -49,12 +49,16 @@ class RateShift:
 
 
 def rate_shifts(model: Mapping[str, Any], shift_errors: float = SHIFT_IN_ERRORS) -> list[RateShift]:
-    """The shifted runs for a learned model's record (``classes``, ``true_rates``, ``covered_by`` as the
-    pipeline's model stage writes them): one per class that covers a non-zero true rate.
+    """The shifted runs for a learned model's record (``classes``, ``true_rates``, ``matched_by`` as the
+    pipeline's model stage writes them): one per class that holds a non-zero true rate's moves.
 
-    Empty when some true rate is covered by no class: the model is then wrong in kind, and its
-    comparison keeps the ensembles' noise alone."""
-    classes, true_rates, covered = model.get("classes") or [], model.get("true_rates") or {}, model.get("covered_by") or {}
+    ``matched_by`` (``RateEvidence.matching``: the class whose n/E lies within MATCH_ERRORS standard errors
+    of the rate), not the 99 % intervals' ``covered_by``, which a model exact in kind misses for one rate in
+    a hundred: its comparison would lose the rates' errors by chance. A record without it (written before)
+    takes ``covered_by``. Empty when some true rate is held by no class: the model is then wrong in kind,
+    and its comparison keeps the ensembles' noise alone."""
+    classes, true_rates = model.get("classes") or [], model.get("true_rates") or {}
+    covered = model.get("matched_by") or model.get("covered_by") or {}
     if not classes or any(covered.get(kind) is None for kind in true_rates):
         return []
     kinds_of: dict[int, list[str]] = {}

@@ -35,6 +35,12 @@ def test_each_class_covering_a_rate_is_shifted_by_its_own_standard_errors():
 def test_a_model_whose_classes_miss_a_true_rate_gets_no_shift():
     assert rate_shifts(_record((0, 10_000, 90_000, 2_500), {"D": 1, "v_other": None, "v_plus": 3})) == []
     assert rate_shifts({"classes": [], "true_rates": TRUE_RATES, "covered_by": {}}) == []  # Mode 1
+    # the classes hold every kind (matched_by) though one interval misses its rate by chance: shifted all the same
+    record = {**_record((0, 10_000, 90_000, 2_500), {"D": 1, "v_other": None, "v_plus": 3}),
+              "matched_by": {"D": 1, "v_other": 2, "v_plus": 3}}  # fmt: skip
+    assert [shift.class_index for shift in rate_shifts(record)] == [1, 2, 3]
+    record["matched_by"] = {"D": 1, "v_other": None, "v_plus": 3}
+    assert rate_shifts(record) == []
 
 
 def _summaries(draws, response, noise, log_rate, replicas, generator, name):
