@@ -58,10 +58,10 @@ class ClassRate:
 
 # A class holds a true kind of move when its n / E lies within this many standard errors of the true rate
 # (``RateEvidence.matching``). Wider than the 99 % intervals reported (2.58 errors), which an exact
-# partition misses once in a hundred per rate, so for a few rates in a few per cent of trajectories (the
-# large preset's T 5000 trajectory: every other hop in one class, n / E 1.00273 +- 0.00093, 2.9 errors
-# from 1); at 4.5 an exact class is missed about once in 150,000, while a class that mixes two kinds of
-# move lies tens to hundreds of errors from both.
+# partition misses for one rate in a hundred: with three rates, on one trajectory in about 35 (the large
+# preset's T 5000 trajectory: every other hop in one class, n / E 1.00273 +- 0.00093, 2.9 errors from 1).
+# At 4.5 an exact class is missed about once in 150,000, while a class that mixes two kinds of move lies
+# tens to hundreds of errors from both.
 MATCH_ERRORS = 4.5
 
 
