@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 import uuid
@@ -452,8 +451,9 @@ def _missed_words(model: dict[str, Any], name: str) -> str:
     index = (model.get("matched_by") or {}).get(name)
     if index is None:
         return f"{name} {value:g}"
-    entry = model["classes"][index]
-    errors = abs(entry["events"] / entry["exposure"] - value) / (math.sqrt(entry["events"]) / entry["exposure"])
+    from hpcdyn.learning.rate_intervals import ClassRate
+
+    errors = ClassRate(**model["classes"][index]).errors_from(value)
     return f"{name} {value:g} (its moves in class {index} all the same, {errors:.1f} standard errors off)"
 
 

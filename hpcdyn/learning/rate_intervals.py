@@ -52,6 +52,13 @@ class ClassRate:
     def covers(self, value: float) -> bool:
         return self.low <= value <= self.high
 
+    def errors_from(self, value: float) -> float:
+        """|n / E - value| in the class's standard errors sqrt(n) / E; a class without events: 0 when its
+        interval covers the value, else infinite."""
+        if self.events <= 0 or self.exposure <= 0:
+            return 0.0 if self.covers(value) else math.inf
+        return abs(self.events / self.exposure - value) / (math.sqrt(self.events) / self.exposure)
+
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
@@ -63,15 +70,6 @@ class ClassRate:
 # At 4.5 an exact class is missed about once in 150,000, while a class that mixes two kinds of move lies
 # tens to hundreds of errors from both.
 MATCH_ERRORS = 4.5
-
-
-def _distance_in_errors(entry: ClassRate, value: float) -> float:
-    """|n / E - value| in the class's standard errors sqrt(n) / E; a class without events: 0 when its
-    interval covers the value, else infinite."""
-    if entry.events <= 0 or entry.exposure <= 0:
-        return 0.0 if entry.covers(value) else math.inf
-    rate = entry.events / entry.exposure
-    return abs(rate - value) / (math.sqrt(entry.events) / entry.exposure)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +95,7 @@ class RateEvidence:
         errors = MATCH_ERRORS if errors is None else errors
         found: dict[str, int | None] = {}
         for name, value in self.true_rates.items():
-            distances = [_distance_in_errors(entry, value) for entry in self.classes]
+            distances = [entry.errors_from(value) for entry in self.classes]
             nearest = int(np.argmin(distances)) if distances else None
             found[name] = nearest if nearest is not None and distances[nearest] <= errors else None
         return found
